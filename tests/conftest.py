@@ -1,0 +1,126 @@
+"""Fixtures that run real servers on free 127.0.0.1 ports, and the CI no-skip rule.
+
+- `jobserver` / `gearmand`: a running server (function scope), stopped by PID at teardown.
+- `start_jobserver(*args)` / `start_gearmand(*args)`: factories for servers with options.
+- `any_server`: runs the test once against jobserver and once against gearmand, so a test
+  written against gearmand's behaviour proves jobserver behaves the same.
+
+With the environment variable CI set, a skipped test fails the run, and missing gearman
+binaries are a failure rather than a skip: CI must prove interop, not silently skip it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import servers
+
+IN_CI = bool(os.environ.get("CI"))
+
+
+def require_gearman_binaries() -> None:
+    """Skip (locally) or fail (in CI) when Debian's gearman packages are not installed."""
+    missing = servers.missing_gearman_binaries()
+    if not missing:
+        return
+    reason = (
+        f"missing {', '.join(missing)}: install the Debian packages gearman-job-server and "
+        "gearman-tools (scripts/test does this)"
+    )
+    if IN_CI:
+        pytest.fail(f"CI requires gearman interop tools; {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def gearman_tools() -> None:
+    """Depend on this in tests that run /usr/bin/gearman or /usr/bin/gearadmin."""
+    require_gearman_binaries()
+
+
+def _server_factory(start: Callable[..., servers.Server]):
+    started: list[servers.Server] = []
+
+    def factory(*args: str, port: int | None = None) -> servers.Server:
+        server = start(*args, port=port)
+        started.append(server)
+        return server
+
+    return factory, started
+
+
+@pytest.fixture
+def start_jobserver() -> Iterator[Callable[..., servers.Server]]:
+    factory, started = _server_factory(servers.start_jobserver)
+    yield factory
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def start_gearmand() -> Iterator[Callable[..., servers.Server]]:
+    require_gearman_binaries()
+    factory, started = _server_factory(servers.start_gearmand)
+    yield factory
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def jobserver(start_jobserver) -> servers.Server:
+    return start_jobserver()
+
+
+@pytest.fixture
+def gearmand(start_gearmand) -> servers.Server:
+    return start_gearmand()
+
+
+@pytest.fixture(params=["jobserver", "gearmand"])
+def any_server(request) -> servers.Server:
+    """The same test against both servers: jobserver must behave as gearmand 1.1.20."""
+    return request.getfixturevalue(request.param)
+
+
+# --- CI: a skipped test is a failed run -------------------------------------------------------
+
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _skipped.append(f"{report.nodeid}: {_skip_reason(report)}")
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    if report.skipped:
+        _skipped.append(f"{report.nodeid}: {_skip_reason(report)}")
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2])
+    return str(longrepr)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not (IN_CI and _skipped):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"CI is set: {len(_skipped)} skipped test(s) fail the run:"]
+    lines += [f"  SKIPPED {entry}" for entry in _skipped]
+    for line in lines:
+        if reporter is not None:
+            reporter.write_line(line, red=True)
+        else:
+            print(line, file=sys.stderr)
+    if session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,0 +1,251 @@
+"""Real job servers as subprocesses, for tests that talk to them over TCP.
+
+Everything here is synchronous and bounded in time: a server that does not answer an ECHO
+within its start timeout is killed and reported with its stderr, and `stop()` escalates from
+SIGTERM to SIGKILL. Processes are only ever stopped by their own PID.
+
+The Gearman framing is built by hand here on purpose: these helpers check the servers,
+so they must not depend on the code under test (jobserver/protocol.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HOST = "127.0.0.1"
+GEARMAND = "/usr/sbin/gearmand"
+GEARMAN = "/usr/bin/gearman"
+GEARADMIN = "/usr/bin/gearadmin"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+START_TIMEOUT = 15.0  # seconds until the server must answer ECHO
+STOP_TIMEOUT = 10.0  # seconds after SIGTERM before SIGKILL (gearmand takes 1-4 s)
+IO_TIMEOUT = 5.0  # seconds for any single socket exchange
+
+REQ = b"\0REQ"
+RES = b"\0RES"
+ECHO_REQ = 16
+ECHO_RES = 17
+
+
+class ServerStartError(RuntimeError):
+    """The server process exited or did not become ready in time."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def pack_request(packet_type: int, *args: bytes) -> bytes:
+    """One binary request packet: arguments joined by NUL, no NUL after the last."""
+    data = b"\0".join(args)
+    return REQ + struct.pack(">II", packet_type, len(data)) + data
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = sock.recv(size)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def recv_packet(sock: socket.socket) -> tuple[int, bytes]:
+    """Read one binary response packet; returns (type, payload)."""
+    magic, packet_type, length = struct.unpack(">4sII", recv_exactly(sock, 12))
+    if magic != RES:
+        raise ValueError(f"bad response magic {magic!r}")
+    return packet_type, recv_exactly(sock, length)
+
+
+def echo(host: str, port: int, data: bytes = b"ping", timeout: float = IO_TIMEOUT) -> bytes:
+    """One ECHO_REQ round trip on a fresh connection; returns the echoed bytes."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(pack_request(ECHO_REQ, data))
+        packet_type, payload = recv_packet(sock)
+    if packet_type != ECHO_RES:
+        raise ValueError(f"expected ECHO_RES (17), got type {packet_type}")
+    return payload
+
+
+def port_accepts(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def admin(address: str, line: str | bytes, timeout: float = IO_TIMEOUT) -> bytes:
+    """Send one admin text line and return the complete reply.
+
+    List replies (status, workers, show ...) end with a line holding only "."; every other
+    reply is a single line. The reply's first line tells which kind it is.
+    """
+    host, _, port = address.rpartition(":")
+    if isinstance(line, str):
+        line = line.encode()
+    if not line.endswith(b"\n"):
+        line += b"\n"
+    deadline = time.monotonic() + timeout
+    reply = b""
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(line)
+        while not _admin_reply_complete(reply):
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"server closed the connection after {reply!r}")
+            reply += chunk
+    return reply
+
+
+def _admin_reply_complete(reply: bytes) -> bool:
+    if not reply.endswith(b"\n"):
+        return False
+    if reply.startswith((b"OK", b"ERR")):
+        return True
+    return reply == b".\n" or reply.endswith(b"\n.\n")
+
+
+class Server:
+    """A job server subprocess listening on host:port."""
+
+    def __init__(self, name: str, argv: list[str], host: str, port: int, workdir: Path):
+        self.name = name
+        self.argv = argv
+        self.host = host
+        self.port = port
+        self.workdir = workdir
+        self.stderr_path = workdir / "stderr.log"
+        self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._stderr,
+            stderr=self._stderr,
+            cwd=REPO_ROOT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"<{self.name} pid={self.pid} at {self.address}>"
+
+    def stderr_text(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Return once the server answers ECHO; raise ServerStartError otherwise."""
+        deadline = time.monotonic() + timeout
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerStartError(
+                    f"{self.name} exited with status {self.proc.returncode} before it was "
+                    f"ready; argv={self.argv}\nstderr:\n{self.stderr_text()}"
+                )
+            try:
+                if echo(self.host, self.port, b"ready?", timeout=1.0) == b"ready?":
+                    return
+            except (OSError, ValueError) as exc:
+                last_error = exc
+            time.sleep(0.05)
+        self.stop()
+        raise ServerStartError(
+            f"{self.name} did not answer ECHO within {timeout}s ({last_error!r}); "
+            f"argv={self.argv}\nstderr:\n{self.stderr_text()}"
+        )
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM, then SIGKILL after `timeout`; returns the exit status."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        self._stderr.close()
+        return self.proc.returncode
+
+
+def _start(name: str, make_argv, port: int | None, attempts: int = 3) -> Server:
+    """Start a server on a free port; retry on a new port if another process took it."""
+    for attempt in range(attempts):
+        chosen = port if port is not None else free_port()
+        workdir = Path(tempfile.mkdtemp(prefix=f"{name}-{chosen}-"))
+        server = Server(name, make_argv(chosen, workdir), HOST, chosen, workdir)
+        try:
+            server.wait_ready()
+            return server
+        except ServerStartError:
+            server.stop()
+            in_use = "in use" in server.stderr_text().lower()
+            if port is not None or not in_use or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def jobserver_argv(port: int, *extra_args: str) -> list[str]:
+    return [sys.executable, "-m", "jobserver", "-L", HOST, "-p", str(port), *extra_args]
+
+
+def start_jobserver(*extra_args: str, port: int | None = None) -> Server:
+    """Run `python -m jobserver` in the foreground on 127.0.0.1."""
+    return _start("jobserver", lambda p, _workdir: jobserver_argv(p, *extra_args), port)
+
+
+def start_gearmand(*extra_args: str, port: int | None = None) -> Server:
+    """Run Debian's gearmand in the foreground on 127.0.0.1 (never daemonised)."""
+
+    def argv(p: int, workdir: Path) -> list[str]:
+        config = workdir / "gearmand.conf"
+        config.write_text("")
+        return [
+            GEARMAND,
+            "-L",
+            HOST,
+            "-p",
+            str(p),
+            "--log-file=stderr",
+            f"--pid-file={workdir / 'gearmand.pid'}",
+            # Do not read /etc/gearmand.conf: the test server must not depend on the host.
+            f"--config-file={config}",
+            "--threads=2",
+            *extra_args,
+        ]
+
+    return _start("gearmand", argv, port)
+
+
+def missing_gearman_binaries() -> list[str]:
+    return [path for path in (GEARMAND, GEARMAN, GEARADMIN) if shutil.which(path) is None]
+
+
+def gearman_tool_env() -> dict[str, str]:
+    """Environment for gearman/gearadmin runs: no inherited GEARMAN_* surprises."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("GEARMAN")}
