@@ -1,0 +1,695 @@
+"""The job engine: every decision of the server, as pure state (style.md §2).
+
+Packets go in through `handle_packet`; what must be sent to whom comes out as bytes appended to
+the peers' outboxes, and the peers that have output are listed in `dirty`. There are no awaits,
+no sockets and no threads here, so every rule of shared doc §3 is testable in microseconds.
+
+Time comes from two injected clocks: `wall_clock` (unix seconds, for SUBMIT_JOB_EPOCH) and
+`monotonic_clock` (for CAN_DO_TIMEOUT). The I/O layer asks `seconds_until_next_timer()` and calls
+`run_timers()` when that time has come.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+from ..protocol import REQ, BadPacket, Packet, encode
+from ..protocol import PacketType as T
+from . import errors
+from .errors import ErrorReply
+from .function import Function
+from .handles import HandleGenerator
+from .job import Job, JobState, Priority
+from .peer import MAX_CLIENT_ID_SIZE, Peer
+from .unique_index import UniqueIndex
+
+MAX_UNIQUE_SIZE = 64
+"""Longest unique id accepted; longer gets ARGUMENT_TOO_LARGE (§1, §6.10). gearmand accepts 64
+bytes but stores only 63, so a 64-byte unique never coalesces there; here it does."""
+
+MAX_LOOKUP_ARGUMENT_SIZE = 64
+"""GET_STATUS / GET_STATUS_UNIQUE arguments this long or longer cannot name a job (handles are
+at most 63 bytes; uniques at most 64 are accepted, so GET_STATUS_UNIQUE allows exactly 64)."""
+
+MAX_OPTION_SIZE = 64
+"""OPTION_REQ names must be shorter than this (§2 #26)."""
+
+MIN_CAN_DO_TIMEOUT_MS = 1000
+"""gearmand 1.1.19+ raises CAN_DO_TIMEOUT values of 1..999 ms to one second (§3.9)."""
+
+MAX_TIMEOUT_DIGITS = 20
+"""gearmand silently ignores longer CAN_DO_TIMEOUT values; we answer ERROR instead."""
+
+EPOCH_RANGE = (-(2**63), 2**63 - 1)
+"""SUBMIT_JOB_EPOCH times are parsed as a signed 64-bit integer, as gearmand's strtoll does."""
+
+UINT32 = 2**32
+
+FAIL_AFTER_EXCEPTION_SUFFIX = b"\0"
+"""What a client without the `exceptions` option gets in place of WORK_EXCEPTION: WORK_FAIL with
+the handle followed by one NUL, byte for byte as gearmand 1.1.20 sends it (§3.8, §6.2)."""
+
+_SUBMIT_KINDS: dict[int, tuple[Priority, bool]] = {
+    T.SUBMIT_JOB: (Priority.NORMAL, False),
+    T.SUBMIT_JOB_BG: (Priority.NORMAL, True),
+    T.SUBMIT_JOB_HIGH: (Priority.HIGH, False),
+    T.SUBMIT_JOB_HIGH_BG: (Priority.HIGH, True),
+    T.SUBMIT_JOB_LOW: (Priority.LOW, False),
+    T.SUBMIT_JOB_LOW_BG: (Priority.LOW, True),
+    T.SUBMIT_JOB_EPOCH: (Priority.NORMAL, True),
+    T.SUBMIT_REDUCE_JOB: (Priority.NORMAL, False),
+    T.SUBMIT_REDUCE_JOB_BACKGROUND: (Priority.NORMAL, True),
+}
+
+_NOT_FOR_SERVERS = frozenset(
+    {
+        T.UNUSED,
+        T.NOOP,
+        T.JOB_CREATED,
+        T.NO_JOB,
+        T.JOB_ASSIGN,
+        T.ECHO_RES,
+        T.ERROR,
+        T.STATUS_RES,
+        T.ALL_YOURS,  # never implemented by gearmand (§2 #24)
+        T.OPTION_RES,
+        T.JOB_ASSIGN_UNIQ,
+        T.SUBMIT_JOB_SCHED,  # never implemented by gearmand (§2 #35)
+        T.JOB_ASSIGN_ALL,
+        T.STATUS_RES_UNIQUE,
+    }
+)
+"""Types a server answers with INVALID_COMMAND, keeping the connection (§2)."""
+
+_NOOP = encode(T.NOOP)
+_NO_JOB = encode(T.NO_JOB)
+
+
+def parse_atoi_u32(text: bytes) -> int:
+    """C atoi() stored in a uint32, as gearmand reads WORK_STATUS numbers (§3.7):
+    leading digits count, garbage gives 0, `-1` gives 4294967295."""
+    text = text.lstrip(b" \t\n\r\v\f")
+    sign = 1
+    if text[:1] in (b"-", b"+"):
+        sign = -1 if text[:1] == b"-" else 1
+        text = text[1:]
+    digits = 0
+    for byte in text:
+        if not 48 <= byte <= 57:
+            break
+        digits += 1
+    value = int(text[:digits]) if digits else 0
+    return (sign * value) % UINT32
+
+
+def _parse_integer(text: bytes, max_digits: int = 20) -> int | None:
+    body = text[1:] if text[:1] == b"-" else text
+    if not body or len(body) > max_digits or not body.isdigit():
+        return None
+    return int(text)
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        handle_prefix: str = "H:localhost:4730",
+        job_retries: int = 0,
+        worker_wakeup: int = 0,
+        exceptions: bool = False,
+        wall_clock: Callable[[], float] = time.time,
+        monotonic_clock: Callable[[], float] = time.monotonic,
+        start_time_ms: int | None = None,
+    ) -> None:
+        if start_time_ms is None:
+            start_time_ms = int(wall_clock() * 1000)
+        self.handles = HandleGenerator(handle_prefix, start_time_ms)
+        self.job_retries = job_retries  # attempts before a job is failed; 0 = unlimited (§3.6)
+        self.worker_wakeup = worker_wakeup  # NOOPs per queued job; 0 = every sleeper (§3.4)
+        self.exceptions_default = exceptions
+        self.wall_clock = wall_clock
+        self.monotonic_clock = monotonic_clock
+
+        self.functions: dict[bytes, Function] = {}
+        self.jobs: dict[bytes, Job] = {}  # every known job by handle
+        self.peers: dict[int, Peer] = {}
+        self.dirty: list[Peer] = []  # peers with output, drained by the I/O layer
+        self._uniques = UniqueIndex()
+        self._by_payload: dict[tuple[bytes, bytes], Job] = {}  # unique "-" jobs (§3.2)
+        self._sequence = 0
+        self._timer_sequence = 0
+        # (run_at unix time, tie-breaker, job) for epoch jobs not yet due.
+        self._epoch_heap: list[tuple[float, int, Job]] = []
+        # (monotonic deadline, tie-breaker, job, attempt) for CAN_DO_TIMEOUT assignments.
+        self._timeout_heap: list[tuple[float, int, Job, int]] = []
+
+    # ------------------------------------------------------------------ connections
+
+    def connect(self, peer_id: int, address: str) -> Peer:
+        peer = Peer(peer_id, address, self.dirty, self.exceptions_default)
+        self.peers[peer_id] = peer
+        return peer
+
+    def disconnect(self, peer: Peer) -> None:
+        """Forget a connection: requeue what it was running, detach what it waited on (§3.6)."""
+        if peer.closed:
+            return
+        peer.closed = True
+        peer.outbox.clear()
+        self.peers.pop(peer.id, None)
+        for job in list(peer.held.values()):
+            self._release(job)
+        self._unregister_all(peer)
+        for job in peer.listening:
+            assert job.listeners is not None
+            job.listeners = [p for p in job.listeners if p is not peer] or None
+            if job.listeners is None and not job.background:
+                self._abandon(job)
+        peer.listening.clear()
+
+    def take_dirty(self) -> list[Peer]:
+        dirty = self.dirty[:]
+        self.dirty.clear()
+        return dirty
+
+    # ------------------------------------------------------------------ dispatch
+
+    def handle_packet(self, peer: Peer, packet: Packet) -> None:
+        if packet.magic != REQ:
+            self._error(peer, errors.INVALID_MAGIC)
+            return
+        handler = _HANDLERS.get(packet.type)
+        if handler is None:
+            self._error(peer, errors.INVALID_COMMAND)
+            return
+        handler(self, peer, packet.type, packet.args)
+
+    def handle_bad_packet(self, peer: Peer, bad: BadPacket) -> None:
+        if bad.magic != REQ:
+            self._error(peer, errors.INVALID_MAGIC)
+        elif bad.type in _NOT_FOR_SERVERS:
+            self._error(peer, errors.INVALID_COMMAND)
+        else:
+            self._error(peer, (bad.code, bad.text))
+
+    def _error(self, peer: Peer, error: ErrorReply) -> None:
+        peer.send(encode(T.ERROR, *error))
+
+    # ------------------------------------------------------------------ simple requests
+
+    def _echo(self, peer: Peer, _type: int, args: tuple[bytes, ...]) -> None:
+        peer.send(encode(T.ECHO_RES, args[0]))
+
+    def _set_client_id(self, peer: Peer, _type: int, args: tuple[bytes, ...]) -> None:
+        peer.client_id = args[0][:MAX_CLIENT_ID_SIZE]
+
+    def _option(self, peer: Peer, _type: int, args: tuple[bytes, ...]) -> None:
+        option = args[0]
+        # gearmand compares the C string case-insensitively, so a trailing NUL is allowed; the
+        # reply echoes the request bytes exactly (§2 #27).
+        if len(option) < MAX_OPTION_SIZE and option.rstrip(b"\0").lower() == b"exceptions":
+            peer.exceptions = True
+            peer.send(encode(T.OPTION_RES, option))
+        else:
+            self._error(peer, errors.UNKNOWN_OPTION)
+
+    def _get_status(self, peer: Peer, _type: int, args: tuple[bytes, ...]) -> None:
+        handle = args[0].split(b"\0", 1)[0]
+        if len(args[0]) >= MAX_LOOKUP_ARGUMENT_SIZE:
+            self._error(peer, errors.HANDLE_TOO_LARGE)  # gearmand: no reply (§3.14)
+            return
+        job = self.jobs.get(handle)
+        if job is None:
+            peer.send(encode(T.STATUS_RES, handle, b"0", b"0", b"0", b"0"))
+            return
+        peer.send(encode(T.STATUS_RES, handle, b"1", *_status_numbers(job)))
+
+    def _get_status_unique(self, peer: Peer, _type: int, args: tuple[bytes, ...]) -> None:
+        unique = args[0]
+        if len(unique) > MAX_LOOKUP_ARGUMENT_SIZE:
+            self._error(peer, errors.UNIQUE_LOOKUP_TOO_LARGE)  # gearmand: no reply (§3.14)
+            return
+        job = self._uniques.find_any(unique) if unique else None
+        if job is None:
+            peer.send(encode(T.STATUS_RES_UNIQUE, unique, b"0", b"0", b"0", b"0", b"0"))
+            return
+        clients = str(len(job.listeners or ())).encode()
+        peer.send(encode(T.STATUS_RES_UNIQUE, unique, b"1", *_status_numbers(job), clients))
+
+    # ------------------------------------------------------------------ submitting
+
+    def _submit(self, peer: Peer, packet_type: int, args: tuple[bytes, ...]) -> None:
+        priority, background = _SUBMIT_KINDS[packet_type]
+        function_name, unique = args[0], args[1]
+        payload = args[-1]
+        reducer = b""
+        run_at = 0
+        if packet_type == T.SUBMIT_JOB_EPOCH:
+            epoch = _parse_integer(args[2], max_digits=19)
+            if epoch is None or not EPOCH_RANGE[0] <= epoch <= EPOCH_RANGE[1]:
+                self._error(peer, errors.BAD_EPOCH)  # gearmand: no reply (§3.11)
+                return
+            run_at = epoch
+        elif packet_type in (T.SUBMIT_REDUCE_JOB, T.SUBMIT_REDUCE_JOB_BACKGROUND):
+            reducer = args[2]  # args[3], the aggregator, is ignored as in gearmand (§3.12)
+        if len(unique) > MAX_UNIQUE_SIZE:
+            self._error(peer, errors.UNIQUE_TOO_LARGE)
+            return
+
+        job = self._find_duplicate(function_name, unique, payload)
+        if job is None:
+            function = self.function(function_name)
+            if function.is_full_for(priority):
+                self._error(peer, errors.QUEUE_FULL)
+                return
+            job = self._create_job(function, unique, payload, priority, background, reducer, run_at)
+        elif background:
+            job.background = True
+        if not background:
+            if job.listeners is None:
+                job.listeners = [peer]
+            else:
+                job.listeners.append(peer)
+            peer.listening.add(job)
+        peer.send(encode(T.JOB_CREATED, job.handle))
+
+    def _find_duplicate(self, function: bytes, unique: bytes, payload: bytes) -> Job | None:
+        """The job a submit coalesces onto, per §3.2: by (function, unique); unique `-` means
+        by (function, payload); an empty unique, or `-` with an empty payload, never matches."""
+        if not unique:
+            return None
+        if unique == b"-":
+            return self._by_payload.get((function, payload)) if payload else None
+        return self._uniques.find(function, unique)
+
+    def _create_job(
+        self,
+        function: Function,
+        unique: bytes,
+        payload: bytes,
+        priority: Priority,
+        background: bool,
+        reducer: bytes = b"",
+        run_at: int = 0,
+    ) -> Job:
+        job = Job(
+            self.handles.next_handle(),
+            function,
+            unique,
+            payload,
+            priority,
+            background,
+            reducer,
+            run_at,
+        )
+        self.jobs[job.handle] = job
+        if unique == b"-":
+            if payload:
+                self._by_payload[(function.name, payload)] = job
+        elif unique:
+            self._uniques.add(job)
+        if run_at and run_at > self.wall_clock():
+            job.state = JobState.WAITING
+            function.waiting += 1
+            self._timer_sequence += 1
+            heapq.heappush(self._epoch_heap, (run_at, self._timer_sequence, job))
+        else:
+            self._enqueue(job)
+        return job
+
+    def _enqueue(self, job: Job) -> None:
+        """Put a job at the tail of its priority queue and wake sleeping workers (§3.4)."""
+        self._sequence += 1
+        job.sequence = self._sequence
+        function = job.function
+        function.enqueue(job)
+        if function.sleepers:
+            budget = self.worker_wakeup or len(function.sleepers)
+            for sleeper in list(function.sleepers)[:budget]:
+                self._wake(sleeper)
+
+    def _wake(self, peer: Peer) -> None:
+        peer.noop_sent = True
+        for function in peer.can_do:
+            function.sleepers.pop(peer, None)
+        peer.send(_NOOP)
+
+    # ------------------------------------------------------------------ workers
+
+    def _can_do(self, peer: Peer, packet_type: int, args: tuple[bytes, ...]) -> None:
+        timeout_ms = 0
+        if packet_type == T.CAN_DO_TIMEOUT:
+            parsed = _parse_integer(args[1], max_digits=MAX_TIMEOUT_DIGITS)
+            if parsed is None:
+                self._error(peer, errors.BAD_TIMEOUT)  # gearmand: silently ignored (§3.14)
+                return
+            timeout_ms = max(parsed, MIN_CAN_DO_TIMEOUT_MS) if parsed > 0 else 0
+        function = self.function(args[0])
+        peer.abilities.append(function)
+        function.workers[peer] = function.workers.get(peer, 0) + 1
+        function.registrations += 1
+        peer.can_do[function] = timeout_ms / 1000
+        if peer.sleeping and not peer.noop_sent:
+            # A sleeping worker that takes on a function with queued work must hear about it;
+            # gearmand only checks at the next PRE_SLEEP.
+            if function.has_runnable:
+                self._wake(peer)
+            else:
+                function.sleepers[peer] = None
+
+    def _cant_do(self, peer: Peer, _type: int, args: tuple[bytes, ...]) -> None:
+        function = self.functions.get(args[0])
+        if function is None or function not in peer.can_do:
+            return
+        self._unregister(peer, function)
+        for job in [j for j in peer.held.values() if j.function is function]:
+            self._release(job)
+
+    def _reset_abilities(self, peer: Peer, _type: int, _args: tuple[bytes, ...]) -> None:
+        self._unregister_all(peer)
+        for job in list(peer.held.values()):
+            self._release(job)
+
+    def _unregister(self, peer: Peer, function: Function) -> None:
+        peer.abilities = [f for f in peer.abilities if f is not function]
+        function.registrations -= function.workers.pop(peer)
+        function.sleepers.pop(peer, None)
+        del peer.can_do[function]
+
+    def _unregister_all(self, peer: Peer) -> None:
+        for function in peer.can_do:
+            function.registrations -= function.workers.pop(peer)
+            function.sleepers.pop(peer, None)
+        peer.can_do.clear()
+        peer.abilities.clear()
+
+    def _pre_sleep(self, peer: Peer, _type: int, _args: tuple[bytes, ...]) -> None:
+        # gearmand clears the noop-sent flag only on GRAB_JOB, so a worker that answers a NOOP
+        # with PRE_SLEEP is never woken again (§3.4 rule 5, issue #343). PRE_SLEEP means "I am
+        # going to sleep now", so it re-arms the wake-up here.
+        peer.noop_sent = False
+        if any(function.has_runnable for function in peer.can_do):
+            peer.sleeping = False
+            self._wake(peer)
+            return
+        peer.sleeping = True
+        for function in peer.can_do:
+            function.sleepers[peer] = None
+
+    def _grab(self, peer: Peer, packet_type: int, _args: tuple[bytes, ...]) -> None:
+        if peer.sleeping or peer.noop_sent:
+            peer.sleeping = False
+            peer.noop_sent = False
+            for function in peer.can_do:
+                function.sleepers.pop(peer, None)
+        job = self._pick_job(peer)
+        if job is None:
+            peer.send(_NO_JOB)
+            return
+        function = job.function
+        function.pop_head(job.priority)
+        function.running += 1
+        job.state = JobState.RUNNING
+        job.worker = peer
+        job.attempt += 1
+        peer.held[job.handle] = job
+        timeout = peer.can_do[function]
+        if timeout:
+            self._timer_sequence += 1
+            deadline = self.monotonic_clock() + timeout
+            heapq.heappush(self._timeout_heap, (deadline, self._timer_sequence, job, job.attempt))
+        if packet_type == T.GRAB_JOB:
+            peer.send(encode(T.JOB_ASSIGN, job.handle, function.name, job.payload))
+        elif packet_type == T.GRAB_JOB_ALL and job.reducer:
+            peer.send(
+                encode(
+                    T.JOB_ASSIGN_ALL,
+                    job.handle,
+                    function.name,
+                    job.unique,
+                    job.reducer,
+                    job.payload,
+                )
+            )
+        else:
+            peer.send(encode(T.JOB_ASSIGN_UNIQ, job.handle, function.name, job.unique, job.payload))
+
+    def _pick_job(self, peer: Peer) -> Job | None:
+        """The highest-priority runnable job across all the worker's functions, oldest first
+        within a priority. gearmand 1.1.x instead takes the first function (latest registered)
+        that has any job, whatever its priority (§3.3, §6.12)."""
+        for priority in (0, 1, 2):
+            best: Job | None = None
+            for function in peer.can_do:
+                if function.queued[priority]:
+                    head = function.head(priority)
+                    if head is not None and (best is None or head.sequence < best.sequence):
+                        best = head
+            if best is not None:
+                return best
+        return None
+
+    # ------------------------------------------------------------------ work results
+
+    def _work_update(self, peer: Peer, packet_type: int, args: tuple[bytes, ...]) -> None:
+        """WORK_STATUS, WORK_DATA, WORK_WARNING: forwarded verbatim to listeners (§3.7)."""
+        job = peer.held.get(args[0])
+        if job is None:
+            error = (
+                errors.RESULT_FOR_UNKNOWN_JOB
+                if packet_type == T.WORK_STATUS
+                else errors.DATA_FOR_UNKNOWN_JOB
+            )
+            self._error(peer, error)
+            return
+        if packet_type == T.WORK_STATUS:
+            job.numerator = parse_atoi_u32(args[1])
+            job.denominator = parse_atoi_u32(args[2])
+        if job.listeners:
+            self._notify(job, encode(packet_type, *args))
+
+    def _work_complete(self, peer: Peer, _type: int, args: tuple[bytes, ...]) -> None:
+        job = peer.held.get(args[0])
+        if job is None:
+            self._error(peer, errors.RESULT_FOR_UNKNOWN_JOB)
+            return
+        if job.listeners:
+            self._notify(job, encode(T.WORK_COMPLETE, job.handle, args[1]))
+        self._finish(job)
+
+    def _work_fail(self, peer: Peer, _type: int, args: tuple[bytes, ...]) -> None:
+        job = peer.held.get(args[0])
+        if job is None:
+            self._error(peer, errors.RESULT_FOR_UNKNOWN_JOB)
+            return
+        if job.listeners:
+            self._notify(job, encode(T.WORK_FAIL, job.handle))
+        self._finish(job)
+
+    def _work_exception(self, peer: Peer, _type: int, args: tuple[bytes, ...]) -> None:
+        job = peer.held.get(args[0])
+        if job is None:
+            self._error(peer, errors.EXCEPTION_FOR_UNKNOWN_JOB)
+            return
+        if job.listeners:
+            exception = encode(T.WORK_EXCEPTION, job.handle, args[1])
+            fail = encode(T.WORK_FAIL, job.handle + FAIL_AFTER_EXCEPTION_SUFFIX)
+            for listener in job.listeners:
+                listener.send(exception if listener.exceptions else fail)
+        self._finish(job)
+
+    def _notify(self, job: Job, data: bytes) -> None:
+        # One copy per listener record: a client that submitted the same unique twice gets
+        # every packet twice, as from gearmand (§3.2).
+        for listener in job.listeners or ():
+            listener.send(data)
+
+    # ------------------------------------------------------------------ job lifecycle
+
+    def _finish(self, job: Job) -> None:
+        """A job ended (completed, failed, or given up): forget it everywhere."""
+        worker = job.worker
+        if worker is not None:
+            del worker.held[job.handle]
+            job.function.running -= 1
+            job.worker = None
+        if job.state != JobState.DETACHED:
+            self._unindex(job)
+        self._detach_listeners(job)
+        job.state = JobState.GONE
+
+    def _release(self, job: Job) -> None:
+        """Take a running job back from its worker: worker lost, CANT_DO, RESET_ABILITIES or
+        CAN_DO_TIMEOUT expiry. Requeued at the tail with its status reset, unless it is out of
+        attempts (`--job-retries`, §3.6) or nobody wants it any more."""
+        if job.state == JobState.DETACHED or not (job.background or job.listeners):
+            self._finish(job)  # cancelled, or every client gave up on it: nobody wants it
+            return
+        worker = job.worker
+        assert worker is not None
+        del worker.held[job.handle]
+        job.function.running -= 1
+        job.worker = None
+        job.numerator = job.denominator = 0
+        job.retries += 1
+        if self.job_retries and job.retries >= self.job_retries:
+            if job.listeners:
+                self._notify(job, encode(T.WORK_FAIL, job.handle))
+            self._unindex(job)
+            self._detach_listeners(job)
+            job.state = JobState.GONE
+            return
+        self._enqueue(job)
+
+    def _abandon(self, job: Job) -> None:
+        """The last foreground listener of a foreground-only job left. A queued job is dropped
+        at once; a running one finishes, its results going nowhere (§3.6)."""
+        if job.state == JobState.QUEUED:
+            job.function.forget_queued(job)
+            self._unindex(job)
+            job.state = JobState.GONE
+        elif job.state == JobState.WAITING:
+            job.function.waiting -= 1
+            self._unindex(job)
+            job.state = JobState.GONE
+
+    def _unindex(self, job: Job) -> None:
+        del self.jobs[job.handle]
+        if job.unique == b"-":
+            key = (job.function.name, job.payload)
+            if self._by_payload.get(key) is job:
+                del self._by_payload[key]
+        elif job.unique:
+            self._uniques.remove(job)
+
+    def _detach_listeners(self, job: Job) -> None:
+        if job.listeners:
+            for listener in job.listeners:
+                listener.listening.discard(job)
+            job.listeners = None
+
+    # ------------------------------------------------------------------ timers
+
+    def seconds_until_next_timer(self) -> float | None:
+        """How long until `run_timers` has something to do; None when nothing is scheduled."""
+        delays = []
+        if self._epoch_heap:
+            delays.append(self._epoch_heap[0][0] - self.wall_clock())
+        if self._timeout_heap:
+            delays.append(self._timeout_heap[0][0] - self.monotonic_clock())
+        return max(0.0, min(delays)) if delays else None
+
+    def run_timers(self) -> None:
+        """Queue epoch jobs that came due (waking workers: gearmand 1.1.x never does, §3.11)
+        and take back jobs whose CAN_DO_TIMEOUT expired (§3.9)."""
+        now = self.wall_clock()
+        heap = self._epoch_heap
+        while heap and heap[0][0] <= now:
+            job = heapq.heappop(heap)[2]
+            if job.state == JobState.WAITING:
+                job.function.waiting -= 1
+                self._enqueue(job)
+        now = self.monotonic_clock()
+        timeouts = self._timeout_heap
+        while timeouts and timeouts[0][0] <= now:
+            _, _, job, attempt = heapq.heappop(timeouts)
+            # Per assignment, not per connection: a timer whose job finished or was reassigned
+            # since is stale and does nothing (gearmand's fires anyway, §3.9, issue #301).
+            if job.attempt == attempt and job.state == JobState.RUNNING:
+                self._release(job)
+
+    # ------------------------------------------------------------------ admin operations
+
+    def function(self, name: bytes) -> Function:
+        """The function of that name, created if new (CAN_DO, SUBMIT_*, `create function`)."""
+        function = self.functions.get(name)
+        if function is None:
+            function = self.functions[name] = Function(name)
+        return function
+
+    def cancel_job(self, handle: bytes) -> bool:
+        """`cancel job`: listeners get WORK_FAIL and the job is forgotten. A running job cannot
+        be stopped (the worker is not told), but unlike gearmand (§3.12, §6.14) its listeners
+        get nothing more, so no client sees WORK_FAIL and then WORK_COMPLETE."""
+        job = self.jobs.get(handle)
+        if job is None:
+            return False
+        if job.listeners:
+            self._notify(job, encode(T.WORK_FAIL, job.handle))
+        self._detach_listeners(job)
+        self._unindex(job)
+        if job.state == JobState.QUEUED:
+            job.function.forget_queued(job)
+            job.state = JobState.GONE
+        elif job.state == JobState.WAITING:
+            job.function.waiting -= 1
+            job.state = JobState.GONE
+        else:
+            job.state = JobState.DETACHED
+        return True
+
+    def drop_function(self, name: bytes) -> str:
+        """`drop function`: 'ok', 'not-found', 'busy' (workers or running jobs, as gearmand) or
+        'queued'. gearmand drops a function with queued jobs and orphans them (§4); we refuse."""
+        function = self._function_named_casefold(name)
+        if function is None:
+            return "not-found"
+        if function.workers or function.running:
+            return "busy"
+        if function.has_runnable or function.waiting:
+            return "queued"
+        del self.functions[function.name]
+        return "ok"
+
+    def _function_named_casefold(self, name: bytes) -> Function | None:
+        function = self.functions.get(name)
+        if function is not None:
+            return function
+        lowered = name.lower()
+        return next((f for f in self.functions.values() if f.name.lower() == lowered), None)
+
+    def set_max_queue(self, name: bytes, limits: Iterable[int]) -> None:
+        """`maxqueue`: limits per priority (HIGH, NORMAL, LOW), <= 0 unlimited. gearmand ignores
+        the command for a function it does not know yet (§4); we create it so the limit an
+        operator sets before workers connect is not lost."""
+        function = self.function(name)
+        function.limits = [max(0, limit) for limit in limits]
+
+    def iter_jobs(self) -> Iterator[Job]:
+        return iter(self.jobs.values())
+
+
+def _status_numbers(job: Job) -> tuple[bytes, bytes, bytes]:
+    return (
+        b"1" if job.state in (JobState.RUNNING, JobState.DETACHED) else b"0",
+        str(job.numerator).encode(),
+        str(job.denominator).encode(),
+    )
+
+
+_Handler = Callable[[Engine, Peer, int, tuple[bytes, ...]], None]
+
+_HANDLERS: dict[int, _Handler] = {
+    T.CAN_DO: Engine._can_do,
+    T.CAN_DO_TIMEOUT: Engine._can_do,
+    T.CANT_DO: Engine._cant_do,
+    T.RESET_ABILITIES: Engine._reset_abilities,
+    T.PRE_SLEEP: Engine._pre_sleep,
+    T.GRAB_JOB: Engine._grab,
+    T.GRAB_JOB_UNIQ: Engine._grab,
+    T.GRAB_JOB_ALL: Engine._grab,
+    T.WORK_STATUS: Engine._work_update,
+    T.WORK_DATA: Engine._work_update,
+    T.WORK_WARNING: Engine._work_update,
+    T.WORK_COMPLETE: Engine._work_complete,
+    T.WORK_FAIL: Engine._work_fail,
+    T.WORK_EXCEPTION: Engine._work_exception,
+    T.GET_STATUS: Engine._get_status,
+    T.GET_STATUS_UNIQUE: Engine._get_status_unique,
+    T.ECHO_REQ: Engine._echo,
+    T.SET_CLIENT_ID: Engine._set_client_id,
+    T.OPTION_REQ: Engine._option,
+    **{submit_type: Engine._submit for submit_type in _SUBMIT_KINDS},
+}
