@@ -249,3 +249,106 @@ def missing_gearman_binaries() -> list[str]:
 def gearman_tool_env() -> dict[str, str]:
     """Environment for gearman/gearadmin runs: no inherited GEARMAN_* surprises."""
     return {k: v for k, v in os.environ.items() if not k.startswith("GEARMAN")}
+
+
+def status(address: str) -> dict[str, tuple[int, int, int]]:
+    """The admin `status` table: function -> (total, running, workers)."""
+    table = {}
+    for line in admin(address, "status").decode().splitlines():
+        if line == ".":
+            break
+        name, total, running, workers = line.split("\t")
+        table[name] = (int(total), int(running), int(workers))
+    return table
+
+
+def wait_until(predicate, timeout: float = IO_TIMEOUT, interval: float = 0.02, what: str = ""):
+    """Poll `predicate` until it returns a truthy value; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
+    """Stop a helper process we started, by its PID: SIGTERM, then SIGKILL."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
+class GearmanCLI:
+    """Debian's `gearman` command pointed at one server; every process it starts is bounded.
+
+    Use as a context manager: workers and clients still running at exit are stopped by PID.
+    """
+
+    def __init__(self, server: Server, timeout: float = 30.0):
+        self.server = server
+        self.timeout = timeout
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self) -> GearmanCLI:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for proc in self.processes:
+            stop_process(proc)
+
+    def argv(self, *args: str) -> list[str]:
+        return [GEARMAN, "-h", self.server.host, "-p", str(self.server.port), *args]
+
+    def run(self, *args: str, input: bytes = b"") -> subprocess.CompletedProcess:
+        """Run a client to completion (fails the test if it outlives the timeout)."""
+        return subprocess.run(
+            self.argv(*args),
+            input=input,
+            capture_output=True,
+            timeout=self.timeout,
+            env=gearman_tool_env(),
+        )
+
+    def spawn(self, *args: str, input: bytes | None = None) -> subprocess.Popen:
+        """Start a client or worker in the background; collect it with `finish`."""
+        proc = subprocess.Popen(
+            self.argv(*args),
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=gearman_tool_env(),
+        )
+        self.processes.append(proc)
+        if input is not None:
+            proc.stdin.write(input)
+            proc.stdin.close()
+        return proc
+
+    def finish(self, proc: subprocess.Popen) -> tuple[int, bytes, bytes]:
+        """Wait for a spawned process; returns (exit status, stdout, stderr)."""
+        stdout, stderr = proc.communicate(timeout=self.timeout)
+        return proc.returncode, stdout, stderr
+
+    def worker(self, function: str, *command: str, options: tuple[str, ...] = ()):
+        """Start `gearman -w -f FUNCTION -- COMMAND...` and wait until it is registered."""
+        before = status(self.server.address).get(function, (0, 0, 0))[2]
+        proc = self.spawn("-w", *options, "-f", function, "--", *command)
+        wait_until(
+            lambda: (
+                proc.poll() is not None
+                or status(self.server.address).get(function, (0, 0, 0))[2] > before
+            ),
+            what=f"a worker for {function!r} to register",
+        )
+        # A worker with `-c N` may legitimately finish queued jobs and exit before we look.
+        if proc.poll():
+            raise RuntimeError(f"gearman worker failed: {proc.communicate()}")
+        return proc
