@@ -212,6 +212,8 @@ class ProtocolError(Exception):
 def encode(packet_type: int, *args: bytes, magic: bytes = RES) -> bytes:
     """Encode one packet. Raises ValueError when the argument count is wrong, or when an
     argument other than the last contains a NUL (it would shift every later argument)."""
+    if magic != REQ and magic != RES:
+        raise ValueError(f"magic must be REQ or RES, not {magic!r}")
     expected = _ARGC_BY_TYPE[packet_type] if 0 < packet_type <= MAX_PACKET_TYPE else -1
     if expected != len(args):
         raise ValueError(f"packet type {packet_type} takes {expected} arguments, got {len(args)}")
@@ -313,12 +315,13 @@ class Decoder:
                     f"packet of {HEADER_SIZE + length} bytes exceeds the limit of "
                     f"{self.max_packet_size} bytes"
                 )
+            if not _TAIL_BY_TYPE[packet_type] and length > MAX_ARGUMENTS_SIZE - HEADER_SIZE:
+                # Checked from the header alone, so the verdict does not depend on how the bytes
+                # were split across reads, and we never buffer a name that cannot be accepted.
+                raise ProtocolError(_arguments_too_large(packet_type))
             body_start = offset + HEADER_SIZE
             body_end = body_start + length
             if body_end > end:
-                if not _TAIL_BY_TYPE[packet_type] and length > MAX_ARGUMENTS_SIZE - HEADER_SIZE:
-                    # Fail before buffering megabytes of a name that can never be accepted.
-                    raise ProtocolError(_arguments_too_large(packet_type))
                 break
             payload = bytes(buffer[body_start:body_end])
             offset = body_end
@@ -333,10 +336,10 @@ class Decoder:
                     )
                 )
                 continue
-            fixed_size = HEADER_SIZE + (
-                len(payload) - len(args[-1]) if _TAIL_BY_TYPE[packet_type] else len(payload)
-            )
-            if fixed_size > MAX_ARGUMENTS_SIZE:
+            if (
+                _TAIL_BY_TYPE[packet_type]
+                and HEADER_SIZE + len(payload) - len(args[-1]) > MAX_ARGUMENTS_SIZE
+            ):
                 raise ProtocolError(_arguments_too_large(packet_type))
             events.append(Packet(packet_type, args, magic))
         if offset == end:

@@ -1,0 +1,187 @@
+"""The admin text protocol (shared doc §4), on the same port as the binary protocol.
+
+Output formats are gearmand 1.1.20's byte for byte (tabs, `.` terminators, `\\n` versus `\\r\\n`,
+`+` for spaces in ERR texts), because `gearadmin` and monitoring scripts parse them. The few
+places where we deliberately answer differently are marked in the code and listed in the README.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import __version__
+from .engine import Engine
+from .engine.job import Priority
+
+MAX_ADMIN_TOKENS = 5
+"""gearmand accepts at most five space-separated tokens; more is an error (§4)."""
+
+VERSION_REPLY = f"OK jobserver-{__version__}\n".encode()
+
+_OK = b"OK\r\n"
+_LIST_END = b".\n"
+
+
+def _err(code: str, text: str = "") -> bytes:
+    text = text.replace(" ", "+")
+    return f"ERR {code}{' ' + text if text else ''}\r\n".encode()
+
+
+def _unknown_command(command: bytes) -> bytes:
+    # gearmand puts no separator between its text and the echoed command word (§4).
+    return b"ERR UNKNOWN_COMMAND Unknown+server+command" + command + b"\r\n"
+
+
+def _invalid_arguments(command: str) -> bytes:
+    return _err(
+        "INVALID_ARGUMENTS", f"An incomplete set of arguments was sent to this command {command}"
+    )
+
+
+@dataclass
+class ServerFacts:
+    """What the admin protocol reports about the process, beyond the engine's state."""
+
+    verbose: str = "WARNING"
+    pid: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.pid:
+            self.pid = os.getpid()
+
+
+class AdminProtocol:
+    """Turns one admin line into its complete reply."""
+
+    def __init__(self, engine: Engine, facts: ServerFacts) -> None:
+        self.engine = engine
+        self.facts = facts
+        self._commands: dict[bytes, Callable[[list[bytes]], bytes]] = {
+            b"workers": self._workers,
+            b"status": self._status,
+            b"prioritystatus": self._priority_status,
+            b"show": self._show,
+            b"cancel": self._cancel,
+            b"create": self._create,
+            b"drop": self._drop,
+            b"maxqueue": self._maxqueue,
+            b"version": lambda _args: VERSION_REPLY,
+            b"getpid": lambda _args: f"OK {self.facts.pid}\n".encode(),
+            b"verbose": lambda _args: f"OK {self.facts.verbose}\n".encode(),
+        }
+
+    def execute(self, line: bytes) -> bytes:
+        # Runs of spaces collapse, but a leading space makes an empty command word, and TAB is
+        # not a separator: all as gearmand splits lines (§4).
+        words = line.split(b" ")
+        command = words[0]
+        args = [word for word in words[1:] if word]
+        if 1 + len(args) > MAX_ADMIN_TOKENS:
+            # gearmand closes the connection here; a line is resynchronisable, so we answer.
+            return _err("INVALID_ARGUMENTS", "Too many arguments")
+        handler = self._commands.get(command.lower())
+        if handler is None:
+            return _unknown_command(command)
+        return handler(args)
+
+    # -- lists
+
+    def _workers(self, _args: list[bytes]) -> bytes:
+        lines = []
+        for peer in self.engine.peers.values():
+            functions = b"".join(b" " + f.name for f in reversed(peer.abilities))
+            lines.append(
+                b"%d %s %s :%s\n" % (peer.id, peer.address.encode(), peer.client_id, functions)
+            )
+        lines.append(_LIST_END)
+        return b"".join(lines)
+
+    def _status(self, _args: list[bytes]) -> bytes:
+        lines = [
+            b"%s\t%d\t%d\t%d\n" % (f.name, f.total, f.running, f.registrations)
+            for f in self.engine.functions.values()
+        ]
+        lines.append(_LIST_END)
+        return b"".join(lines)
+
+    def _priority_status(self, _args: list[bytes]) -> bytes:
+        lines = []
+        for f in self.engine.functions.values():
+            high, normal, low = f.queued
+            # Epoch jobs not yet due are NORMAL priority jobs waiting in the queue (§3.11).
+            normal += f.waiting
+            lines.append(b"%s\t%d\t%d\t%d\t%d\n" % (f.name, high, normal, low, f.registrations))
+        lines.append(_LIST_END)
+        return b"".join(lines)
+
+    def _show(self, args: list[bytes]) -> bytes:
+        if not args:
+            return _unknown_command(b"show")
+        keywords = [arg.lower() for arg in args]
+        if keywords == [b"jobs"]:
+            lines = [
+                # The `ignore` column is always 0: cancelled and abandoned jobs are forgotten at
+                # once here rather than lingering until a worker reaps them.
+                b"%s\t%d\t0\t%d\n" % (job.handle, job.retries, int(job.background))
+                for job in self.engine.iter_jobs()
+            ]
+        elif keywords == [b"unique", b"jobs"]:
+            lines = [job.unique + b"\n" for job in self.engine.iter_jobs()]
+        else:
+            return _err("UNKNOWN_SHOW_ARGUMENTS")
+        lines.append(_LIST_END)
+        return b"".join(lines)
+
+    # -- changes
+
+    def _cancel(self, args: list[bytes]) -> bytes:
+        if len(args) < 2:
+            return _unknown_command(b"cancel")
+        if len(args) != 2 or args[0].lower() != b"job":
+            return _err("UNKNOWN_ERROR")
+        return _OK if self.engine.cancel_job(args[1]) else _err("UNKNOWN_JOB")
+
+    def _create(self, args: list[bytes]) -> bytes:
+        if len(args) != 2 or args[0].lower() != b"function":
+            return _invalid_arguments("create")
+        # gearmand 1.1.x loses the name's last character unless the line ends in CRLF (§4);
+        # the decoder already removed the line ending, so the name is whole either way.
+        self.engine.function(args[1])
+        return _OK
+
+    def _drop(self, args: list[bytes]) -> bytes:
+        if len(args) != 2 or args[0].lower() != b"function":
+            return _invalid_arguments("drop")
+        result = self.engine.drop_function(args[1])
+        if result == "ok":
+            return _OK
+        if result == "not-found":
+            return b"ERR function not found\r\n"
+        if result == "busy":
+            return b"ERR there are still connected workers or executing clients\r\n"
+        return _err("function has queued jobs")
+
+    def _maxqueue(self, args: list[bytes]) -> bytes:
+        if not args:
+            return _invalid_arguments("maxqueue")
+        numbers = []
+        for arg in args[1:]:
+            try:
+                numbers.append(int(arg))
+            except ValueError:
+                return _err("INVALID_ARGUMENTS", "maxqueue limits must be integers")
+        # No number resets, one applies to all priorities, two set HIGH and NORMAL (LOW stays
+        # unlimited), three set HIGH, NORMAL and LOW (§4).
+        if not numbers:
+            limits = [0, 0, 0]
+        elif len(numbers) == 1:
+            limits = numbers * 3
+        elif len(numbers) == 2:
+            limits = [*numbers, 0]
+        else:
+            limits = numbers
+        assert len(limits) == len(Priority)
+        self.engine.set_max_queue(args[0], limits)
+        return _OK

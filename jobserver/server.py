@@ -1,0 +1,259 @@
+"""The trio layer around the engine: sockets in, bytes out, nothing decided here.
+
+Each connection is one reader task and one writer task. The reader decodes every packet of a
+read, applies them all to the engine, then wakes the writer of every connection that got output
+(write coalescing: one send per connection per batch, however many packets). No task, lock or
+syscall per packet.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from .admin import AdminProtocol, ServerFacts
+from .engine import Engine, Peer
+from .engine.handles import default_prefix
+from .protocol import DEFAULT_MAX_PACKET_SIZE, AdminLine, Decoder, Packet, ProtocolError
+
+log = logging.getLogger("jobserver")
+
+RECEIVE_SIZE = 65536
+"""Bytes asked of the kernel per read: big enough to take a burst of pipelined packets at once."""
+
+OUTBOX_HIGH_WATER = 4 * 1024 * 1024
+"""A connection whose own unsent replies exceed this stops being read until they drain, so a
+client that pipelines requests but never reads cannot make us buffer without bound."""
+
+MAX_OUTBOX = 256 * 1024 * 1024
+"""Unsent output (mostly forwarded WORK_DATA) at which a connection that does not read is
+dropped. Far above any sane backlog; only a stuck peer reaches it."""
+
+CLOSE_DRAIN_TIMEOUT = 10.0
+"""After a peer half-closes (e.g. `echo status | nc`), how long we keep sending it its replies."""
+
+MAX_TIMER_SLEEP = 60.0
+"""The timer task re-reads the clocks at least this often, so a wall-clock step cannot leave an
+epoch job waiting far past its time."""
+
+KEEPALIVE_IDLE = 60
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 5
+"""TCP keepalive: a peer that vanished without FIN is noticed after about 60 + 10 * 5 = 110 s, and
+its jobs are requeued. gearmand leaves keepalive off by default, so a dead worker holds its jobs
+until the kernel gives up on the socket, often hours (§3.6, §6.16)."""
+
+DEFAULT_BACKLOG = 1024
+"""Listen backlog; gearmand's 32 overflows when thousands of workers reconnect at once."""
+
+
+@dataclass
+class ServerConfig:
+    port: int = 4730
+    listen: str | None = None  # None: every address, IPv4 and IPv6
+    job_retries: int = 0
+    worker_wakeup: int = 0
+    handle_prefix: str | None = None  # default: H:<hostname>:<port>
+    exceptions: bool = False
+    max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
+    keepalive: bool = True
+    backlog: int = DEFAULT_BACKLOG
+    verbose: str = "WARNING"
+    facts: ServerFacts = field(default_factory=ServerFacts)
+
+
+class Connection:
+    """The I/O side of one peer: its stream and the writer that drains the peer's outbox."""
+
+    __slots__ = ("_has_output", "_output_drained", "closing", "peer", "stream")
+
+    def __init__(self, stream: trio.SocketStream, peer: Peer) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.closing = False
+        self._has_output = trio.lowlevel.ParkingLot()
+        self._output_drained = trio.lowlevel.ParkingLot()
+
+    def wake_writer(self) -> None:
+        self._has_output.unpark_all()
+
+    async def write_loop(self) -> None:
+        peer = self.peer
+        while True:
+            while not peer.outbox:
+                if self.closing:
+                    return
+                await self._has_output.park()
+            await self.stream.send_all(peer.take_output())
+            self._output_drained.unpark_all()
+
+    async def wait_output_below(self, limit: int) -> None:
+        while len(self.peer.outbox) > limit:
+            await self._output_drained.park()
+
+    def finish(self) -> None:
+        """Let the writer send what is queued, then stop."""
+        self.closing = True
+        self._has_output.unpark_all()
+
+
+class Server:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.engine: Engine | None = None
+        self.admin: AdminProtocol | None = None
+        self.port: int | None = None
+        self._timer_changed = trio.lowlevel.ParkingLot()
+        self._timer_due: float | None = None
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Bind, report the listeners through task_status, then serve until cancelled."""
+        config = self.config
+        listeners = await trio.open_tcp_listeners(
+            config.port, host=config.listen, backlog=config.backlog
+        )
+        self.port = listeners[0].socket.getsockname()[1]
+        prefix = config.handle_prefix or default_prefix(socket.gethostname(), self.port)
+        self.engine = Engine(
+            handle_prefix=prefix,
+            job_retries=config.job_retries,
+            worker_wakeup=config.worker_wakeup,
+            exceptions=config.exceptions,
+            start_time_ms=int(time.time() * 1000),
+        )
+        self.admin = AdminProtocol(self.engine, config.facts)
+        for listener in listeners:
+            address = listener.socket.getsockname()
+            log.info("listening on %s port %d", address[0], address[1])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._run_timers)
+            task_status.started(listeners)
+            await trio.serve_listeners(self._serve_connection, listeners, handler_nursery=nursery)
+
+    # ------------------------------------------------------------------ connections
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        engine = self.engine
+        assert engine is not None
+        sock = stream.socket
+        try:
+            address = sock.getpeername()[0]
+        except OSError:
+            await stream.aclose()
+            return  # gone before we looked at it
+        if self.config.keepalive:
+            _enable_keepalive(sock)
+        peer = engine.connect(sock.fileno(), address)
+        connection = Connection(stream, peer)
+        peer.transport = connection
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write, connection, nursery.cancel_scope)
+                if await self._read(connection):
+                    connection.finish()
+                    nursery.cancel_scope.deadline = trio.current_time() + CLOSE_DRAIN_TIMEOUT
+                else:
+                    nursery.cancel_scope.cancel()
+        finally:
+            engine.disconnect(peer)
+            self._flush()
+            await trio.aclose_forcefully(stream)
+
+    async def _write(self, connection: Connection, scope: trio.CancelScope) -> None:
+        try:
+            await connection.write_loop()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            scope.cancel()  # the peer is gone: stop reading too
+
+    async def _read(self, connection: Connection) -> bool:
+        """Serve requests until the peer closes (True) or must be dropped (False)."""
+        engine = self.engine
+        admin = self.admin
+        assert engine is not None and admin is not None
+        peer = connection.peer
+        stream = connection.stream
+        decoder = Decoder(max_packet_size=self.config.max_packet_size)
+        while True:
+            try:
+                data = await stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+            if not data:
+                return True
+            try:
+                events = decoder.feed(data)
+            except ProtocolError as error:
+                log.warning("closing connection from %s (fd %d): %s", peer.address, peer.id, error)
+                return False
+            try:
+                for event in events:
+                    if type(event) is Packet:
+                        engine.handle_packet(peer, event)
+                    elif type(event) is AdminLine:
+                        peer.send(admin.execute(event.text))
+                    else:
+                        log.warning(
+                            "malformed packet type %d from %s (fd %d): %s",
+                            event.type,
+                            peer.address,
+                            peer.id,
+                            event.text.decode(),
+                        )
+                        engine.handle_bad_packet(peer, event)
+            except Exception:
+                # A bug of ours must cost one connection, never the server.
+                log.exception(
+                    "internal error serving %s (fd %d); closing it", peer.address, peer.id
+                )
+                return False
+            self._flush()
+            if len(peer.outbox) > OUTBOX_HIGH_WATER:
+                await connection.wait_output_below(OUTBOX_HIGH_WATER)
+
+    def _flush(self) -> None:
+        """Wake the writer of every connection that got output, and the timer task if the
+        batch scheduled something earlier than it is sleeping for."""
+        engine = self.engine
+        assert engine is not None
+        for peer in engine.take_dirty():
+            if len(peer.outbox) > MAX_OUTBOX:
+                log.warning("dropping %s (fd %d): it stopped reading", peer.address, peer.id)
+                engine.disconnect(peer)
+                peer.transport.stream.socket.close()
+                continue
+            peer.transport.wake_writer()
+        delay = engine.seconds_until_next_timer()
+        if delay is not None:
+            due = trio.current_time() + delay
+            if self._timer_due is None or due < self._timer_due:
+                self._timer_changed.unpark_all()
+
+    # ------------------------------------------------------------------ timers
+
+    async def _run_timers(self) -> None:
+        engine = self.engine
+        assert engine is not None
+        while True:
+            delay = engine.seconds_until_next_timer()
+            sleep = MAX_TIMER_SLEEP if delay is None else min(delay, MAX_TIMER_SLEEP)
+            self._timer_due = trio.current_time() + sleep
+            with trio.move_on_after(sleep):
+                await self._timer_changed.park()
+            self._timer_due = None
+            engine.run_timers()
+            self._flush()
+
+
+def _enable_keepalive(sock: trio.socket.SocketType) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+    ):
+        if hasattr(socket, option):  # Linux names; other systems keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
