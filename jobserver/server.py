@@ -110,8 +110,9 @@ class Server:
         self._timer_changed = trio.lowlevel.ParkingLot()
         self._timer_due: float | None = None
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Bind, report the listeners through task_status, then serve until cancelled."""
+    async def bind(self) -> list[trio.SocketListener]:
+        """Open the listening sockets and build the engine. Raises OSError (port busy, bad
+        address) before anything else happens, so the CLI can report it plainly."""
         config = self.config
         listeners = await trio.open_tcp_listeners(
             config.port, host=config.listen, backlog=config.backlog
@@ -129,6 +130,17 @@ class Server:
         for listener in listeners:
             address = listener.socket.getsockname()
             log.info("listening on %s port %d", address[0], address[1])
+        return listeners
+
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener] | None = None,
+        *,
+        task_status=trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled; cancelling closes the listeners and every connection."""
+        if listeners is None:
+            listeners = await self.bind()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._run_timers)
             task_status.started(listeners)
