@@ -34,8 +34,29 @@ IO_TIMEOUT = 5.0  # seconds for any single socket exchange
 
 REQ = b"\0REQ"
 RES = b"\0RES"
+
+# Packet type numbers (protocol reference §2), only those the tests send or expect.
+CAN_DO = 1
+JOB_CREATED = 8
+GRAB_JOB = 9
+JOB_ASSIGN = 11
 ECHO_REQ = 16
 ECHO_RES = 17
+SUBMIT_JOB_BG = 18
+SET_CLIENT_ID = 22
+GRAB_JOB_UNIQ = 30
+JOB_ASSIGN_UNIQ = 31
+SUBMIT_JOB_HIGH_BG = 32
+SUBMIT_JOB_LOW_BG = 34
+
+# Admin commands whose reply is a list ending in a "." line (protocol reference §4).
+LIST_COMMANDS = {
+    ("workers",),
+    ("status",),
+    ("prioritystatus",),
+    ("show", "jobs"),
+    ("show", "unique"),
+}
 
 
 class ServerStartError(RuntimeError):
@@ -55,33 +76,54 @@ def pack_request(packet_type: int, *args: bytes) -> bytes:
     return REQ + struct.pack(">II", packet_type, len(data)) + data
 
 
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    chunks = []
-    while size:
-        chunk = sock.recv(size)
-        if not chunk:
-            raise ConnectionError("server closed the connection")
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
+class Connection:
+    """A blocking binary-protocol connection with a timeout on every operation."""
 
+    def __init__(self, host: str, port: int, timeout: float = IO_TIMEOUT):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
 
-def recv_packet(sock: socket.socket) -> tuple[int, bytes]:
-    """Read one binary response packet; returns (type, payload)."""
-    magic, packet_type, length = struct.unpack(">4sII", recv_exactly(sock, 12))
-    if magic != RES:
-        raise ValueError(f"bad response magic {magic!r}")
-    return packet_type, recv_exactly(sock, length)
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, packet_type: int, *args: bytes) -> None:
+        self.sock.sendall(pack_request(packet_type, *args))
+
+    def recv(self) -> tuple[int, bytes]:
+        """Read one response packet; returns (type, payload)."""
+        magic, packet_type, length = struct.unpack(">4sII", self._recv_exactly(12))
+        if magic != RES:
+            raise ValueError(f"bad response magic {magic!r}")
+        return packet_type, self._recv_exactly(length)
+
+    def request(self, packet_type: int, *args: bytes, expect: int) -> bytes:
+        """Send one request and return the payload of its reply of type `expect`."""
+        self.send(packet_type, *args)
+        reply_type, payload = self.recv()
+        if reply_type != expect:
+            raise ValueError(f"expected packet type {expect}, got {reply_type}: {payload!r}")
+        return payload
+
+    def _recv_exactly(self, size: int) -> bytes:
+        chunks = []
+        while size:
+            chunk = self.sock.recv(size)
+            if not chunk:
+                raise ConnectionError("server closed the connection")
+            chunks.append(chunk)
+            size -= len(chunk)
+        return b"".join(chunks)
 
 
 def echo(host: str, port: int, data: bytes = b"ping", timeout: float = IO_TIMEOUT) -> bytes:
     """One ECHO_REQ round trip on a fresh connection; returns the echoed bytes."""
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(pack_request(ECHO_REQ, data))
-        packet_type, payload = recv_packet(sock)
-    if packet_type != ECHO_RES:
-        raise ValueError(f"expected ECHO_RES (17), got type {packet_type}")
-    return payload
+    with Connection(host, port, timeout) as conn:
+        return conn.request(ECHO_REQ, data, expect=ECHO_RES)
 
 
 def port_accepts(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -93,21 +135,23 @@ def port_accepts(host: str, port: int, timeout: float = 1.0) -> bool:
 
 
 def admin(address: str, line: str | bytes, timeout: float = IO_TIMEOUT) -> bytes:
-    """Send one admin text line and return the complete reply.
+    """Send one admin text line (LF added if missing) and return the complete reply.
 
-    List replies (status, workers, show ...) end with a line holding only "."; every other
-    reply is a single line. The reply's first line tells which kind it is.
+    List commands (status, workers, show ...) reply with lines ending in a "." line, or with
+    a single ERR line; every other command replies with one line.
     """
     host, _, port = address.rpartition(":")
     if isinstance(line, str):
         line = line.encode()
     if not line.endswith(b"\n"):
         line += b"\n"
+    words = tuple(line.decode(errors="replace").lower().split())
+    is_list = words[:1] in LIST_COMMANDS or words[:2] in LIST_COMMANDS
     deadline = time.monotonic() + timeout
     reply = b""
     with socket.create_connection((host, int(port)), timeout=timeout) as sock:
         sock.sendall(line)
-        while not _admin_reply_complete(reply):
+        while not _admin_reply_complete(reply, is_list):
             sock.settimeout(max(0.01, deadline - time.monotonic()))
             chunk = sock.recv(65536)
             if not chunk:
@@ -116,12 +160,12 @@ def admin(address: str, line: str | bytes, timeout: float = IO_TIMEOUT) -> bytes
     return reply
 
 
-def _admin_reply_complete(reply: bytes) -> bool:
+def _admin_reply_complete(reply: bytes, is_list: bool) -> bool:
     if not reply.endswith(b"\n"):
         return False
-    if reply.startswith((b"OK", b"ERR")):
+    if not is_list or reply == b".\n" or reply.endswith(b"\n.\n"):
         return True
-    return reply == b".\n" or reply.endswith(b"\n.\n")
+    return reply.startswith(b"ERR ") and reply.count(b"\n") == 1
 
 
 class Server:
@@ -153,6 +197,9 @@ class Server:
 
     def __repr__(self) -> str:
         return f"<{self.name} pid={self.pid} at {self.address}>"
+
+    def connect(self, timeout: float = IO_TIMEOUT) -> Connection:
+        return Connection(self.host, self.port, timeout)
 
     def stderr_text(self) -> str:
         return self.stderr_path.read_text(errors="replace")
