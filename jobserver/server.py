@@ -19,6 +19,7 @@ from .admin import AdminProtocol, ServerFacts
 from .engine import Engine, Peer
 from .engine.handles import default_prefix
 from .protocol import DEFAULT_MAX_PACKET_SIZE, AdminLine, Decoder, Packet, ProtocolError
+from .tcp import enable_keepalive
 
 log = logging.getLogger("jobserver")
 
@@ -158,7 +159,9 @@ class Server:
             await stream.aclose()
             return  # gone before we looked at it
         if self.config.keepalive:
-            _enable_keepalive(sock)
+            enable_keepalive(
+                sock, idle=KEEPALIVE_IDLE, interval=KEEPALIVE_INTERVAL, count=KEEPALIVE_COUNT
+            )
         peer = engine.connect(sock.fileno(), address)
         connection = Connection(stream, peer)
         peer.transport = connection
@@ -258,14 +261,3 @@ class Server:
             self._timer_due = None
             engine.run_timers()
             self._flush()
-
-
-def _enable_keepalive(sock: trio.socket.SocketType) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for option, value in (
-        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
-        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
-        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
-    ):
-        if hasattr(socket, option):  # Linux names; other systems keep their defaults
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)

@@ -1,0 +1,98 @@
+"""One TCP connection from an SDK to a job server, speaking packets through jobserver.protocol.
+
+Both SDKs use this and nothing else to talk to servers: connect with a timeout, TCP keepalive,
+send encoded requests (several tasks may send at once), receive decoded replies.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import trio
+
+from ..protocol import RES, Decoder, Packet, ProtocolError, encode_request
+from ..tcp import enable_keepalive
+from .addresses import ServerAddress
+from .errors import GearmanError, ProtocolViolation
+
+CONNECT_TIMEOUT = 5.0
+"""A server that has not accepted within this is treated as down and the next one is tried."""
+
+RECEIVE_SIZE = 65536
+
+KEEPALIVE_IDLE = 30
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 3
+"""A server that vanished without FIN (power loss, partition) is noticed in about a minute,
+instead of the kernel's default of more than two hours."""
+
+
+class ConnectionLost(GearmanError):
+    """The connection to a server closed or broke."""
+
+
+class ServerConnection:
+    def __init__(self, stream: trio.SocketStream, address: ServerAddress) -> None:
+        self.address = address
+        self._stream = stream
+        self._decoder = Decoder(accept_admin=False)
+        self._pending: deque[Packet] = deque()
+        self._send_lock = trio.StrictFIFOLock()
+        self.closed = False
+
+    @classmethod
+    async def open(
+        cls, address: ServerAddress, *, timeout: float = CONNECT_TIMEOUT
+    ) -> ServerConnection:
+        """Connect, or raise ConnectionLost saying why (refused, timed out, unresolvable)."""
+        try:
+            with trio.fail_after(timeout):
+                stream = await trio.open_tcp_stream(address.host, address.port)
+        except trio.TooSlowError:
+            raise ConnectionLost(f"{address}: no answer within {timeout:g} s") from None
+        except OSError as error:
+            raise ConnectionLost(f"{address}: {error.strerror or error}") from None
+        enable_keepalive(
+            stream.socket, idle=KEEPALIVE_IDLE, interval=KEEPALIVE_INTERVAL, count=KEEPALIVE_COUNT
+        )
+        return cls(stream, address)
+
+    async def send(self, packet_type: int, *args: bytes) -> None:
+        await self.send_bytes(encode_request(packet_type, *args))
+
+    async def send_bytes(self, data: bytes) -> None:
+        if self.closed:
+            raise ConnectionLost(f"{self.address}: connection closed")
+        try:
+            async with self._send_lock:
+                await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+            self.closed = True
+            raise ConnectionLost(f"{self.address}: {error or 'connection broken'}") from None
+
+    async def receive(self) -> Packet:
+        """The next packet from the server; ConnectionLost when the connection ends."""
+        while not self._pending:
+            try:
+                data = await self._stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+                self.closed = True
+                raise ConnectionLost(f"{self.address}: {error or 'connection broken'}") from None
+            if not data:
+                self.closed = True
+                raise ConnectionLost(f"{self.address}: the server closed the connection")
+            try:
+                events = self._decoder.feed(data)
+            except ProtocolError as error:
+                self.closed = True
+                raise ProtocolViolation(f"{self.address}: {error}") from None
+            for event in events:
+                if not isinstance(event, Packet) or event.magic != RES:
+                    self.closed = True
+                    raise ProtocolViolation(f"{self.address}: unexpected {event!r}")
+            self._pending.extend(events)  # type: ignore[arg-type]
+        return self._pending.popleft()
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await trio.aclose_forcefully(self._stream)
