@@ -37,13 +37,18 @@ RES = b"\0RES"
 
 # Packet type numbers (protocol reference §2), only those the tests send or expect.
 CAN_DO = 1
+PRE_SLEEP = 4
+NOOP = 6
+SUBMIT_JOB = 7
 JOB_CREATED = 8
 GRAB_JOB = 9
 JOB_ASSIGN = 11
+WORK_FAIL = 14
 ECHO_REQ = 16
 ECHO_RES = 17
 SUBMIT_JOB_BG = 18
 SET_CLIENT_ID = 22
+WORK_EXCEPTION = 25
 GRAB_JOB_UNIQ = 30
 JOB_ASSIGN_UNIQ = 31
 SUBMIT_JOB_HIGH_BG = 32

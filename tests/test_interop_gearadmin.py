@@ -26,9 +26,11 @@ from servers import (
     JOB_ASSIGN_UNIQ,
     JOB_CREATED,
     SET_CLIENT_ID,
+    SUBMIT_JOB,
     SUBMIT_JOB_BG,
     SUBMIT_JOB_HIGH_BG,
     SUBMIT_JOB_LOW_BG,
+    WORK_FAIL,
     Connection,
     Server,
     admin,
@@ -38,9 +40,6 @@ from servers import (
 )
 
 pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("gearman_tools")]
-
-SUBMIT_JOB = 7
-WORK_FAIL = 14
 
 VERSION = {"jobserver": "jobserver-0.1.0", "gearmand": "1.1.20+ds"}
 
