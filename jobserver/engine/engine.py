@@ -104,9 +104,10 @@ def parse_atoi_u32(text: bytes) -> int:
     return (sign * value) % UINT32
 
 
-def _parse_integer(text: bytes, max_digits: int = 20) -> int | None:
+def _parse_integer(text: bytes, max_length: int) -> int | None:
+    """A strict decimal integer with an optional leading minus, at most max_length bytes."""
     body = text[1:] if text[:1] == b"-" else text
-    if not body or len(body) > max_digits or not body.isdigit():
+    if not body or len(text) > max_length or not body.isdigit():
         return None
     return int(text)
 
@@ -159,9 +160,11 @@ class Engine:
         peer.closed = True
         peer.outbox.clear()
         self.peers.pop(peer.id, None)
+        # Unregister first: a departing worker must not take the wake-up meant for a live one
+        # when its own jobs are requeued below.
+        self._unregister_all(peer)
         for job in list(peer.held.values()):
             self._release(job)
-        self._unregister_all(peer)
         for job in peer.listening:
             assert job.listeners is not None
             job.listeners = [p for p in job.listeners if p is not peer] or None
@@ -247,7 +250,7 @@ class Engine:
         reducer = b""
         run_at = 0
         if packet_type == T.SUBMIT_JOB_EPOCH:
-            epoch = _parse_integer(args[2], max_digits=19)
+            epoch = _parse_integer(args[2], max_length=20)
             if epoch is None or not EPOCH_RANGE[0] <= epoch <= EPOCH_RANGE[1]:
                 self._error(peer, errors.BAD_EPOCH)  # gearmand: no reply (§3.11)
                 return
@@ -341,9 +344,11 @@ class Engine:
     def _can_do(self, peer: Peer, packet_type: int, args: tuple[bytes, ...]) -> None:
         timeout_ms = 0
         if packet_type == T.CAN_DO_TIMEOUT:
-            parsed = _parse_integer(args[1], max_digits=MAX_TIMEOUT_DIGITS)
+            parsed = _parse_integer(args[1], max_length=MAX_TIMEOUT_DIGITS)
             if parsed is None:
-                self._error(peer, errors.BAD_TIMEOUT)  # gearmand: silently ignored (§3.14)
+                # gearmand reads garbage as 0 (no timeout) and drops over-long values silently
+                # (§3.9, §3.14); either way the worker believes in a timeout it does not have.
+                self._error(peer, errors.BAD_TIMEOUT)
                 return
             timeout_ms = max(parsed, MIN_CAN_DO_TIMEOUT_MS) if parsed > 0 else 0
         function = self.function(args[0])
@@ -419,6 +424,9 @@ class Engine:
         if timeout:
             self._timer_sequence += 1
             deadline = self.monotonic_clock() + timeout
+            # The timer belongs to this assignment and runs until the job ends. gearmand
+            # cancels it at the worker's next PRE_SLEEP (§3.9), which a worker running several
+            # jobs at once sends while a timed job is still in flight; we do not.
             heapq.heappush(self._timeout_heap, (deadline, self._timer_sequence, job, job.attempt))
         if packet_type == T.GRAB_JOB:
             peer.send(encode(T.JOB_ASSIGN, job.handle, function.name, job.payload))
@@ -597,7 +605,7 @@ class Engine:
             _, _, job, attempt = heapq.heappop(timeouts)
             # Per assignment, not per connection: a timer whose job finished or was reassigned
             # since is stale and does nothing (gearmand's fires anyway, §3.9, issue #301).
-            if job.attempt == attempt and job.state == JobState.RUNNING:
+            if job.attempt == attempt and job.state in (JobState.RUNNING, JobState.DETACHED):
                 self._release(job)
 
     # ------------------------------------------------------------------ admin operations
@@ -654,8 +662,10 @@ class Engine:
         """`maxqueue`: limits per priority (HIGH, NORMAL, LOW), <= 0 unlimited. gearmand ignores
         the command for a function it does not know yet (§4); we create it so the limit an
         operator sets before workers connect is not lost."""
-        function = self.function(name)
-        function.limits = [max(0, limit) for limit in limits]
+        limits = [max(0, limit) for limit in limits]
+        if len(limits) != len(Priority):
+            raise ValueError("maxqueue needs one limit per priority (HIGH, NORMAL, LOW)")
+        self.function(name).limits = limits
 
     def iter_jobs(self) -> Iterator[Job]:
         return iter(self.jobs.values())

@@ -44,6 +44,8 @@ class HandleGenerator:
     __slots__ = ("_base", "_counter")
 
     def __init__(self, prefix: str, start_time_ms: int) -> None:
+        if start_time_ms < 0:
+            raise ValueError("the start time must not be before 1970")
         encoded = prefix.encode()
         if len(encoded) > MAX_PREFIX_SIZE:
             raise ValueError(f"job handle prefix must be at most {MAX_PREFIX_SIZE} bytes")
