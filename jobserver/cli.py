@@ -271,4 +271,9 @@ def _configure_logging(log_file: str | None, level: int) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["worker"]:  # `jobserver worker MODULE:ATTRIBUTE`: the worker SDK's CLI
+        from worker_sdk.cli import main as worker_main
+
+        worker_main(sys.argv[2:])
+        return
     app()

@@ -78,7 +78,8 @@ def encode_payload(codec: Codec, value: Any, *, function: str, what: str = "argu
         return codec.encode(value)
     except Exception as error:
         raise PayloadError(
-            f"function {function!r}: cannot encode the {what} with codec {codec.name!r}: {error}"
+            f"function {function!r}: cannot encode the {what} with codec {codec.name!r}: "
+            f"{_describe(error)}"
         ) from error
 
 
@@ -88,5 +89,11 @@ def decode_payload(codec: Codec, data: bytes, *, function: str, what: str = "arg
     except Exception as error:
         raise PayloadError(
             f"function {function!r}: the {what} is not valid {codec.name} "
-            f"({len(data)} bytes): {error}"
+            f"({len(data)} bytes): {_describe(error)}"
         ) from error
+
+
+def _describe(error: Exception) -> str:
+    """The error's message, or its type when it has none (msgpack's FormatError for a reserved
+    byte such as 0xc1 has an empty message)."""
+    return str(error) or type(error).__name__

@@ -1,0 +1,17 @@
+"""Worker SDK: serve Python functions as Gearman jobs from every job server of a cluster.
+
+Example:
+    >>> from worker_sdk import Worker
+    >>> worker = Worker(["127.0.0.1:4730", "127.0.0.1:4731"])
+    >>> @worker.function("resize", timeout=30)
+    ... async def resize(job):
+    ...     await job.status(1, 3)
+    ...     return {"ok": True}
+    >>> # worker.run()   # or `await worker.serve()` inside trio
+"""
+
+from .functions import WorkerFunction
+from .job import Job, SyncJob
+from .worker import Worker
+
+__all__ = ["Job", "SyncJob", "Worker", "WorkerFunction"]

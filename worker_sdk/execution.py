@@ -1,0 +1,96 @@
+"""Running one assigned job: decode the argument, call the function, report the outcome.
+
+Whatever the function does, the job ends with exactly one outcome on the connection that
+assigned it: WORK_COMPLETE with the encoded result, or WORK_EXCEPTION followed by WORK_FAIL.
+The worker never dies of a job.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import trio
+
+from jobserver.protocol import PacketType, encode_request
+from jobserver.sdk.errors import PayloadError
+from jobserver.sdk.payload import decode_payload, encode_payload, get_codec
+
+from .functions import WorkerFunction
+from .job import Job, SyncJob
+from .server_session import Assignment, ServerLink
+
+log = logging.getLogger("worker_sdk")
+
+# trio 0.23 renamed to_thread.run_sync's `cancellable` to `abandon_on_cancel`.
+_ABANDON = (
+    "abandon_on_cancel"
+    if "abandon_on_cancel" in inspect.signature(trio.to_thread.run_sync).parameters
+    else "cancellable"
+)
+
+
+async def run_job(
+    function: WorkerFunction | None,
+    assignment: Assignment,
+    link: ServerLink,
+    thread_limiter: trio.CapacityLimiter,
+) -> None:
+    """Run one job to its outcome. Cancellation (the grace period of a stop ran out) propagates
+    without sending anything: the server requeues the job when the connection closes."""
+    name = assignment.function.decode(errors="replace")
+    if function is None:
+        # Only a misbehaving server assigns a function we never registered.
+        job = Job(assignment, link, get_codec("raw"), None)
+        await _report_exception(job, f"LookupError: no function {name!r} on this worker")
+        return
+    try:
+        arg = decode_payload(function.codec, assignment.payload, function=name)
+    except PayloadError as error:
+        job = Job(assignment, link, function.codec, None)
+        log.warning("job %s: %s", job.handle, error)
+        await _report_exception(job, _exception_text(error))
+        return
+    job = Job(assignment, link, function.codec, arg)
+    try:
+        if function.is_async:
+            result = await function.func(job)
+        else:
+            result = await trio.to_thread.run_sync(
+                functools.partial(function.func, SyncJob(job)),
+                limiter=thread_limiter,
+                **{_ABANDON: True},  # a thread cannot be interrupted; at the deadline we let go
+            )
+    except Exception as error:  # any failure of user code becomes WORK_EXCEPTION
+        log.exception("job %s (%s) raised %s", job.handle, job.function, type(error).__name__)
+        await _report_exception(job, _exception_text(error))
+        return
+    try:
+        data = encode_payload(function.codec, result, function=name, what="result")
+    except PayloadError as error:
+        log.warning("job %s: %s", job.handle, error)
+        await _report_exception(job, _exception_text(error))
+        return
+    await job._send(PacketType.WORK_COMPLETE, data)
+
+
+def _exception_text(error: BaseException) -> bytes:
+    """WORK_EXCEPTION's payload: "<ExceptionType>: <message>" in UTF-8."""
+    return f"{type(error).__name__}: {error}".encode(errors="replace")
+
+
+async def _report_exception(job: Job, text: bytes | str) -> None:
+    """WORK_EXCEPTION then WORK_FAIL, as libgearman workers do: clients with the `exceptions`
+    option get the text, and servers or clients that predate WORK_EXCEPTION still see the job
+    fail. Both gearmand and jobserver end the job at WORK_EXCEPTION and answer the WORK_FAIL
+    with ERROR JOB_NOT_FOUND; the session expects that one and does not warn about it."""
+    if isinstance(text, str):
+        text = text.encode(errors="replace")
+    handle = job._assignment.handle
+    packets = encode_request(PacketType.WORK_EXCEPTION, handle, text) + encode_request(
+        PacketType.WORK_FAIL, handle
+    )
+    job._link.stale_results_expected += 1
+    if not await job._send_packets(packets):
+        job._link.stale_results_expected -= 1

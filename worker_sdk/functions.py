@@ -1,0 +1,93 @@
+"""The functions a worker offers: name, callable, CAN_DO timeout and payload codec."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+from jobserver.protocol import PacketType, encode_request
+from jobserver.sdk.payload import Codec
+
+MAX_FUNCTION_NAME_SIZE = 512
+"""Longest function name in bytes (UTF-8). libgearman refuses longer names client-side, and
+gearmand closes the connection when a CAN_DO does not fit its 8 KiB buffer (shared doc §1);
+512 keeps our workers registrable everywhere."""
+
+MAX_TIMEOUT_SECONDS = 365 * 24 * 3600
+"""Largest CAN_DO_TIMEOUT we send. gearmand drops a registration whose millisecond value has more
+than 20 digits (§3.9, §3.14); a year is far below that and far above any real job."""
+
+
+class WorkerFunction:
+    """One registered function. Created by `Worker.function`; you rarely build one yourself.
+
+    Example:
+        >>> from jobserver.sdk.payload import get_codec
+        >>> async def reverse(job):
+        ...     return job.arg[::-1]
+        >>> WorkerFunction("reverse", reverse, timeout=30, codec=get_codec("raw")).timeout_ms
+        30000
+    """
+
+    __slots__ = ("codec", "func", "is_async", "name", "name_bytes", "timeout")
+
+    def __init__(
+        self, name: str, func: Callable[..., Any], *, timeout: float | None, codec: Codec
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a function name must be a non-empty str, not {name!r}")
+        name_bytes = name.encode()
+        if b"\0" in name_bytes:
+            raise ValueError(f"function name {name!r} contains NUL (it separates arguments)")
+        if len(name_bytes) > MAX_FUNCTION_NAME_SIZE:
+            raise ValueError(
+                f"function name {name[:40]!r}... is {len(name_bytes)} bytes; "
+                f"at most {MAX_FUNCTION_NAME_SIZE}"
+            )
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+                raise TypeError(f"timeout must be seconds (int or float) or None, not {timeout!r}")
+            if not 0 < timeout <= MAX_TIMEOUT_SECONDS:
+                raise ValueError(
+                    f"function {name!r}: timeout must be > 0 and <= {MAX_TIMEOUT_SECONDS} s"
+                )
+        if not callable(func):
+            raise TypeError(f"function {name!r}: {func!r} is not callable")
+        self.name = name
+        self.name_bytes = name_bytes
+        self.func = func
+        self.timeout = timeout
+        self.codec = codec
+        self.is_async = _is_async_callable(func)
+
+    @property
+    def timeout_ms(self) -> int | None:
+        """The CAN_DO_TIMEOUT value: milliseconds since gearmand 1.1.19 (§3.9). Servers raise
+        anything below 1000 ms to 1000 ms."""
+        if self.timeout is None:
+            return None
+        return max(1, math.ceil(self.timeout * 1000))
+
+    def registration(self) -> bytes:
+        """The encoded CAN_DO (no timeout) or CAN_DO_TIMEOUT packet for this function."""
+        timeout_ms = self.timeout_ms
+        if timeout_ms is None:
+            return encode_request(PacketType.CAN_DO, self.name_bytes)
+        return encode_request(PacketType.CAN_DO_TIMEOUT, self.name_bytes, str(timeout_ms).encode())
+
+    def __repr__(self) -> str:
+        kind = "async" if self.is_async else "sync"
+        return (
+            f"<WorkerFunction {self.name!r} {kind} timeout={self.timeout} codec={self.codec.name}>"
+        )
+
+
+def _is_async_callable(func: Callable[..., Any]) -> bool:
+    while hasattr(func, "func") and not inspect.isfunction(func):  # functools.partial
+        func = func.func  # type: ignore[attr-defined]
+    if inspect.iscoroutinefunction(func):
+        return True
+    call = getattr(func, "__call__", None)  # noqa: B004 - instances with an async __call__
+    return inspect.iscoroutinefunction(call)

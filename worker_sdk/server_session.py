@@ -1,0 +1,295 @@
+"""One job server, for the whole life of a worker: connect, register, grab jobs, reconnect.
+
+A worker runs one ServerSession per configured server. Each keeps its server connected
+(retrying with jittered exponential backoff while it is down, so the other sessions keep
+serving), registers every function on each new connection, and runs two tasks per
+connection:
+
+- the reader, the only task that receives: it wakes the grab loop on NOOP, hands NO_JOB and
+  JOB_ASSIGN* to the GRAB waiting for them, and logs ERROR packets;
+- the grab loop: take a job slot, GRAB_JOB_UNIQ, start the assigned job (or, on NO_JOB, give
+  the slot back, PRE_SLEEP and wait for a NOOP), and again.
+
+Jobs run in the worker's job nursery, not here, so a job outlives a connection that dies
+under it; its result is then dropped (the server has requeued the job).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import trio
+
+from jobserver.protocol import Packet, PacketType, encode_request
+from jobserver.sdk.addresses import ServerAddress
+from jobserver.sdk.backoff import Backoff
+from jobserver.sdk.connection import ConnectionLost, ServerConnection
+from jobserver.sdk.errors import GearmanError, ProtocolViolation
+
+from .functions import WorkerFunction
+
+log = logging.getLogger("worker_sdk")
+
+POLL_INTERVAL = 5.0
+"""Longest sleep after PRE_SLEEP before grabbing again without a NOOP. A NOOP can be lost (a
+worker that once answered a NOOP with PRE_SLEEP is never woken by gearmand again, and a NOOP
+sent on a half-dead link blocks later ones), and gearmand 1.1.x never wakes anyone when an
+epoch job comes due (shared doc §3.4, §3.11, §6.5; gearmand issues #343, #101). Polling every
+5 s bounds the delay those cases add, at the cost of one GRAB per idle connection per 5 s."""
+
+GRAB_REPLY_TIMEOUT = 30.0
+"""A server answers every GRAB at once (NO_JOB or a job). One that has not answered in 30 s is
+hung: the connection is dropped and reopened, and any job it held is requeued by the server."""
+
+_ASSIGNMENTS = frozenset(
+    {PacketType.JOB_ASSIGN, PacketType.JOB_ASSIGN_UNIQ, PacketType.JOB_ASSIGN_ALL}
+)
+_GRAB_REPLIES = _ASSIGNMENTS | {PacketType.NO_JOB}
+
+_GRAB = encode_request(PacketType.GRAB_JOB_UNIQ)
+_PRE_SLEEP = encode_request(PacketType.PRE_SLEEP)
+
+
+class Assignment(NamedTuple):
+    """A job the server assigned: the fields of JOB_ASSIGN_UNIQ (§2, type 31)."""
+
+    handle: bytes
+    function: bytes
+    unique: bytes
+    payload: bytes
+
+    @classmethod
+    def from_packet(cls, packet: Packet) -> Assignment:
+        """Any of JOB_ASSIGN, JOB_ASSIGN_UNIQ and JOB_ASSIGN_ALL (the reducer is not used)."""
+        args = packet.args
+        if packet.type == PacketType.JOB_ASSIGN:
+            return cls(args[0], args[1], b"", args[2])
+        return cls(args[0], args[1], args[2], args[-1])
+
+
+class ServerLink:
+    """One live connection of a session, shared with the jobs it assigned (their results must go
+    back on the connection that assigned them, §3.5)."""
+
+    __slots__ = ("address", "connection", "stale_results_expected")
+
+    def __init__(self, connection: ServerConnection) -> None:
+        self.connection = connection
+        self.address = connection.address
+        self.stale_results_expected = 0
+        """ERROR JOB_NOT_FOUND replies we caused on purpose (the WORK_FAIL that follows a
+        WORK_EXCEPTION) and so do not warn about."""
+
+
+StartJob = Callable[[Assignment, ServerLink, object], None]
+"""Called with an assignment, the link it came on, and the job slot it holds (the job releases
+the slot when it ends)."""
+
+
+class ServerSession:
+    """Keeps one server connected and feeds its jobs to the worker until the worker stops.
+
+    Example (what Worker.serve does for each server):
+        >>> import trio
+        >>> from jobserver.sdk.addresses import parse_address
+        >>> slots, stopping = trio.CapacityLimiter(1), trio.Event()
+        >>> session = ServerSession(parse_address("127.0.0.1:4730"), [], "me", slots,
+        ...                         stopping, start_job=lambda assignment, link, slot: None)
+    """
+
+    def __init__(
+        self,
+        address: ServerAddress,
+        functions: Sequence[WorkerFunction],
+        client_id: str,
+        slots: trio.CapacityLimiter,
+        stopping: trio.Event,
+        start_job: StartJob,
+    ) -> None:
+        self.address = address
+        self._registration = encode_request(
+            PacketType.SET_CLIENT_ID, client_id.encode(errors="replace")
+        ) + b"".join(function.registration() for function in functions)
+        self._slots = slots
+        self._stopping = stopping
+        self._start_job = start_job
+        self._backoff = Backoff()
+        self._wakeup = trio.Event()
+        self._scope: trio.CancelScope | None = None
+        self._loss: GearmanError | None = None
+
+    async def run(self) -> None:
+        """Serve this server until the worker stops; returns only by cancellation (the worker
+        disconnects once its jobs are done) or when the worker stops while disconnected."""
+        joined_before = False
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                connection = await ServerConnection.open(self.address)
+            except ConnectionLost as error:
+                reason: GearmanError = error
+            else:
+                log.info("%s %s", "re-joined" if joined_before else "joined", self.address)
+                joined_before = True
+                failures = 0
+                try:
+                    reason = await self._serve_connection(connection)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await connection.aclose()
+            if self._stopping.is_set():
+                return
+            failures += 1
+            delay = self._backoff.next_delay()
+            level = logging.WARNING if failures == 1 else logging.DEBUG
+            log.log(level, "%s; retrying in %.1f s (others keep serving)", reason, delay)
+            with trio.move_on_after(delay):
+                await self._stopping.wait()
+
+    async def _serve_connection(self, connection: ServerConnection) -> GearmanError:
+        """Register, then read and grab until the connection fails; returns why it did."""
+        link = ServerLink(connection)
+        self._loss = None
+        replies_in, replies_out = trio.open_memory_channel[Packet](1)  # one GRAB at a time
+        async with trio.open_nursery() as nursery:
+            self._scope = nursery.cancel_scope
+            try:
+                await connection.send_bytes(self._registration)
+            except ConnectionLost as error:
+                return error
+            nursery.start_soon(self._read, link, replies_in)
+            nursery.start_soon(self._grab_until_stopped, link, replies_out)
+        assert self._loss is not None  # the nursery ends only through _lost() or cancellation
+        return self._loss
+
+    def _lost(self, reason: GearmanError) -> None:
+        if self._loss is None:
+            self._loss = reason
+        if self._scope is not None:
+            self._scope.cancel()
+
+    # ------------------------------------------------------------------ reader
+
+    async def _read(self, link: ServerLink, replies: trio.MemorySendChannel[Packet]) -> None:
+        async with replies:  # closing it tells a GRAB in flight that no reply will come
+            try:
+                while True:
+                    packet = await link.connection.receive()
+                    self._dispatch(link, packet, replies)
+            except (ConnectionLost, ProtocolViolation) as error:
+                self._lost(error)
+
+    def _dispatch(
+        self, link: ServerLink, packet: Packet, replies: trio.MemorySendChannel[Packet]
+    ) -> None:
+        kind = packet.type
+        if kind == PacketType.NOOP:
+            self._wakeup.set()
+        elif kind in _GRAB_REPLIES:
+            try:
+                replies.send_nowait(packet)
+            except trio.WouldBlock:
+                log.warning("%s: ignoring %s that answers no GRAB", self.address, _name(kind))
+        elif kind == PacketType.ERROR:
+            self._log_error(link, packet)
+        else:
+            log.warning("%s: ignoring unexpected %s %r", self.address, _name(kind), packet.args)
+
+    def _log_error(self, link: ServerLink, packet: Packet) -> None:
+        code = packet.args[0].decode(errors="replace")
+        text = packet.args[1].decode(errors="replace")
+        if code == "JOB_NOT_FOUND" and link.stale_results_expected:
+            link.stale_results_expected -= 1
+            log.debug(
+                "%s: ERROR %s (%s) for the WORK_FAIL after a WORK_EXCEPTION",
+                link.address,
+                code,
+                text,
+            )
+        elif code == "JOB_NOT_FOUND":
+            log.warning(
+                "%s: the server no longer knows a job we reported on (%s: %s); it took the job "
+                "back (CAN_DO timeout, or cancelled) and our result was ignored",
+                link.address,
+                code,
+                text,
+            )
+        else:
+            log.warning("%s: server error %s: %s", link.address, code, text)
+
+    # ------------------------------------------------------------------ grabbing
+
+    async def _grab_until_stopped(
+        self, link: ServerLink, replies: trio.MemoryReceiveChannel[Packet]
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._grab_loop, link, replies)
+            await self._stopping.wait()
+            nursery.cancel_scope.cancel()  # stop grabbing; a GRAB in flight still completes
+
+    async def _grab_loop(
+        self, link: ServerLink, replies: trio.MemoryReceiveChannel[Packet]
+    ) -> None:
+        while True:
+            slot = object()
+            # Never grab a job we could not start at once: a slot first, then GRAB.
+            await self._slots.acquire_on_behalf_of(slot)
+            started = False
+            try:
+                reply = await self._grab(link, replies)
+                if reply is None:
+                    return  # the connection ended; the reader recorded why
+                if reply.type != PacketType.NO_JOB:
+                    self._start_job(Assignment.from_packet(reply), link, slot)
+                    started = True
+                    continue
+            finally:
+                if not started:
+                    self._slots.release_on_behalf_of(slot)
+            await self._sleep(link)
+
+    async def _grab(
+        self, link: ServerLink, replies: trio.MemoryReceiveChannel[Packet]
+    ) -> Packet | None:
+        """GRAB_JOB_UNIQ and its reply; None if the connection ended first.
+
+        Shielded from the worker's stop: once GRAB is sent the server may assign us a job, and
+        a job assigned to us must run (or wait for the disconnect to be requeued). Bounded by
+        GRAB_REPLY_TIMEOUT and by the reader closing the channel when the connection ends.
+        """
+        with trio.CancelScope(shield=True), trio.move_on_after(GRAB_REPLY_TIMEOUT) as waited:
+            try:
+                await link.connection.send_bytes(_GRAB)
+                reply = await replies.receive()
+            except ConnectionLost as error:
+                self._lost(error)
+                return None
+            except trio.EndOfChannel:
+                return None
+            self._backoff.reset()  # the server answers: a healthy connection
+            return reply
+        assert waited.cancelled_caught
+        self._lost(
+            ConnectionLost(f"{link.address}: no reply to GRAB_JOB_UNIQ in {GRAB_REPLY_TIMEOUT:g} s")
+        )
+        return None
+
+    async def _sleep(self, link: ServerLink) -> None:
+        """PRE_SLEEP, then wait for a NOOP, at most POLL_INTERVAL (§3.4, §6.5)."""
+        self._wakeup = wakeup = trio.Event()
+        try:
+            await link.connection.send_bytes(_PRE_SLEEP)
+        except ConnectionLost as error:
+            self._lost(error)
+            await trio.sleep_forever()  # cancelled by _lost
+        with trio.move_on_after(POLL_INTERVAL):
+            await wakeup.wait()
+
+
+def _name(packet_type: int) -> str:
+    try:
+        return PacketType(packet_type).name
+    except ValueError:
+        return str(packet_type)

@@ -1,0 +1,343 @@
+"""Worker: register functions with a decorator, then serve jobs from every server at once."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import trio
+
+from jobserver.sdk.addresses import ServerAddress, ServerSpec, parse_addresses
+from jobserver.sdk.payload import get_codec
+
+from .execution import run_job
+from .functions import WorkerFunction
+from .server_session import Assignment, ServerLink, ServerSession
+
+log = logging.getLogger("worker_sdk")
+
+DEFAULT_GRACE_PERIOD = 25.0
+"""Seconds a stopping worker lets jobs in flight finish before cancelling them. Shorter than
+the 30 s Kubernetes (terminationGracePeriodSeconds) and Docker (`stop -t` is 10 s; compose
+users raise it) give before SIGKILL is the point: finishing what can finish, then closing the
+connections cleanly so the servers requeue the rest at once instead of when keepalive notices."""
+
+MAX_CONCURRENCY = 10_000
+"""Upper bound for concurrency=; each slot may hold a task and, for plain `def` functions, a
+thread. Far above any one process's sensible load; it catches typos like 1e9."""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Worker:
+    """Serves the functions you register to every job server it is given.
+
+    `servers` are "host:port" strings or (host, port) tuples; the worker connects to all of
+    them and takes jobs from each (a server that is down is retried in the background).
+    At most `concurrency` jobs run at once across all servers. `codec` ("msgpack", "json" or
+    "raw") decodes arguments and encodes results, unless a function chooses its own.
+    `client_id` is what `gearadmin --workers` shows (default "<hostname>-<pid>").
+    `grace_period` is how long a stop waits for jobs in flight before cancelling them.
+
+    Example:
+        >>> from worker_sdk import Worker
+        >>> worker = Worker(["127.0.0.1:4730", "127.0.0.1:4731"], concurrency=4)
+        >>> @worker.function("resize", timeout=30)
+        ... async def resize(job):
+        ...     await job.status(1, 3)
+        ...     return {"ok": True, "path": job.arg["path"]}
+        >>> # worker.run()  # blocks until SIGTERM/SIGINT or worker.stop()
+    """
+
+    def __init__(
+        self,
+        servers: Iterable[ServerSpec] | str,
+        concurrency: int = 1,
+        codec: str = "msgpack",
+        *,
+        client_id: str | None = None,
+        grace_period: float = DEFAULT_GRACE_PERIOD,
+    ) -> None:
+        self.servers = servers  # type: ignore[assignment] - the setter parses
+        self.concurrency = concurrency
+        self.codec = get_codec(codec).name
+        self.client_id = client_id if client_id is not None else default_client_id()
+        if grace_period < 0:
+            raise ValueError("grace_period must be >= 0 seconds")
+        self.grace_period = float(grace_period)
+        self._functions: dict[str, WorkerFunction] = {}
+        self._state_lock = threading.Lock()
+        self._run: _Run | None = None
+        self._stop_pending = False
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def servers(self) -> list[ServerAddress]:
+        """The servers, parsed; assign "host:port" strings or (host, port) tuples to change them
+        (takes effect at the next serve())."""
+        return list(self._servers)
+
+    @servers.setter
+    def servers(self, specs: Iterable[ServerSpec] | str) -> None:
+        self._servers = parse_addresses(specs)
+
+    @property
+    def concurrency(self) -> int:
+        """Most jobs running at once, over all servers (takes effect at the next serve())."""
+        return self._concurrency
+
+    @concurrency.setter
+    def concurrency(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"concurrency must be an int, not {value!r}")
+        if not 1 <= value <= MAX_CONCURRENCY:
+            raise ValueError(f"concurrency must be 1..{MAX_CONCURRENCY}, not {value}")
+        self._concurrency = value
+
+    @property
+    def functions(self) -> Mapping[str, WorkerFunction]:
+        """The registered functions by name (read-only)."""
+        return MappingProxyType(self._functions)
+
+    def function(
+        self, name: str, timeout: float | None = None, codec: str | None = None
+    ) -> Callable[[F], F]:
+        """Decorator registering `async def f(job)` or `def f(job)` as the function `name`.
+
+        A plain `def` runs in a worker thread and gets a job whose methods need no `await`.
+        `timeout` (seconds) registers with CAN_DO_TIMEOUT: the server takes the job back when
+        it runs longer. `codec` overrides the worker's codec for this function. The function
+        is returned unchanged.
+
+        Example:
+            >>> from worker_sdk import Worker
+            >>> worker = Worker(["127.0.0.1:4730"], codec="json")
+            >>> @worker.function("add", timeout=10)
+            ... def add(job):
+            ...     return job.arg["a"] + job.arg["b"]
+            >>> sorted(worker.functions)
+            ['add']
+        """
+        chosen = get_codec(codec if codec is not None else self.codec)
+
+        def register(func: F) -> F:
+            if name in self._functions:
+                raise ValueError(f"function {name!r} is already registered on this worker")
+            with self._state_lock:
+                if self._run is not None:
+                    raise RuntimeError(f"register {name!r} before the worker starts serving")
+                self._functions[name] = WorkerFunction(name, func, timeout=timeout, codec=chosen)
+            return func
+
+        return register
+
+    # ------------------------------------------------------------------ running
+
+    async def serve(self) -> None:
+        """Serve until stop() is called (or the surrounding scope is cancelled).
+
+        After stop(): no more jobs are grabbed, jobs in flight get `grace_period` seconds to
+        finish, the rest are cancelled (their servers requeue them when the connection closes),
+        and serve() returns once every connection is closed.
+
+        Example:
+            >>> import trio
+            >>> from worker_sdk import Worker
+            >>> worker = Worker(["127.0.0.1:4730"])
+            >>> @worker.function("ping")
+            ... async def ping(job):
+            ...     return "pong"
+            >>> async def main():
+            ...     async with trio.open_nursery() as nursery:
+            ...         nursery.start_soon(worker.serve)
+            ...         await trio.sleep(60)
+            ...         worker.stop()
+            >>> # trio.run(main)
+        """
+        if not self._functions:
+            raise ValueError("no functions registered: decorate one with @worker.function(name)")
+        run = _Run(self)
+        with self._state_lock:
+            if self._run is not None:
+                raise RuntimeError("this worker is already serving")
+            self._run = run
+            if self._stop_pending:
+                self._stop_pending = False
+                run.stopping.set()
+        try:
+            await run.serve()
+        finally:
+            with self._state_lock:
+                self._run = None
+
+    def run(self) -> None:
+        """Serve in a fresh trio run until SIGTERM or SIGINT (or stop()); then stop gracefully.
+        A second signal cancels the jobs still running at once.
+
+        Example:
+            >>> from worker_sdk import Worker
+            >>> worker = Worker("127.0.0.1:4730")
+            >>> @worker.function("ping")
+            ... def ping(job):
+            ...     return "pong"
+            >>> # worker.run()
+        """
+        trio.run(self._serve_until_signalled)
+
+    def stop(self) -> None:
+        """Stop gracefully: from trio code, from a signal handler's task or from any thread.
+        Returns at once; serve() returns when the stop is complete. A stop requested before
+        serve() starts makes it return at once."""
+        self._request_stop(now=False)
+
+    def _request_stop(self, *, now: bool) -> None:
+        with self._state_lock:
+            run = self._run
+            if run is None:
+                self._stop_pending = True
+                return
+        run.request_stop(now=now)
+
+    async def _serve_until_signalled(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            await self.serve()  # signals can only be received in the main thread
+            return
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stop_on_signals, signals)
+                await self.serve()
+                nursery.cancel_scope.cancel()
+
+    async def _stop_on_signals(self, signals: Any) -> None:
+        count = 0
+        async for signum in signals:
+            count += 1
+            name = signal.Signals(signum).name
+            if count == 1:
+                log.info(
+                    "%s: stopping (jobs in flight get %g s; again to cancel them)",
+                    name,
+                    self.grace_period,
+                )
+                self._request_stop(now=False)
+            else:
+                log.warning("%s again: cancelling the jobs still running", name)
+                self._request_stop(now=True)
+
+
+def default_client_id() -> str:
+    """ "<hostname>-<pid>": tells the processes of a fleet apart in `gearadmin --workers`."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class _Run:
+    """The state of one serve(): job slots, the stop signal, the job nursery, the sessions."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.functions = dict(worker._functions)
+        self.by_name = {function.name_bytes: function for function in self.functions.values()}
+        self.slots = trio.CapacityLimiter(worker.concurrency)
+        # Plain `def` functions get their own threads, never queued behind other to_thread
+        # users; the slots already bound how many run.
+        self.threads = trio.CapacityLimiter(worker.concurrency)
+        self.stopping = trio.Event()
+        self.grace = trio.CancelScope()
+        self.token = trio.lowlevel.current_trio_token()  # created inside serve()
+        self.jobs: trio.Nursery | None = None
+
+    def request_stop(self, *, now: bool) -> None:
+        """Thread-safe: directly from this run's own thread, through its token otherwise."""
+        try:
+            here = trio.lowlevel.current_trio_token() is self.token
+        except RuntimeError:  # not in any trio run: a plain thread
+            here = False
+        if here:
+            self._stop(now)
+            return
+        with contextlib.suppress(trio.RunFinishedError):  # serve() is over already
+            self.token.run_sync_soon(self._stop, now)
+
+    def _stop(self, now: bool) -> None:
+        self.stopping.set()
+        if now:
+            self.grace.cancel()
+
+    async def serve(self) -> None:
+        worker = self.worker
+        log.info(
+            "worker %s serving %s on %s (concurrency %d)",
+            worker.client_id,
+            ", ".join(self.functions),
+            ", ".join(map(str, worker.servers)),
+            worker.concurrency,
+        )
+        async with trio.open_nursery() as sessions:
+            for address in worker.servers:
+                session = ServerSession(
+                    address,
+                    list(self.functions.values()),
+                    worker.client_id,
+                    self.slots,
+                    self.stopping,
+                    self.start_job,
+                )
+                sessions.start_soon(session.run, name=f"worker session {address}")
+            await self._run_jobs()
+            sessions.cancel_scope.cancel()  # every job has ended: disconnect
+        log.info("worker %s stopped", worker.client_id)
+
+    async def _run_jobs(self) -> None:
+        """Host the jobs until a stop, then give them the grace period."""
+        async with trio.open_nursery() as jobs:
+            self.jobs = jobs
+            await self.stopping.wait()
+            grace_period = self.worker.grace_period
+            in_flight = self.slots.borrowed_tokens
+            log.info(
+                "stopping: grabbing no more jobs; %d in flight get %g s", in_flight, grace_period
+            )
+            self.grace.deadline = min(self.grace.deadline, trio.current_time() + grace_period)
+            returned = 0
+            with self.grace:
+                # Every slot back means no job runs and no GRAB awaits its answer.
+                for _ in range(self.worker.concurrency):
+                    await self.slots.acquire_on_behalf_of(object())
+                    returned += 1
+            if self.grace.cancelled_caught:
+                still_running = self.slots.borrowed_tokens - returned
+                if still_running:
+                    log.warning(
+                        "grace period over: cancelling %d job(s); their servers requeue them",
+                        still_running,
+                    )
+                jobs.cancel_scope.cancel()
+        self.jobs = None
+
+    def start_job(self, assignment: Assignment, link: ServerLink, slot: object) -> None:
+        jobs = self.jobs
+        if jobs is None:  # assigned after the jobs were cancelled: the disconnect requeues it
+            self.slots.release_on_behalf_of(slot)
+            return
+        function = self.by_name.get(assignment.function)
+        jobs.start_soon(self._job, function, assignment, link, slot)
+
+    async def _job(
+        self,
+        function: WorkerFunction | None,
+        assignment: Assignment,
+        link: ServerLink,
+        slot: object,
+    ) -> None:
+        try:
+            await run_job(function, assignment, link, self.threads)
+        finally:
+            self.slots.release_on_behalf_of(slot)
