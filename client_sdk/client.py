@@ -1,0 +1,241 @@
+"""The asynchronous (trio) client: submit jobs to a cluster and get their results."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+import trio
+
+from jobserver.sdk.addresses import ServerSpec, parse_addresses
+from jobserver.sdk.errors import JobLost, NoServerAvailable
+from jobserver.sdk.payload import decode_payload, encode_payload, get_codec
+
+from . import submission as checks
+from .jobs import CallTimer, JobHandle, JobStatus, JobWaiter
+from .server_pool import ServerPool
+from .session import Session
+from .stream import JobStream
+from .submission import Submission
+
+MAX_RESUBMITS = 2
+"""How often `retry=True` resubmits a job whose server was lost after accepting it. One loss is
+bad luck and two a bad day; a job whose servers keep dying may well be what kills them, and
+must not be handed to every server of the cluster in turn."""
+
+
+class Client:
+    """A connection to a cluster of job servers for submitting jobs, used with `async with`.
+
+    `servers` are "host:port" strings (or (host, port) tuples); `codec` ("msgpack", "json" or
+    "raw") encodes arguments and decodes results. One connection per server is opened on first
+    use and shared, pipelined, by every concurrent call.
+
+    Example (with a server on 127.0.0.1:4730 and a worker for "resize")::
+
+        async def main():
+            async with Client(["127.0.0.1:4730", "127.0.0.1:4731"]) as client:
+                result = await client.submit("resize", {"path": "a.png"})
+                handle = await client.submit_background("resize", {"path": "b.png"})
+                print(result, await client.status(handle))
+
+        trio.run(main)
+    """
+
+    def __init__(self, servers: Iterable[ServerSpec] | str, codec: str = "msgpack") -> None:
+        self._addresses = parse_addresses(servers)
+        self._codec = get_codec(codec)
+        self._pool: ServerPool | None = None
+        self._nursery_manager: Any = None
+
+    async def __aenter__(self) -> Client:
+        if self._pool is not None:
+            raise RuntimeError("this Client is already open")
+        manager = trio.open_nursery()
+        nursery = await manager.__aenter__()
+        self._nursery_manager = manager
+        self._pool = ServerPool(self._addresses, nursery)
+        return self
+
+    async def __aexit__(self, exc_type, exc, traceback) -> bool | None:
+        pool, manager = self._pool, self._nursery_manager
+        self._pool = self._nursery_manager = None
+        assert pool is not None
+        pool.close()
+        return await manager.__aexit__(exc_type, exc, traceback)
+
+    # --- public API ------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        function: str,
+        arg: Any = None,
+        *,
+        unique: str | bytes | None = None,
+        priority: str = "normal",
+        timeout: float | None = None,
+        retry: bool = False,
+    ) -> Any:
+        """Run a foreground job and return its result, decoded with the client's codec.
+
+        `unique` makes duplicates coalesce (one execution, every caller gets the result) and
+        picks the server by hashing; `priority` is "high", "normal" or "low"; `timeout` bounds
+        the whole call (JobTimeout). If the server is lost after accepting the job, JobLost is
+        raised, or with `retry=True` the job is submitted again to another server (so it may
+        run twice). Raises JobFailed, JobException (the worker's text in `.exception`),
+        ServerError, NoServerAvailable.
+
+        Example::
+
+            async with Client(["127.0.0.1:4730"]) as client:
+                thumbnail = await client.submit("resize", {"path": "a.png"}, timeout=30)
+        """
+        submission = self._foreground(function, arg, unique, priority)
+        timer = CallTimer(function, checks.check_timeout(timeout))
+        resubmits = MAX_RESUBMITS if retry else 0
+        while True:
+            session, waiter = await timer.run(lambda: self._start(submission, streaming=False))
+            timer.handle = str(waiter.handle)
+            try:
+                result = await timer.run(waiter.outcome)
+            except JobLost:
+                if resubmits == 0:
+                    raise
+                resubmits -= 1
+                continue
+            finally:
+                if not waiter.done:
+                    session.forget(waiter)  # timed out or cancelled: a late result is dropped
+            return decode_payload(self._codec, result, function=function, what="result")
+
+    async def submit_background(
+        self,
+        function: str,
+        arg: Any = None,
+        *,
+        unique: str | bytes | None = None,
+        priority: str = "normal",
+        timeout: float | None = None,
+        run_at: datetime | None = None,
+    ) -> JobHandle:
+        """Queue a background job and return its handle once a server accepted it.
+
+        Without `unique` a random one is generated, so that persistent queues keep every job
+        (shared doc §3.15). `run_at` (a datetime; naive means local time) delays the job
+        (SUBMIT_JOB_EPOCH, normal priority only). The handle remembers its server, for
+        `status()`. `timeout` bounds the wait for the server's acceptance.
+
+        Example::
+
+            async with Client(["127.0.0.1:4730"]) as client:
+                handle = await client.submit_background("resize", {"path": "a.png"},
+                                                        priority="high", unique="a.png")
+        """
+        function = checks.check_function(function)
+        unique_bytes = checks.check_unique(unique) or uuid.uuid4().hex.encode()
+        priority = checks.check_priority(priority)
+        epoch = checks.run_at_epoch(run_at, priority)
+        timer = CallTimer(function, checks.check_timeout(timeout))
+        payload = encode_payload(self._codec, arg, function=function)
+        job = checks.background(function, payload, unique_bytes, priority, epoch)
+        pool = self._require_pool()
+
+        async def submit_to(session: Session) -> JobHandle:
+            return await session.submit(job, None)
+
+        servers = pool.order(job.function_bytes, job.unique)
+        return await timer.run(lambda: pool.first_available(servers, submit_to, repr(function)))
+
+    def stream(
+        self,
+        function: str,
+        arg: Any = None,
+        *,
+        unique: str | bytes | None = None,
+        priority: str = "normal",
+        timeout: float | None = None,
+    ) -> JobStream:
+        """A foreground job whose progress updates you iterate; see JobStream.
+
+        Example::
+
+            async with client.stream("resize", {"path": "a.png"}) as job:
+                async for update in job:  # Status(...), Data(...), Warning(...)
+                    print(update)
+            print(await job.result())
+        """
+        submission = self._foreground(function, arg, unique, priority)
+        timeout = checks.check_timeout(timeout)
+        self._require_pool()
+        return JobStream(
+            lambda: self._start(submission, streaming=True),
+            lambda data: decode_payload(self._codec, data, function=function, what="result"),
+            function,
+            timeout,
+        )
+
+    async def status(self, handle: str) -> JobStatus:
+        """GET_STATUS for a job: whether the server knows it, whether a worker runs it, and
+        the worker's last progress. A JobHandle from `submit_background` asks the server that
+        holds the job; a plain str asks each server in turn (handles are only unique per
+        server, so the first server that knows it answers).
+
+        Example::
+
+            handle = await client.submit_background("resize", {"path": "a.png"})
+            print(await client.status(handle))  # JobStatus(known=True, running=False, ...)
+        """
+        wire_handle = checks.check_handle(handle)
+        pool = self._require_pool()
+
+        async def ask(session: Session) -> JobStatus:
+            return await session.status(wire_handle)
+
+        holder = getattr(handle, "server", "")
+        if holder:
+            return await pool.first_available([pool.server(holder)], ask, f"status of {handle}")
+        errors = []
+        answered = False
+        for server in pool.servers:
+            try:
+                status = await pool.first_available([server], ask, f"status of {handle}")
+            except NoServerAvailable as error:
+                errors.append(str(error))
+                continue
+            if status.known:
+                return status
+            answered = True
+        if not answered:
+            raise NoServerAvailable("; ".join(errors))
+        return JobStatus(known=False, running=False, numerator=0, denominator=0)
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _require_pool(self) -> ServerPool:
+        if self._pool is None:
+            raise RuntimeError("the Client is not open: use `async with Client(...) as client`")
+        return self._pool
+
+    def _foreground(self, function: str, arg: Any, unique: object, priority: str) -> Submission:
+        """Check everything and encode the request before anything is sent."""
+        function = checks.check_function(function)
+        unique_bytes = checks.check_unique(unique)
+        priority = checks.check_priority(priority)
+        payload = encode_payload(self._codec, arg, function=function)
+        return checks.foreground(function, payload, unique_bytes, priority)
+
+    async def _start(self, job: Submission, *, streaming: bool) -> tuple[Session, JobWaiter]:
+        """Submit a foreground job to the first server up, in the job's server order, and
+        return once one accepted it. A server lost before its JOB_CREATED did not accept the
+        job (shared doc §3.6: its listener went with the connection), so the next is tried."""
+        pool = self._require_pool()
+
+        async def submit_to(session: Session) -> tuple[Session, JobWaiter]:
+            waiter = JobWaiter(job.function, session.server, streaming=streaming)
+            await session.submit(job, waiter)
+            return session, waiter
+
+        servers = pool.order(job.function_bytes, job.unique)
+        return await pool.first_available(servers, submit_to, repr(job.function))

@@ -1,0 +1,259 @@
+"""What a client knows about one job: its handle, its progress updates and its outcome.
+
+A foreground job is watched by a `JobWaiter`: the connection's reader task hands it the job's
+WORK_STATUS / WORK_DATA / WORK_WARNING packets as updates (only when the caller streams them) and
+finally one outcome (WORK_COMPLETE, WORK_FAIL, WORK_EXCEPTION, or the connection's loss).
+`Listeners` decides which waiter gets which packet when one connection is attached to a job
+several times (shared doc §3.2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple, TypeVar
+
+import trio
+
+from jobserver.sdk.errors import GearmanError, JobTimeout
+
+STREAM_BUFFER = 64
+"""Updates held for a streaming caller that has not read them yet.
+
+When it is full the connection's reader waits for the caller (explicit back-pressure, which
+TCP passes on to the server) instead of buffering without bound. `JobStream.result()` and
+leaving the `async with` block both stop the buffering, so only a caller that holds the stream
+open without reading it can stall its connection."""
+
+T = TypeVar("T")
+
+
+class JobHandle(str):
+    """A job handle that remembers which server holds the job.
+
+    It is a plain `str` for everything else (printing, storing, comparing), so it can be saved
+    and given back to `Client.status()` later; `server` is the "host:port" that accepted it.
+    Handles are only unique per server (shared doc §6.15), which is why the server is kept.
+
+    >>> handle = JobHandle("H:vm:12", server="127.0.0.1:4730")
+    >>> handle == "H:vm:12", handle.server
+    (True, '127.0.0.1:4730')
+    """
+
+    server: str
+
+    def __new__(cls, handle: str, server: str = "") -> JobHandle:
+        self = super().__new__(cls, handle)
+        self.server = server
+        return self
+
+    def __reduce__(self):
+        return (JobHandle, (str(self), self.server))
+
+    def __repr__(self) -> str:
+        return f"JobHandle({str(self)!r}, server={self.server!r})"
+
+
+class JobStatus(NamedTuple):
+    """A server's answer to GET_STATUS (shared doc §3.10).
+
+    `known` is False once the job finished (or never existed there); `running` is True while a
+    worker holds it; numerator/denominator are the worker's last WORK_STATUS.
+
+    >>> JobStatus(known=True, running=True, numerator=1, denominator=4).running
+    True
+    """
+
+    known: bool
+    running: bool
+    numerator: int
+    denominator: int
+
+
+class Status(NamedTuple):
+    """A WORK_STATUS update: the worker says it is `numerator` of `denominator` done.
+
+    >>> Status(1, 3)
+    Status(numerator=1, denominator=3)
+    """
+
+    numerator: int
+    denominator: int
+
+
+class Data(NamedTuple):
+    """A WORK_DATA update: a piece of output sent before the result, as the worker sent it.
+
+    >>> Data(b"partial").data
+    b'partial'
+    """
+
+    data: bytes
+
+
+class Warning(NamedTuple):  # shadows the builtin on purpose: the SDK's name for WORK_WARNING
+    """A WORK_WARNING update: a warning text or blob from the worker, as bytes.
+
+    >>> Warning(b"disk almost full").data
+    b'disk almost full'
+    """
+
+    data: bytes
+
+
+Update = Status | Data | Warning
+
+
+def status_number(text: bytes) -> int:
+    """A WORK_STATUS / STATUS_RES number. Servers forward WORK_STATUS verbatim (§3.7), so a
+    worker's garbage reaches us as it was sent; read it as gearmand's atoi does (leading digits,
+    else 0) rather than failing the job over a progress report."""
+    digits = text.strip()
+    sign = 1
+    if digits[:1] in (b"-", b"+"):
+        sign = -1 if digits[:1] == b"-" else 1
+        digits = digits[1:]
+    end = 0
+    while end < len(digits) and 0x30 <= digits[end] <= 0x39:
+        end += 1
+    return sign * int(digits[:end]) if end else 0
+
+
+class JobWaiter:
+    """One foreground call waiting on one server for its job: updates, then one outcome.
+
+    The connection's reader task calls `deliver`, `complete` and `fail`; the caller awaits
+    `next_update` and `outcome`. With `streaming=False` updates are dropped on arrival.
+    """
+
+    def __init__(self, function: str, server: str, *, streaming: bool) -> None:
+        self.function = function
+        self.server = server
+        self.handle = JobHandle("", server)
+        self.abandoned = False  # the caller stopped waiting (timeout, cancel, error)
+        self._done = trio.Event()
+        self._result = b""
+        self._error: GearmanError | None = None
+        self._updates_in: trio.MemorySendChannel[Update] | None = None
+        self._updates_out: trio.MemoryReceiveChannel[Update] | None = None
+        if streaming:
+            self._updates_in, self._updates_out = trio.open_memory_channel(STREAM_BUFFER)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    # --- reader side -----------------------------------------------------------------------
+
+    async def deliver(self, update: Update) -> None:
+        """Pass one progress update to a streaming caller (waits while its buffer is full)."""
+        if self._updates_in is None or self.done:
+            return
+        # If the caller stopped reading updates, this one is dropped; it still gets the outcome.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._updates_in.send(update)
+
+    def complete(self, result: bytes) -> None:
+        if not self.done:
+            self._result = result
+            self._finish()
+
+    def fail(self, error: GearmanError) -> None:
+        if not self.done:
+            self._error = error
+            self._finish()
+
+    def _finish(self) -> None:
+        self._done.set()
+        if self._updates_in is not None:
+            self._updates_in.close()  # ends the caller's iteration after the buffered updates
+
+    # --- caller side -----------------------------------------------------------------------
+
+    async def next_update(self) -> Update | None:
+        """The next update in arrival order, or None once the job ended (the outcome is then
+        ready). A job's failure is raised by `outcome`, not here."""
+        if self._updates_out is None:
+            return None
+        try:
+            return await self._updates_out.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return None
+
+    def stop_updates(self) -> None:
+        """Drop updates from now on; a reader waiting to deliver one is released."""
+        if self._updates_out is not None:
+            self._updates_out.close()
+
+    async def outcome(self) -> bytes:
+        """The result bytes, or the job's failure raised."""
+        self.stop_updates()
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+class Listeners:
+    """The foreground submits one connection made for one job handle, in attach order.
+
+    The server sends each WORK_* packet of a job once per listener record, one copy after the
+    other, so a connection that submitted the same unique twice receives everything twice
+    (shared doc §3.2). Handing the copies round-robin to the attached waiters gives each waiter
+    each packet exactly once. A waiter that stopped waiting (timeout) keeps its place as None:
+    the server still sends its copies, which are dropped, until the job ends.
+    """
+
+    __slots__ = ("_ended", "_next", "slots")
+
+    def __init__(self) -> None:
+        self.slots: list[JobWaiter | None] = []
+        self._next = 0
+        self._ended = 0
+
+    def attach(self, waiter: JobWaiter | None) -> None:
+        self.slots.append(waiter)
+
+    def take(self, *, terminal: bool) -> JobWaiter | None:
+        """The waiter this copy of a packet is for; counts job-ending packets."""
+        waiter = self.slots[self._next]
+        self._next = (self._next + 1) % len(self.slots)
+        if terminal:
+            self._ended += 1
+        return waiter
+
+    @property
+    def finished(self) -> bool:
+        """Every listener record got its job-ending packet: the server forgot the job."""
+        return self._ended >= len(self.slots)
+
+    def detach(self, waiter: JobWaiter) -> None:
+        for index, slot in enumerate(self.slots):
+            if slot is waiter:
+                self.slots[index] = None
+
+    def waiters(self) -> list[JobWaiter]:
+        return [slot for slot in self.slots if slot is not None]
+
+
+class CallTimer:
+    """The whole-call `timeout` of one submit or stream, shared by its steps (submit, wait for
+    updates, wait for the result): past the deadline each step raises JobTimeout."""
+
+    def __init__(self, function: str, timeout: float | None) -> None:
+        self.function = function
+        self.timeout = timeout
+        self.deadline = math.inf if timeout is None else trio.current_time() + timeout
+        self.handle = ""
+
+    async def run(self, step: Callable[[], Awaitable[T]]) -> T:
+        with trio.move_on_at(self.deadline):
+            return await step()
+        handle = self.handle or "(not yet accepted by a server)"
+        raise JobTimeout(
+            f"{self.function!r} job {handle}: no result within {self.timeout:g} s "
+            "(it may still run on the server)",
+            function=self.function,
+            handle=self.handle,
+        )

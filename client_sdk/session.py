@@ -1,0 +1,331 @@
+"""One client connection to one server, shared by every concurrent call and pipelined.
+
+Requests (SUBMIT_*, GET_STATUS, OPTION_REQ) go out through one writer task, which appends each
+request's `Reply` to a FIFO at the moment it writes the bytes; the server answers requests in
+order (shared doc §1), so the reader task matches JOB_CREATED / STATUS_RES / OPTION_RES /
+ECHO_RES / ERROR to that FIFO. WORK_* packets arrive unsolicited and are routed by handle to the
+waiting calls. When the connection ends, every request still waiting for its reply fails with
+ConnectionLost (the caller may submit elsewhere: the job was never accepted here), and every job
+already accepted fails with JobLost.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from jobserver.protocol import Packet, PacketType, encode_request
+from jobserver.sdk.connection import ConnectionLost, ServerConnection
+from jobserver.sdk.errors import (
+    GearmanError,
+    JobException,
+    JobFailed,
+    JobLost,
+    ProtocolViolation,
+    ServerError,
+)
+
+from .jobs import Data, JobHandle, JobStatus, JobWaiter, Listeners, Status, Warning, status_number
+from .submission import Submission
+
+MAX_QUEUED_REQUESTS = 1024
+"""Requests accepted for writing but not yet written. Beyond this, callers wait for the writer
+(back-pressure) instead of queueing without bound behind a slow or stalled server."""
+
+MAX_WRITE_BATCH = 256 * 1024
+"""Queued requests are written together up to about this many bytes: one send for many
+pipelined submits, without building one huge buffer out of large payloads."""
+
+_T = PacketType
+_REPLY_TYPES = frozenset({_T.JOB_CREATED, _T.STATUS_RES, _T.OPTION_RES, _T.ECHO_RES, _T.ERROR})
+_JOB_UPDATE_TYPES = frozenset({_T.WORK_STATUS, _T.WORK_DATA, _T.WORK_WARNING})
+_JOB_END_TYPES = frozenset({_T.WORK_COMPLETE, _T.WORK_FAIL, _T.WORK_EXCEPTION})
+
+
+class ClientClosed(ConnectionLost):
+    """The client was closed while this connection still had work in progress."""
+
+
+class Reply:
+    """The one answer a request on this connection is owed."""
+
+    __slots__ = ("_error", "_event", "_packet", "expects", "waiter")
+
+    def __init__(self, expects: int, waiter: JobWaiter | None = None) -> None:
+        self.expects = expects
+        self.waiter = waiter  # a foreground submit's waiter, attached on JOB_CREATED
+        self._event = trio.Event()
+        self._packet: Packet | None = None
+        self._error: GearmanError | None = None
+
+    def resolve(self, packet: Packet) -> None:
+        self._packet = packet
+        self._event.set()
+
+    def reject(self, error: GearmanError) -> None:
+        if not self._event.is_set():
+            self._error = error
+            self._event.set()
+
+    async def wait(self) -> Packet:
+        await self._event.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._packet is not None
+        return self._packet
+
+
+class Session:
+    """One pipelined connection: start `run` in a nursery, then call `submit` / `status` from
+    any number of tasks. After it closes (`closed`), open a new one."""
+
+    def __init__(
+        self,
+        connection: ServerConnection,
+        on_close: Callable[[Session, GearmanError], None] | None = None,
+    ) -> None:
+        self.server = str(connection.address)
+        self.closed = False
+        self.reason: GearmanError | None = None
+        self._connection = connection
+        self._on_close = on_close
+        self._outbox_in: trio.MemorySendChannel[tuple[bytes, Reply]]
+        self._outbox_out: trio.MemoryReceiveChannel[tuple[bytes, Reply]]
+        self._outbox_in, self._outbox_out = trio.open_memory_channel(MAX_QUEUED_REQUESTS)
+        self._replies: deque[Reply] = deque()
+        self._listeners: dict[bytes, Listeners] = {}
+        self._cancel_scope: trio.CancelScope | None = None
+
+    # --- what calls use --------------------------------------------------------------------
+
+    async def submit(self, submission: Submission, waiter: JobWaiter | None) -> JobHandle:
+        """Send one SUBMIT_* and wait for its JOB_CREATED. A foreground job's `waiter` is
+        attached to the handle before any later packet is read, so it misses nothing.
+
+        Raises ConnectionLost if the connection ends first (the job was not accepted here),
+        ServerError for an ERROR reply."""
+        reply = Reply(_T.JOB_CREATED, waiter)
+        try:
+            packet = await self._request(submission.packet, reply)
+        except BaseException:
+            if waiter is not None:
+                self.forget(waiter)
+            raise
+        return JobHandle(_text(packet.args[0]), self.server)
+
+    async def status(self, handle: bytes) -> JobStatus:
+        """GET_STATUS → STATUS_RES (shared doc §3.10)."""
+        packet = await self._request(encode_request(_T.GET_STATUS, handle), Reply(_T.STATUS_RES))
+        _, known, running, numerator, denominator = packet.args
+        return JobStatus(
+            known == b"1", running == b"1", status_number(numerator), status_number(denominator)
+        )
+
+    async def request_exceptions(self) -> None:
+        """Queue OPTION_REQ "exceptions" without waiting for its answer: later requests are
+        processed after it, so every job submitted here gets WORK_EXCEPTION (§3.8). A server
+        that refuses it (ERROR UNKNOWN_OPTION) sends WORK_FAIL instead, which we accept too."""
+        await self._queue(encode_request(_T.OPTION_REQ, b"exceptions"), Reply(_T.OPTION_RES))
+
+    def forget(self, waiter: JobWaiter) -> None:
+        """The caller stopped waiting: drop its updates and outcome from now on. The server
+        still sends this listener's copies of the job's packets; `Listeners` absorbs them."""
+        waiter.abandoned = True
+        waiter.stop_updates()
+        if waiter.handle:
+            listeners = self._listeners.get(waiter.handle.encode("utf-8", "surrogateescape"))
+            if listeners is not None:
+                listeners.detach(waiter)
+
+    @property
+    def waiting_calls(self) -> int:
+        """Calls with a request or a job in progress here (for tests and monitoring)."""
+        jobs = sum(len(listeners.waiters()) for listeners in self._listeners.values())
+        return len(self._replies) + jobs
+
+    @property
+    def tracked_jobs(self) -> int:
+        """Handles this connection is attached to, including ones whose caller gave up."""
+        return len(self._listeners)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Read and write until the connection ends or `close` is called; then fail whatever
+        is still waiting and close the socket."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._cancel_scope = nursery.cancel_scope
+                nursery.start_soon(self._until_error, self._write_loop)
+                nursery.start_soon(self._until_error, self._read_loop)
+                task_status.started()
+        finally:
+            self._shutdown(self.reason or ClientClosed(f"{self.server}: the client was closed"))
+            with trio.CancelScope(shield=True):
+                await self._connection.aclose()
+
+    def close(self, reason: GearmanError) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.closed = True
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+
+    # --- internals -------------------------------------------------------------------------
+
+    async def _request(self, data: bytes, reply: Reply) -> Packet:
+        await self._queue(data, reply)
+        return await reply.wait()
+
+    async def _queue(self, data: bytes, reply: Reply) -> None:
+        if self.closed:
+            raise self._lost()
+        try:
+            await self._outbox_in.send((data, reply))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise self._lost() from None
+
+    def _lost(self) -> ConnectionLost:
+        return ConnectionLost(str(self.reason or f"{self.server}: connection closed"))
+
+    async def _until_error(self, loop: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await loop()
+        except GearmanError as error:  # ConnectionLost, ProtocolViolation
+            self.close(error)
+
+    async def _write_loop(self) -> None:
+        # The only task that writes, so the FIFO order of `_replies` is the order on the wire.
+        while True:
+            data, reply = await self._outbox_out.receive()
+            batch = [data]
+            size = len(data)
+            self._replies.append(reply)
+            while size < MAX_WRITE_BATCH:
+                try:
+                    data, reply = self._outbox_out.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                batch.append(data)
+                size += len(data)
+                self._replies.append(reply)
+            await self._connection.send_bytes(b"".join(batch))
+
+    async def _read_loop(self) -> None:
+        while True:
+            packet = await self._connection.receive()
+            if packet.type in _REPLY_TYPES:
+                self._on_reply(packet)
+            elif packet.type in _JOB_UPDATE_TYPES or packet.type in _JOB_END_TYPES:
+                await self._on_job_packet(packet)
+            else:
+                raise ProtocolViolation(
+                    f"{self.server}: unexpected {_T(packet.type).name} on a client connection"
+                )
+
+    def _on_reply(self, packet: Packet) -> None:
+        if not self._replies:
+            raise ProtocolViolation(f"{self.server}: {_T(packet.type).name} without a request")
+        reply = self._replies.popleft()
+        if packet.type == _T.ERROR:
+            code, text = packet.args
+            reply.reject(ServerError(_text(code), _text(text)))
+            return
+        if packet.type != reply.expects:
+            self._replies.appendleft(reply)  # failed with the others when the session closes
+            raise ProtocolViolation(
+                f"{self.server}: {_T(packet.type).name} in answer to a request expecting "
+                f"{_T(reply.expects).name}"
+            )
+        if packet.type == _T.JOB_CREATED and reply.waiter is not None:
+            self._attach(packet.args[0], reply.waiter)
+        reply.resolve(packet)
+
+    def _attach(self, handle: bytes, waiter: JobWaiter) -> None:
+        waiter.handle = JobHandle(_text(handle), self.server)
+        listeners = self._listeners.get(handle)
+        if listeners is None:
+            listeners = self._listeners[handle] = Listeners()
+        # The server attached a listener even if the caller has already given up (timeout):
+        # keep its place so that its copies of the packets are absorbed.
+        listeners.attach(None if waiter.abandoned else waiter)
+
+    async def _on_job_packet(self, packet: Packet) -> None:
+        handle = packet.args[0]
+        if packet.type == _T.WORK_FAIL and handle.endswith(b"\0"):
+            # gearmand's stand-in for WORK_EXCEPTION to clients without the exceptions option
+            # is WORK_FAIL with the handle plus one NUL (shared doc §3.8, §6.2).
+            handle = handle[:-1]
+        listeners = self._listeners.get(handle)
+        if listeners is None:
+            return  # a late packet for a call that gave up, or for a job already ended
+        ends_job = packet.type in _JOB_END_TYPES
+        waiter = listeners.take(terminal=ends_job)
+        if ends_job and listeners.finished:
+            del self._listeners[handle]
+        if waiter is None:
+            return
+        kind = packet.type
+        if kind == _T.WORK_STATUS:
+            numerator, denominator = packet.args[1], packet.args[2]
+            await waiter.deliver(Status(status_number(numerator), status_number(denominator)))
+        elif kind == _T.WORK_DATA:
+            await waiter.deliver(Data(packet.args[1]))
+        elif kind == _T.WORK_WARNING:
+            await waiter.deliver(Warning(packet.args[1]))
+        elif kind == _T.WORK_COMPLETE:
+            waiter.complete(packet.args[1])
+        elif kind == _T.WORK_EXCEPTION:
+            text = _text(packet.args[1])
+            waiter.fail(
+                JobException(
+                    f"{waiter.function!r} job {waiter.handle} on {self.server} raised: {text}",
+                    text,
+                    function=waiter.function,
+                    handle=str(waiter.handle),
+                )
+            )
+        else:
+            waiter.fail(
+                JobFailed(
+                    f"{waiter.function!r} job {waiter.handle} on {self.server} failed",
+                    function=waiter.function,
+                    handle=str(waiter.handle),
+                )
+            )
+
+    def _shutdown(self, reason: GearmanError) -> None:
+        self.closed = True
+        if self.reason is None:
+            self.reason = reason
+        while True:  # requests never written: not accepted anywhere, the caller may go on
+            try:
+                _, reply = self._outbox_out.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            reply.reject(ConnectionLost(str(reason)))
+        self._outbox_out.close()
+        for reply in self._replies:
+            reply.reject(ConnectionLost(str(reason)))
+        self._replies.clear()
+        for listeners in self._listeners.values():
+            for waiter in listeners.waiters():
+                waiter.fail(
+                    JobLost(
+                        f"{waiter.function!r} job {waiter.handle} was accepted by {self.server}, "
+                        f"then the connection was lost ({reason}); whether it ran is unknown. "
+                        "Submit with retry=True to have it resubmitted to another server.",
+                        function=waiter.function,
+                        handle=str(waiter.handle),
+                    )
+                )
+        self._listeners.clear()
+        if self._on_close is not None:
+            self._on_close(self, reason)
+
+
+def _text(data: bytes) -> str:
+    """Handles and ERROR texts as str; undecodable bytes survive a round trip."""
+    return data.decode("utf-8", "surrogateescape")
