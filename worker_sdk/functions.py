@@ -36,23 +36,7 @@ class WorkerFunction:
     def __init__(
         self, name: str, func: Callable[..., Any], *, timeout: float | None, codec: Codec
     ) -> None:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"a function name must be a non-empty str, not {name!r}")
-        name_bytes = name.encode()
-        if b"\0" in name_bytes:
-            raise ValueError(f"function name {name!r} contains NUL (it separates arguments)")
-        if len(name_bytes) > MAX_FUNCTION_NAME_SIZE:
-            raise ValueError(
-                f"function name {name[:40]!r}... is {len(name_bytes)} bytes; "
-                f"at most {MAX_FUNCTION_NAME_SIZE}"
-            )
-        if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-                raise TypeError(f"timeout must be seconds (int or float) or None, not {timeout!r}")
-            if not 0 < timeout <= MAX_TIMEOUT_SECONDS:
-                raise ValueError(
-                    f"function {name!r}: timeout must be > 0 and <= {MAX_TIMEOUT_SECONDS} s"
-                )
+        name_bytes = check_registration(name, timeout)
         if not callable(func):
             raise TypeError(f"function {name!r}: {func!r} is not callable")
         self.name = name
@@ -82,6 +66,28 @@ class WorkerFunction:
         return (
             f"<WorkerFunction {self.name!r} {kind} timeout={self.timeout} codec={self.codec.name}>"
         )
+
+
+def check_registration(name: str, timeout: float | None) -> bytes:
+    """Validate a function name and timeout; returns the name as sent (UTF-8)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a function name must be a non-empty str, not {name!r}")
+    name_bytes = name.encode()
+    if b"\0" in name_bytes:
+        raise ValueError(f"function name {name!r} contains NUL (it separates arguments)")
+    if len(name_bytes) > MAX_FUNCTION_NAME_SIZE:
+        raise ValueError(
+            f"function name {name[:40]!r}... is {len(name_bytes)} bytes; "
+            f"at most {MAX_FUNCTION_NAME_SIZE}"
+        )
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise TypeError(f"timeout must be seconds (int or float) or None, not {timeout!r}")
+        if not 0 < timeout <= MAX_TIMEOUT_SECONDS:
+            raise ValueError(
+                f"function {name!r}: timeout must be > 0 and <= {MAX_TIMEOUT_SECONDS} s"
+            )
+    return name_bytes
 
 
 def _is_async_callable(func: Callable[..., Any]) -> bool:

@@ -18,7 +18,7 @@ from jobserver.sdk.addresses import ServerAddress, ServerSpec, parse_addresses
 from jobserver.sdk.payload import get_codec
 
 from .execution import run_job
-from .functions import WorkerFunction
+from .functions import WorkerFunction, check_registration
 from .server_session import Assignment, ServerLink, ServerSession
 
 log = logging.getLogger("worker_sdk")
@@ -126,6 +126,7 @@ class Worker:
             >>> sorted(worker.functions)
             ['add']
         """
+        check_registration(name, timeout)
         chosen = get_codec(codec if codec is not None else self.codec)
 
         def register(func: F) -> F:
