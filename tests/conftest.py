@@ -115,12 +115,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not (IN_CI and _skipped):
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    lines = [f"CI is set: {len(_skipped)} skipped test(s) fail the run:"]
-    lines += [f"  SKIPPED {entry}" for entry in _skipped]
-    for line in lines:
-        if reporter is not None:
+    title = f"CI is set: {len(_skipped)} skipped test(s) fail the run"
+    lines = [f"SKIPPED {entry}" for entry in _skipped]
+    if reporter is None:
+        print("\n".join([title, *lines]), file=sys.stderr)
+    else:
+        reporter.ensure_newline()
+        reporter.write_sep("=", title, red=True)
+        for line in lines:
             reporter.write_line(line, red=True)
-        else:
-            print(line, file=sys.stderr)
     if session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
