@@ -94,8 +94,13 @@ class Server:
                 self.failed(error)
                 raise
             session = Session(connection, on_close=self._session_closed)
-            await nursery.start(session.run)
-            await session.request_exceptions()
+            session.request_exceptions()
+            try:
+                await nursery.start(session.run)
+            except BaseException:  # cancelled before the session took the connection over
+                with trio.CancelScope(shield=True):
+                    await connection.aclose()
+                raise
             self.session = session
             return session
 

@@ -123,11 +123,14 @@ class Session:
             known == b"1", running == b"1", status_number(numerator), status_number(denominator)
         )
 
-    async def request_exceptions(self) -> None:
-        """Queue OPTION_REQ "exceptions" without waiting for its answer: later requests are
-        processed after it, so every job submitted here gets WORK_EXCEPTION (§3.8). A server
-        that refuses it (ERROR UNKNOWN_OPTION) sends WORK_FAIL instead, which we accept too."""
-        await self._queue(encode_request(_T.OPTION_REQ, b"exceptions"), Reply(_T.OPTION_RES))
+    def request_exceptions(self) -> None:
+        """Queue OPTION_REQ "exceptions" as the first request, without waiting for its answer:
+        later requests are processed after it, so every job submitted here gets WORK_EXCEPTION
+        (§3.8). A server that refuses it (ERROR UNKNOWN_OPTION) sends WORK_FAIL instead, which
+        we accept too. Synchronous (the queue is empty), so a caller's cancellation cannot
+        leave a new connection without it."""
+        reply = Reply(_T.OPTION_RES)
+        self._outbox_in.send_nowait((encode_request(_T.OPTION_REQ, b"exceptions"), reply))
 
     def forget(self, waiter: JobWaiter) -> None:
         """The caller stopped waiting: drop its updates and outcome from now on. The server

@@ -12,10 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from jobserver.protocol import PacketType, encode_request
-
-MAX_FUNCTION_NAME_SIZE = 512
-"""libgearman's cap on function names. gearmand has none of its own but closes the connection
-when header plus arguments pass 8 KiB (§1), which would look like a dead server to us."""
+from jobserver.sdk.names import check_function_name
 
 MAX_UNIQUE_SIZE = 64
 """gearmand answers ARGUMENT_TOO_LARGE beyond 64 bytes and libgearman refuses them client-side
@@ -73,16 +70,8 @@ def background(
 
 
 def check_function(function: object) -> str:
-    if not isinstance(function, str):
-        raise TypeError(f"function name must be a str, not {type(function).__name__}")
-    name = function.encode()
-    if b"\0" in name:
-        raise ValueError(f"function name {function!r} contains a NUL byte")
-    if len(name) > MAX_FUNCTION_NAME_SIZE:
-        raise ValueError(
-            f"function name of {len(name)} bytes is longer than {MAX_FUNCTION_NAME_SIZE}"
-        )
-    return function
+    check_function_name(function)
+    return function  # type: ignore[return-value]
 
 
 def check_unique(unique: object) -> bytes:

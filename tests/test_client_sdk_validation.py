@@ -42,7 +42,8 @@ def in_the_future() -> datetime:
 
 BAD_CALLS = [
     ("NUL in function", "submit", ("re\0size", 1), {}, ValueError, "NUL"),
-    ("long function", "submit", ("f" * 513, 1), {}, ValueError, "longer than 512"),
+    ("long function", "submit", ("f" * 513, 1), {}, ValueError, "513 bytes; at most 512"),
+    ("empty function", "submit_background", ("", 1), {}, ValueError, "empty"),
     ("function not str", "submit", (b"resize", 1), {}, TypeError, "str"),
     ("unique too long", "submit", ("f", 1), {"unique": "u" * 65}, ValueError, "longer than 64"),
     ("unique with NUL", "submit_background", ("f", 1), {"unique": "a\0b"}, ValueError, "NUL"),
