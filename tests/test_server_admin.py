@@ -160,6 +160,25 @@ def test_cancel_job_fails_a_queued_job_to_its_client(jobserver, connect, console
     assert console.admin(b"cancel job " + handle) == b"ERR UNKNOWN_JOB\r\n"
 
 
+def test_cancel_job_of_a_running_job_fails_it_once_and_later_results_go_nowhere(
+    jobserver, connect, console
+):
+    # gearmand lets the client get WORK_FAIL and later WORK_COMPLETE too (§6.14); we do not.
+    worker, client = connect(jobserver), connect(jobserver)
+    worker.can_do(b"frun")
+    handle = client.submit(b"frun", b"x")
+    worker.send(T.GRAB_JOB)
+    worker.expect(T.JOB_ASSIGN, handle, b"frun", b"x")
+    assert console.admin(b"cancel job " + handle) == b"OK\r\n"
+    client.expect(T.WORK_FAIL, handle)
+
+    worker.send(T.WORK_STATUS, handle, b"1", b"2")
+    worker.send(T.WORK_COMPLETE, handle, b"too late")
+    worker.echo()
+    client.expect_nothing()
+    assert status(jobserver.address)["frun"] == (0, 0, 1)
+
+
 def test_cancel_job_error_forms(console):
     assert console.admin("cancel job H:nope:1") == b"ERR UNKNOWN_JOB\r\n"
     assert console.admin("cancel x y") == b"ERR UNKNOWN_ERROR\r\n"

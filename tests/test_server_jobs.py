@@ -29,18 +29,24 @@ def go_to_sleep(worker: Wire) -> None:
     worker.echo(b"asleep")
 
 
-def woken_by(job_created_on: Wire, workers: list[Wire]) -> set[int]:
-    """Indexes of the workers that got a NOOP for the submit just acknowledged on
-    `job_created_on`. The NOOPs leave in the same flush as the JOB_CREATED, so a short grace
-    period covers the writers' scheduling."""
-    time.sleep(0.15)
-    woken = set()
-    for index, worker in enumerate(workers):
-        try:
-            worker.expect(T.NOOP, timeout=0.02)
-        except TimeoutError:
-            continue
-        woken.add(index)
+def got_noop(worker: Wire, wait: float) -> bool:
+    try:
+        worker.expect(T.NOOP, timeout=wait)
+    except TimeoutError:
+        return False
+    return True
+
+
+def woken_by_last_submit(workers: list[Wire], expect_any: bool = True) -> set[int]:
+    """Indexes of the workers that got a NOOP for the submit just acknowledged. Waits up to 2 s
+    for the first NOOP (if one is expected), then a grace period for any others: the NOOPs
+    leave in the same flush as the JOB_CREATED, so they arrive together."""
+    woken: set[int] = set()
+    deadline = time.monotonic() + (2.0 if expect_any else 0.0)
+    while expect_any and not woken and time.monotonic() < deadline:
+        woken = {i for i, worker in enumerate(workers) if got_noop(worker, 0.01)}
+    time.sleep(0.2)
+    woken |= {i for i, worker in enumerate(workers) if i not in woken and got_noop(worker, 0.01)}
     return woken
 
 
@@ -254,6 +260,38 @@ def test_default_job_retries_are_unlimited(jobserver, connect):
     client.expect(T.WORK_COMPLETE, handle, b"finally")
 
 
+def test_cant_do_requeues_the_held_job_of_that_function(jobserver, connect):
+    quitter, other, client = connect(jobserver), connect(jobserver), connect(jobserver)
+    quitter.can_do(FN)
+    other.can_do(FN)
+    handle = client.submit(FN, b"payload")
+    quitter.send(T.GRAB_JOB)
+    quitter.expect(T.JOB_ASSIGN, handle, FN, b"payload")
+    go_to_sleep(other)
+
+    quitter.send(T.CANT_DO, FN)
+    other.expect(T.NOOP)
+    quitter.send(T.WORK_COMPLETE, handle, b"no longer mine")
+    quitter.expect_error(b"JOB_NOT_FOUND", b"Job given in work result not found")
+    other.send(T.GRAB_JOB)
+    other.expect(T.JOB_ASSIGN, handle, FN, b"payload")
+    other.send(T.WORK_COMPLETE, handle, b"other")
+    client.expect(T.WORK_COMPLETE, handle, b"other")
+
+
+def test_queued_foreground_job_whose_only_client_leaves_is_dropped(jobserver, connect):
+    client = connect(jobserver)
+    handle = client.submit(FN, b"unwanted")
+    client.close()
+    wait_until(lambda: status(jobserver.address)[FN.decode()][0] == 0, what="the job to be dropped")
+    worker = connect(jobserver)
+    worker.can_do(FN)
+    worker.send(T.GRAB_JOB)
+    worker.expect(T.NO_JOB)
+    worker.send(T.GET_STATUS, handle)
+    worker.expect(T.STATUS_RES, handle, b"0", b"0", b"0", b"0")
+
+
 # ---------------------------------------------------------------------- failures, exceptions
 
 
@@ -420,13 +458,15 @@ def test_worker_wakeup_1_wakes_exactly_one_sleeping_worker_per_job(start_jobserv
     woken_so_far: set[int] = set()
     for job in range(3):
         client.submit(FN, b"", f"job-{job}".encode(), T.SUBMIT_JOB_BG)
-        woken = woken_by(client, workers)
+        woken = woken_by_last_submit(workers)
         assert len(woken) == 1, f"job {job} woke workers {sorted(woken)}"
         assert not woken & woken_so_far, "a worker already sent a NOOP was woken again"
         woken_so_far |= woken
 
     client.submit(FN, b"", b"job-3", T.SUBMIT_JOB_BG)
-    assert woken_by(client, workers) == set()  # each has a NOOP pending: none is woken twice
+    assert (
+        woken_by_last_submit(workers, expect_any=False) == set()
+    )  # each has a NOOP pending: none is woken twice
 
 
 def test_default_worker_wakeup_wakes_every_sleeping_worker(jobserver, connect):

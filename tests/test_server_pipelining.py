@@ -197,7 +197,7 @@ def test_a_client_that_never_reads_does_not_block_other_connections(jobserver, c
     for i in range(20):
         started = time.monotonic()
         other.echo(b"prompt %d" % i)
-        assert time.monotonic() - started < 0.5, "ECHO slowed down by the hog"
+        assert time.monotonic() - started < 1.0, "ECHO held up by the hog"
     handle = other.submit(b"meanwhile", b"x")
     worker.send(T.GRAB_JOB)
     worker.expect(T.JOB_ASSIGN, handle, b"meanwhile", b"x")
