@@ -53,8 +53,8 @@ def load_worker(target: str) -> Worker:
             raise LoadError(f"module {module_name!r} has no attribute {attribute!r}") from None
     if not isinstance(value, Worker):
         raise LoadError(
-            f"{target} is a {type(value).__name__}, not a worker_sdk.Worker "
-            "(name the Worker instance, e.g. worker = Worker([...]))"
+            f"{target} is not a worker_sdk.Worker (its type is {type(value).__name__}); "
+            "name the Worker instance, e.g. worker = Worker([...])"
         )
     return value
 

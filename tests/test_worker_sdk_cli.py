@@ -1,0 +1,135 @@
+"""`jobserver worker MODULE:ATTRIBUTE`: runs a Worker from user code as a process, serves jobs,
+exits 0 on SIGTERM/SIGINT, and refuses a bad target with a one-line message."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import trio
+from servers import REPO_ROOT, stop_process
+from worker_sdk_helpers import TEST_TIMEOUT, Client, wait_for_status, wait_for_workers
+
+from jobserver.protocol import PacketType as T
+
+CLI_TIMEOUT = 30
+"""Seconds a CLI process may take to exit (it exits at once on a bad target, and within its
+grace period after a signal)."""
+
+TASKS = textwrap.dedent(
+    """
+    from worker_sdk import Worker
+
+    worker = Worker(["127.0.0.1:9"], codec="raw", concurrency=1)
+    not_a_worker = 42
+
+    @worker.function("cli_reverse")
+    def reverse(job):
+        return job.payload[::-1]
+    """
+)
+
+
+@pytest.fixture
+def tasks_dir(tmp_path):
+    package = tmp_path / "myapp"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "tasks.py").write_text(TASKS)
+    return tmp_path
+
+
+def cli_env(tasks_dir) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(tasks_dir), str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])]
+    )
+    return env
+
+
+def jobserver_worker(*args: str) -> list[str]:
+    return [sys.executable, "-m", "jobserver", "worker", *args]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_cli_runs_the_named_worker_on_the_given_servers_and_exits_0_on_signal(
+    any_server, tasks_dir, signum
+):
+    argv = jobserver_worker(
+        "myapp.tasks:worker", "--servers", any_server.address, "--concurrency", "2"
+    )
+    proc = subprocess.Popen(
+        argv,
+        env=cli_env(tasks_dir),
+        cwd=tasks_dir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        with trio.fail_after(TEST_TIMEOUT):
+            await wait_for_workers(any_server, "cli_reverse")
+            client = await Client.connect(any_server)
+            done = await client.run("cli_reverse", b"from the cli")
+            proc.send_signal(signum)
+            returncode = await trio.to_thread.run_sync(proc.wait, CLI_TIMEOUT)
+            await wait_for_status(any_server, "cli_reverse", (0, 0, 0))
+    finally:
+        stop_process(proc)
+    stderr = proc.stderr.read().decode()
+    assert (done.type, done.args[1]) == (T.WORK_COMPLETE, b"ilc eht morf")
+    assert returncode == 0, stderr
+    assert "worker" in stderr and "stopped" in stderr  # it logs at INFO by default
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("nosuchapp.tasks:worker", "cannot import module 'nosuchapp.tasks'"),
+        ("myapp.tasks:wrker", "module 'myapp.tasks' has no attribute 'wrker'"),
+        (
+            "myapp.tasks:not_a_worker",
+            "myapp.tasks:not_a_worker is not a worker_sdk.Worker (its type is int)",
+        ),
+        ("myapp.tasks", "'myapp.tasks' is not MODULE:ATTRIBUTE"),
+    ],
+)
+def test_cli_bad_target_exits_non_zero_with_a_message_and_no_traceback(tasks_dir, target, message):
+    result = subprocess.run(
+        jobserver_worker(target, "--servers", "127.0.0.1:9"),
+        env=cli_env(tasks_dir),
+        cwd=tasks_dir,
+        capture_output=True,
+        timeout=CLI_TIMEOUT,
+    )
+    stderr = result.stderr.decode()
+    assert result.returncode != 0
+    assert message in stderr
+    assert "Traceback" not in stderr
+
+
+def test_cli_bad_servers_option_is_a_usage_error(tasks_dir):
+    result = subprocess.run(
+        jobserver_worker("myapp.tasks:worker", "--servers", "host:notaport"),
+        env=cli_env(tasks_dir),
+        cwd=tasks_dir,
+        capture_output=True,
+        timeout=CLI_TIMEOUT,
+    )
+    assert result.returncode == 2
+    assert "bad port" in result.stderr.decode()
+    assert "Traceback" not in result.stderr.decode()
+
+
+def test_plain_jobserver_command_still_runs_the_server_cli():
+    result = subprocess.run(
+        [sys.executable, "-m", "jobserver", "--version"],
+        capture_output=True,
+        timeout=CLI_TIMEOUT,
+        cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith(b"jobserver ")
