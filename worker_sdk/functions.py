@@ -8,12 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from jobserver.protocol import PacketType, encode_request
+from jobserver.sdk.names import check_function_name
 from jobserver.sdk.payload import Codec
-
-MAX_FUNCTION_NAME_SIZE = 512
-"""Longest function name in bytes (UTF-8). libgearman refuses longer names client-side, and
-gearmand closes the connection when a CAN_DO does not fit its 8 KiB buffer (shared doc §1);
-512 keeps our workers registrable everywhere."""
 
 MAX_TIMEOUT_SECONDS = 365 * 24 * 3600
 """Largest CAN_DO_TIMEOUT we send. gearmand drops a registration whose millisecond value has more
@@ -69,17 +65,9 @@ class WorkerFunction:
 
 
 def check_registration(name: str, timeout: float | None) -> bytes:
-    """Validate a function name and timeout; returns the name as sent (UTF-8)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a function name must be a non-empty str, not {name!r}")
-    name_bytes = name.encode()
-    if b"\0" in name_bytes:
-        raise ValueError(f"function name {name!r} contains NUL (it separates arguments)")
-    if len(name_bytes) > MAX_FUNCTION_NAME_SIZE:
-        raise ValueError(
-            f"function name {name[:40]!r}... is {len(name_bytes)} bytes; "
-            f"at most {MAX_FUNCTION_NAME_SIZE}"
-        )
+    """Validate a function name (the check both SDKs share) and a timeout; returns the name as
+    sent (UTF-8)."""
+    name_bytes = check_function_name(name)
     if timeout is not None:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float):
             raise TypeError(f"timeout must be seconds (int or float) or None, not {timeout!r}")

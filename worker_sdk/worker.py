@@ -65,7 +65,7 @@ class Worker:
         client_id: str | None = None,
         grace_period: float = DEFAULT_GRACE_PERIOD,
     ) -> None:
-        self.servers = servers  # type: ignore[assignment] - the setter parses
+        self.servers = servers  # type: ignore[assignment]  # the setter parses
         self.concurrency = concurrency
         self.codec = get_codec(codec).name
         self.client_id = client_id if client_id is not None else default_client_id()
