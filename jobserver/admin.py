@@ -25,8 +25,10 @@ _LIST_END = b".\n"
 
 
 def _err(code: str, text: str = "") -> bytes:
-    text = text.replace(" ", "+")
-    return f"ERR {code}{' ' + text if text else ''}\r\n".encode()
+    """`ERR <code> <text>`, spaces inside each written as `+` as gearmand does (§4), so the
+    line still splits into exactly the words a parser expects."""
+    words = [code.replace(" ", "+")] + ([text.replace(" ", "+")] if text else [])
+    return f"ERR {' '.join(words)}\r\n".encode()
 
 
 def _unknown_command(command: bytes) -> bytes:
