@@ -236,6 +236,37 @@ async def test_graceful_stop_finishes_the_job_in_flight_and_grabs_nothing_more(a
     assert calls == [b"first"]
 
 
+async def test_cancelling_serve_is_a_graceful_stop(any_server):
+    worker = Worker([any_server.address], codec="raw")
+    started, release = trio.Event(), trio.Event()
+
+    @worker.function("work")
+    async def work(job):
+        started.set()
+        await release.wait()
+        return b"finished after cancel"
+
+    async def serve_in_own_scope(task_status=trio.TASK_STATUS_IGNORED):
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            await worker.serve()
+
+    with trio.fail_after(TEST_TIMEOUT):
+        client = await Client.connect(any_server)
+        async with trio.open_nursery() as nursery:
+            serve_scope = await nursery.start(serve_in_own_scope)
+            await wait_for_workers(any_server, "work")
+            handle = await client.submit("work")
+            await started.wait()
+            serve_scope.cancel()
+            release.set()
+            packets = await client.until_done(handle)
+        await wait_for_status(any_server, "work", (0, 0, 0))
+    assert [(p.type, p.args[1:]) for p in packets] == [
+        (T.WORK_COMPLETE, (b"finished after cancel",))
+    ]
+
+
 @pytest.mark.parametrize("kind", ["async", "sync"])
 async def test_stop_past_the_grace_period_cancels_the_job_and_the_server_requeues_it(
     any_server, kind

@@ -53,6 +53,7 @@ async def run_job(
         await _report_exception(job, _exception_text(error))
         return
     job = Job(assignment, link, function.codec, arg)
+    log.debug("job %s (%s) from %s: started", job.handle, name, link.address)
     try:
         if function.is_async:
             result = await function.func(job)
@@ -72,7 +73,8 @@ async def run_job(
         log.warning("job %s: %s", job.handle, error)
         await _report_exception(job, _exception_text(error))
         return
-    await job._send(PacketType.WORK_COMPLETE, data)
+    if await job._send(PacketType.WORK_COMPLETE, data):
+        log.debug("job %s (%s): completed", job.handle, name)
 
 
 def _exception_text(error: BaseException) -> bytes:

@@ -143,9 +143,9 @@ class Worker:
     # ------------------------------------------------------------------ running
 
     async def serve(self) -> None:
-        """Serve until stop() is called (or the surrounding scope is cancelled).
+        """Serve until stop() is called or serve() is cancelled; both stop gracefully.
 
-        After stop(): no more jobs are grabbed, jobs in flight get `grace_period` seconds to
+        After a stop: no more jobs are grabbed, jobs in flight get `grace_period` seconds to
         finish, the rest are cancelled (their servers requeue them when the connection closes),
         and serve() returns once every connection is closed.
 
@@ -174,10 +174,25 @@ class Worker:
                 self._stop_pending = False
                 run.stopping.set()
         try:
-            await run.serve()
+            async with trio.open_nursery() as nursery:
+                finished = trio.Event()
+                nursery.start_soon(self._stop_when_cancelled, run, finished)
+                # Cancelling serve() is a stop like any other: shielded, the run finishes its
+                # jobs within the grace period; the watcher above turns the cancel into stop().
+                with trio.CancelScope(shield=True):
+                    await run.serve()
+                finished.set()
         finally:
             with self._state_lock:
                 self._run = None
+
+    @staticmethod
+    async def _stop_when_cancelled(run: _Run, finished: trio.Event) -> None:
+        try:
+            await finished.wait()
+        finally:
+            if not finished.is_set():  # serve() itself was cancelled
+                run.request_stop(now=False)
 
     def run(self) -> None:
         """Serve in a fresh trio run until SIGTERM or SIGINT (or stop()); then stop gracefully.
@@ -310,7 +325,7 @@ class _Run:
             returned = 0
             with self.grace:
                 # Every slot back means no job runs and no GRAB awaits its answer.
-                for _ in range(self.worker.concurrency):
+                for _ in range(self.slots.total_tokens):
                     await self.slots.acquire_on_behalf_of(object())
                     returned += 1
             if self.grace.cancelled_caught:
