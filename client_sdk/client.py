@@ -127,6 +127,10 @@ class Client:
         (SUBMIT_JOB_EPOCH, normal priority only). The handle remembers its server, for
         `status()`. `timeout` bounds the wait for the server's acceptance.
 
+        A server lost before it answered did not report the job as accepted, so the job is
+        sent to the next server; if that server had in fact queued it before the connection
+        broke, the job exists twice (at least once, never zero times, while any server is up).
+
         Example::
 
             async with Client(["127.0.0.1:4730"]) as client:
