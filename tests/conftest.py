@@ -56,12 +56,17 @@ def _server_factory(start: Callable[..., servers.Server]):
     return factory, started
 
 
+def _stop_all(started: list[servers.Server]) -> None:
+    for server in started:
+        server.stop()
+        server.remove_workdir()
+
+
 @pytest.fixture
 def start_jobserver() -> Iterator[Callable[..., servers.Server]]:
     factory, started = _server_factory(servers.start_jobserver)
     yield factory
-    for server in started:
-        server.stop()
+    _stop_all(started)
 
 
 @pytest.fixture
@@ -69,8 +74,7 @@ def start_gearmand() -> Iterator[Callable[..., servers.Server]]:
     require_gearman_binaries()
     factory, started = _server_factory(servers.start_gearmand)
     yield factory
-    for server in started:
-        server.stop()
+    _stop_all(started)
 
 
 @pytest.fixture

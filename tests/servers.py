@@ -233,16 +233,13 @@ class Server:
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int:
         """SIGTERM, then SIGKILL after `timeout`; returns the exit status."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
+        stop_process(self.proc, timeout)
         self._stderr.close()
         return self.proc.returncode
+
+    def remove_workdir(self) -> None:
+        """Delete the stderr log and other files; call after the last stderr_text()."""
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def _start(name: str, make_argv, port: int | None, attempts: int = 3) -> Server:
@@ -257,6 +254,7 @@ def _start(name: str, make_argv, port: int | None, attempts: int = 3) -> Server:
         except ServerStartError:
             server.stop()
             in_use = "in use" in server.stderr_text().lower()
+            server.remove_workdir()
             if port is not None or not in_use or attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")
@@ -327,10 +325,10 @@ def wait_until(predicate, timeout: float = IO_TIMEOUT, interval: float = 0.02, w
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
-    """Stop a helper process we started, by its PID: SIGTERM, then SIGKILL."""
+    """Stop a process we started, by its PID: SIGTERM, then SIGKILL after `timeout`."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:

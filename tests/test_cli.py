@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -166,10 +165,10 @@ def test_foreground_server_exits_zero_on_signal(start_jobserver, tmp_path, signu
     assert "Traceback" not in server.stderr_text()
 
 
-def test_positional_port_wins_over_the_port_option():
+def test_positional_port_wins_over_the_port_option(tmp_path):
     option_port, positional_port = free_port(), free_port()
     argv = jobserver_argv(option_port, str(positional_port))
-    server = Server("jobserver", argv, HOST, positional_port, Path(tempfile.mkdtemp()))
+    server = Server("jobserver", argv, HOST, positional_port, tmp_path)
     try:
         server.wait_ready()
         assert not port_accepts(HOST, option_port)
