@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+import time
 
 import pytest
 import servers
@@ -75,6 +76,27 @@ async def test_concurrency_three_runs_three_jobs_at_once_and_never_more(any_serv
             await wait_for_status(any_server, "hold", (0, 0, 1))
     assert overlap.finished == 7
     assert overlap.peak == 3
+
+
+async def test_epoch_job_coming_due_is_run_without_a_wake_up(any_server):
+    """gearmand 1.1.x never wakes a sleeping worker when an epoch job comes due (§3.11): the
+    worker's poll safety net (server_session.POLL_INTERVAL) grabs it anyway."""
+    worker = Worker([any_server.address], codec="raw")
+    ran = trio.Event()
+
+    @worker.function("later")
+    async def later(job):
+        ran.set()
+        return b""
+
+    with trio.fail_after(TEST_TIMEOUT):
+        async with serving(worker):
+            await wait_for_workers(any_server, "later")
+            client = await Client.connect(any_server)
+            due = str(int(time.time()) + 2).encode()
+            await client.call(client.wire.send, T.SUBMIT_JOB_EPOCH, b"later", b"e-1", due, b"")
+            await client.call(client.wire.expect, T.JOB_CREATED)
+            await ran.wait()
 
 
 async def test_concurrency_is_shared_by_all_servers(start_server):

@@ -211,7 +211,18 @@ class Worker:
     def stop(self) -> None:
         """Stop gracefully: from trio code, from a signal handler's task or from any thread.
         Returns at once; serve() returns when the stop is complete. A stop requested before
-        serve() starts makes it return at once."""
+        serve() starts makes it return at once.
+
+        Example:
+            >>> import threading
+            >>> from worker_sdk import Worker
+            >>> worker = Worker(["127.0.0.1:4730"])
+            >>> @worker.function("ping")
+            ... def ping(job):
+            ...     return "pong"
+            >>> timer = threading.Timer(60, worker.stop)  # stop from another thread in a minute
+            >>> # timer.start(); worker.run()
+        """
         self._request_stop(now=False)
 
     def _request_stop(self, *, now: bool) -> None:
@@ -250,7 +261,14 @@ class Worker:
 
 
 def default_client_id() -> str:
-    """ "<hostname>-<pid>": tells the processes of a fleet apart in `gearadmin --workers`."""
+    """The default client id, "<hostname>-<pid>": it tells the processes of a fleet apart in
+    `gearadmin --workers`.
+
+    Example:
+        >>> import os
+        >>> default_client_id().endswith(f"-{os.getpid()}")
+        True
+    """
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
