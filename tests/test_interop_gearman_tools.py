@@ -8,6 +8,8 @@ worker feeds them the workload on stdin and returns their stdout as the result.
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 from servers import GearmanCLI, admin, status, wait_until
 
@@ -26,7 +28,7 @@ def log_lines(path) -> list[str]:
 
 def appending_worker_command(log) -> tuple[str, ...]:
     """A worker command that records each workload as one line of `log` and returns it."""
-    return ("sh", "-c", f'x=$(cat); echo "$x" >> {log}; printf %s "$x"')
+    return ("sh", "-c", f'x=$(cat); echo "$x" >> {shlex.quote(str(log))}; printf %s "$x"')
 
 
 def test_foreground_job_returns_the_worker_result(gearman):
@@ -172,7 +174,7 @@ def test_background_jobs_with_the_same_unique_coalesce(gearman, tmp_path):
 
 def test_foreground_clients_with_the_same_unique_share_one_run(gearman, tmp_path):
     log = tmp_path / "log"
-    slow_echo = f'x=$(cat); echo "$x" >> {log}; sleep 1; printf "done:%s" "$x"'
+    slow_echo = f'x=$(cat); echo "$x" >> {shlex.quote(str(log))}; sleep 1; printf "done:%s" "$x"'
     gearman.worker("slow", "sh", "-c", slow_echo)
 
     first = gearman.spawn("-u", "shared", "-f", "slow", "first")
@@ -187,7 +189,7 @@ def test_foreground_clients_with_the_same_unique_share_one_run(gearman, tmp_path
 def test_three_workers_serve_thirty_concurrent_clients(gearman, tmp_path):
     log = tmp_path / "log"
     for name in ("w1", "w2", "w3"):
-        command = f"echo {name} >> {log}; sleep 0.1; tr a-z A-Z"
+        command = f"echo {name} >> {shlex.quote(str(log))}; sleep 0.1; tr a-z A-Z"
         gearman.worker("upper", "sh", "-c", command)
 
     clients = {n: gearman.spawn("-f", "upper", f"payload number {n}") for n in range(30)}
