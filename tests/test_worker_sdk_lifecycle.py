@@ -19,6 +19,7 @@ import trio
 from worker_sdk_helpers import (
     TEST_TIMEOUT,
     Client,
+    admin,
     serving,
     status,
     submit_background,
@@ -144,11 +145,15 @@ async def test_killed_server_is_rejoined_after_restart_while_the_others_keep_ser
     start_server, caplog
 ):
     doomed, steady = start_server(), start_server()
-    worker = Worker([doomed.address, steady.address], codec="raw")
+    worker = Worker([doomed.address, steady.address], codec="raw", client_id="phoenix")
 
-    @worker.function("echo")
+    @worker.function("echo", timeout=60)
     async def echo(job):
         return job.payload
+
+    @worker.function("other")
+    async def other(job):
+        return b""
 
     caplog.set_level(logging.INFO, logger="worker_sdk")
     with trio.fail_after(TEST_TIMEOUT):
@@ -163,11 +168,15 @@ async def test_killed_server_is_rejoined_after_restart_while_the_others_keep_ser
 
             reborn = start_server(port=doomed.port)
             await wait_for_workers(reborn, "echo")  # the worker came back by itself
+            await wait_for_workers(reborn, "other")
+            workers = await admin(reborn, "workers")
             client = await Client.connect(reborn)
             after = await client.run("echo", b"after the restart")
     assert during.args[1] == b"while one is down"
     assert after.args[1] == b"after the restart"
     assert any(r.getMessage() == f"re-joined {doomed.address}" for r in caplog.records)
+    (line,) = [line for line in workers.splitlines() if " phoenix :" in line]
+    assert sorted(line.split(" : ")[1].split()) == ["echo", "other"]
 
 
 async def test_server_down_at_start_is_joined_when_it_comes_up(start_server):

@@ -144,7 +144,7 @@ class ServerSession:
             failures += 1
             delay = self._backoff.next_delay()
             level = logging.WARNING if failures == 1 else logging.DEBUG
-            log.log(level, "%s; retrying in %.1f s (others keep serving)", reason, delay)
+            log.log(level, "%s; retrying in %.1f s", reason, delay)
             with trio.move_on_after(delay):
                 await self._stopping.wait()
 
@@ -152,15 +152,15 @@ class ServerSession:
         """Register, then read and grab until the connection fails; returns why it did."""
         link = ServerLink(connection)
         self._loss = None
-        replies_in, replies_out = trio.open_memory_channel[Packet](1)  # one GRAB at a time
+        reply_sender, reply_receiver = trio.open_memory_channel[Packet](1)  # one GRAB at a time
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
             try:
                 await connection.send_bytes(self._registration)
             except ConnectionLost as error:
                 return error
-            nursery.start_soon(self._read, link, replies_in)
-            nursery.start_soon(self._grab_until_stopped, link, replies_out)
+            nursery.start_soon(self._read, link, reply_sender)
+            nursery.start_soon(self._grab_until_stopped, link, reply_receiver)
         assert self._loss is not None  # the nursery ends only through _lost() or cancellation
         return self._loss
 
