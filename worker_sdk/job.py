@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from jobserver.protocol import PacketType
+from jobserver.protocol import PacketType, encode_request
 from jobserver.sdk.connection import ConnectionLost
 from jobserver.sdk.payload import Codec, encode_payload
 
@@ -82,27 +82,13 @@ class Job:
         return encode_payload(self._codec, value, function=self.function, what=what)
 
     async def _send(self, packet_type: int, *args: bytes) -> bool:
-        """Send one WORK_* packet for this job; False (and one log line) once its connection
-        is gone: the server took the job back when the connection dropped, so progress and
-        result are dropped and the function still runs to its end."""
-        if self._lost:
-            return False
-        try:
-            await self._link.connection.send(packet_type, self._assignment.handle, *args)
-        except ConnectionLost as error:
-            self._lost = True
-            log.warning(
-                "job %s (%s): connection lost (%s); the server requeues the job, so its "
-                "progress and result are dropped",
-                self.handle,
-                self.function,
-                error,
-            )
-            return False
-        return True
+        """Send one WORK_* packet for this job; see _send_packets."""
+        return await self._send_packets(encode_request(packet_type, self._assignment.handle, *args))
 
     async def _send_packets(self, data: bytes) -> bool:
-        """Send several already-encoded packets at once (WORK_EXCEPTION then WORK_FAIL)."""
+        """Send encoded packets for this job on the connection that assigned it; False (and one
+        log line per job) once that connection is gone: the server took the job back when it
+        dropped, so progress and result are dropped while the function runs to its end."""
         if self._lost:
             return False
         try:
@@ -110,8 +96,8 @@ class Job:
         except ConnectionLost as error:
             self._lost = True
             log.warning(
-                "job %s (%s): connection lost (%s); its outcome is dropped (the server "
-                "requeues the job)",
+                "job %s (%s): connection lost (%s); the server requeues the job, so its "
+                "progress and result are dropped",
                 self.handle,
                 self.function,
                 error,
