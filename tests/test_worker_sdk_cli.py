@@ -12,7 +12,13 @@ import textwrap
 import pytest
 import trio
 from servers import REPO_ROOT, stop_process
-from worker_sdk_helpers import TEST_TIMEOUT, Client, wait_for_status, wait_for_workers
+from worker_sdk_helpers import (
+    TEST_TIMEOUT,
+    Client,
+    submit_background,
+    wait_for_status,
+    wait_for_workers,
+)
 
 from jobserver.protocol import PacketType as T
 
@@ -30,6 +36,12 @@ TASKS = textwrap.dedent(
     @worker.function("cli_reverse")
     def reverse(job):
         return job.payload[::-1]
+
+    @worker.function("cli_hang")
+    async def hang(job):
+        import trio
+
+        await trio.sleep_forever()
     """
 )
 
@@ -83,6 +95,35 @@ async def test_cli_runs_the_named_worker_on_the_given_servers_and_exits_0_on_sig
     assert (done.type, done.args[1]) == (T.WORK_COMPLETE, b"ilc eht morf")
     assert returncode == 0, stderr
     assert "worker" in stderr and "stopped" in stderr  # it logs at INFO by default
+
+
+async def test_cli_second_signal_cancels_the_jobs_still_running(any_server, tasks_dir):
+    proc = subprocess.Popen(
+        # A grace period far past the test's deadline: only the second signal can end it.
+        jobserver_worker(
+            "myapp.tasks:worker", "--servers", any_server.address, "--grace-period", "3600"
+        ),
+        env=cli_env(tasks_dir),
+        cwd=tasks_dir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        with trio.fail_after(TEST_TIMEOUT):
+            await wait_for_workers(any_server, "cli_hang")
+            await submit_background(any_server, "cli_hang")
+            await wait_for_status(any_server, "cli_hang", (1, 1, 1))
+            proc.send_signal(signal.SIGTERM)
+            # trio merges a signal repeated before it is read: wait until the first is taken.
+            while b"SIGTERM: stopping" not in await trio.to_thread.run_sync(proc.stderr.readline):
+                pass
+            proc.send_signal(signal.SIGTERM)
+            returncode = await trio.to_thread.run_sync(proc.wait, CLI_TIMEOUT)
+            # The job was cancelled and the disconnect gave it back to the server.
+            await wait_for_status(any_server, "cli_hang", (1, 0, 0))
+    finally:
+        stop_process(proc)
+    assert returncode == 0
 
 
 @pytest.mark.parametrize(
