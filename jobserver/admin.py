@@ -46,7 +46,7 @@ def _invalid_arguments(command: str) -> bytes:
 class ServerFacts:
     """What the admin protocol reports about the process, beyond the engine's state."""
 
-    verbose: str = "WARNING"
+    verbose: str = "ERROR"
     pid: int = 0
 
     def __post_init__(self) -> None:

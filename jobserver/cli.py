@@ -154,8 +154,12 @@ def serve(
     ] = False,
     verbose: Annotated[
         Verbosity,
-        typer.Option("--verbose", case_sensitive=False, help="Log level (gearmand's names)."),
-    ] = Verbosity.WARNING,
+        typer.Option(
+            "--verbose",
+            case_sensitive=False,
+            help="Log level (gearmand's names). Each misbehaving peer is logged at ERROR.",
+        ),
+    ] = Verbosity.ERROR,
     max_packet_size: Annotated[
         int,
         typer.Option(

@@ -63,7 +63,7 @@ class ServerConfig:
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
     keepalive: bool = True
     backlog: int = DEFAULT_BACKLOG
-    verbose: str = "WARNING"
+    verbose: str = "ERROR"
     facts: ServerFacts = field(default_factory=ServerFacts)
 
 
@@ -202,7 +202,7 @@ class Server:
             try:
                 events = decoder.feed(data)
             except ProtocolError as error:
-                log.warning("closing connection from %s (fd %d): %s", peer.address, peer.id, error)
+                log.error("closing connection from %s (fd %d): %s", peer.address, peer.id, error)
                 return False
             try:
                 for event in events:
@@ -211,7 +211,7 @@ class Server:
                     elif type(event) is AdminLine:
                         peer.send(admin.execute(event.text))
                     else:
-                        log.warning(
+                        log.error(
                             "malformed packet type %d from %s (fd %d): %s",
                             event.type,
                             peer.address,
@@ -236,7 +236,7 @@ class Server:
         assert engine is not None
         for peer in engine.take_dirty():
             if len(peer.outbox) > MAX_OUTBOX:
-                log.warning("dropping %s (fd %d): it stopped reading", peer.address, peer.id)
+                log.error("dropping %s (fd %d): it stopped reading", peer.address, peer.id)
                 engine.disconnect(peer)
                 peer.transport.stream.socket.close()
                 continue

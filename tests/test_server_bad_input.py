@@ -346,9 +346,9 @@ def test_server_logs_one_line_naming_the_reason_per_bad_peer(start_jobserver, co
     good.echo()
 
     def warnings() -> list[str]:
-        return [line for line in log_file.read_text().splitlines() if "WARNING" in line]
+        return [line for line in log_file.read_text().splitlines() if " ERROR " in line]
 
-    wait_until(lambda: len(warnings()) >= 4, what="four warning lines in the log")
+    wait_until(lambda: len(warnings()) >= 4, what="four ERROR lines in the log")
     time.sleep(0.1)  # nothing more should follow
     lines = warnings()
     assert len(lines) == 4, lines
