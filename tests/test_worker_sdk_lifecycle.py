@@ -28,7 +28,7 @@ from worker_sdk_helpers import (
 )
 
 from jobserver.protocol import PacketType as T
-from worker_sdk import Worker
+from worker_sdk import Worker, server_session
 
 
 @pytest.fixture(params=["jobserver", "gearmand"])
@@ -77,6 +77,26 @@ async def test_concurrency_three_runs_three_jobs_at_once_and_never_more(any_serv
             await wait_for_status(any_server, "hold", (0, 0, 1))
     assert overlap.finished == 7
     assert overlap.peak == 3
+
+
+async def test_sleeping_worker_is_woken_by_noop(any_server, monkeypatch, caplog):
+    """PRE_SLEEP, then NOOP when a job arrives (§3.4): with the poll safety net pushed out of
+    reach, only the NOOP can get the job served."""
+    monkeypatch.setattr(server_session, "POLL_INTERVAL", 3600)
+    worker = Worker([any_server.address], codec="raw")
+
+    @worker.function("wake")
+    async def wake(job):
+        return b"awake"
+
+    caplog.set_level(logging.DEBUG, logger="worker_sdk")
+    with trio.fail_after(TEST_TIMEOUT):
+        async with serving(worker):
+            while not any("asleep until a NOOP" in r.getMessage() for r in caplog.records):
+                await trio.sleep(0.02)
+            client = await Client.connect(any_server)
+            done = await client.run("wake")
+    assert done.args[1] == b"awake"
 
 
 async def test_epoch_job_coming_due_is_run_without_a_wake_up(any_server):

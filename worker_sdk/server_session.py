@@ -284,6 +284,7 @@ class ServerSession:
         except ConnectionLost as error:
             self._lost(error)
             await trio.sleep_forever()  # cancelled by _lost
+        log.debug("%s: no job; asleep until a NOOP, at most %g s", link.address, POLL_INTERVAL)
         with trio.move_on_after(POLL_INTERVAL):
             await wakeup.wait()
 
