@@ -307,7 +307,10 @@ def test_without_exceptions_option_work_exception_reaches_clients_as_work_fail(s
         assert assign_to(worker, b"fn") == handle
         worker.send(WORK_EXCEPTION, handle, b"it broke")
 
-        assert client.recv() == (WORK_FAIL, handle + b"\0")  # gearmand's trailing NUL (§3.8)
+        # gearmand appends a NUL to the handle (§3.8), which hangs libgearman's client; we
+        # deliberately send the plain form.
+        expected = handle + b"\0" if server.name == "gearmand" else handle
+        assert client.recv() == (WORK_FAIL, expected)
 
 
 @both_servers

@@ -47,9 +47,12 @@ EPOCH_RANGE = (-(2**63), 2**63 - 1)
 
 UINT32 = 2**32
 
-FAIL_AFTER_EXCEPTION_SUFFIX = b"\0"
-"""What a client without the `exceptions` option gets in place of WORK_EXCEPTION: WORK_FAIL with
-the handle followed by one NUL, byte for byte as gearmand 1.1.20 sends it (§3.8, §6.2)."""
+FAIL_AFTER_EXCEPTION_SUFFIX = b""
+"""What follows the handle in the WORK_FAIL a client without the `exceptions` option gets in
+place of WORK_EXCEPTION (§3.8). gearmand 1.1.20 sends one NUL there (`H\\0`); libgearman's own
+client then fails to match the handle and waits forever (verified with `gearman -f` against
+gearmand), so we send the plain WORK_FAIL every client understands. Clients that strip the
+NUL (§6.2) are unaffected."""
 
 _SUBMIT_KINDS: dict[int, tuple[Priority, bool]] = {
     T.SUBMIT_JOB: (Priority.NORMAL, False),
