@@ -330,6 +330,9 @@ async def test_cluster_survives_a_killed_and_restarted_server(start_jobserver, t
             "background_accepted": {
                 "by_servers_not_killed": len(must_run),
                 "by_the_killed_server": len(accepted_by_killed),
+                "by_the_restarted_server": sum(
+                    1 for n in must_run if load.handles[n].server == doomed.address
+                ),
             },
             "dropped_with_killed_server": sum(
                 1 for n in accepted_by_killed if executions.background[n] == 0
