@@ -1,0 +1,250 @@
+"""Benchmark jobserver against gearmand and gear's geard, side by side, in one run.
+
+    python -m bench.run [--quick] [--rounds 3] [--out bench/RESULTS.md]
+
+Every scenario runs against every server, each time on a freshly started server on a free
+127.0.0.1 port; within a round the servers alternate (and the order rotates from round to
+round), so slow drifts of the machine spread over all of them. The table of medians, min-max
+spread and ratio to gearmand is printed and written to --out. Exit status 1 when any run
+failed (the table then lists the errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/run.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import report, servers
+from bench.loadproc import LoadProcessError
+from bench.scenarios import (
+    FULL,
+    METRICS,
+    QUICK,
+    SCENARIOS,
+    Scenario,
+    ScenarioError,
+    Sizes,
+    describe,
+)
+from bench.servers import ServerSpec, ServerStartError
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (the CI smoke run)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 3; 1 quick)")
+    parser.add_argument("--out", type=Path, default=None, help=f"markdown (default {DEFAULT_OUT})")
+    parser.add_argument("--json", type=Path, default=None, help="also write raw figures as JSON")
+    parser.add_argument(
+        "--scenarios", default="abcdef", help="which scenarios, e.g. 'bd' (default all)"
+    )
+    parser.add_argument(
+        "--servers",
+        default=None,
+        help="comma-separated server names to run (default all: ceiling, jobserver-memory, "
+        "jobserver-sqlite, gearmand, geard)",
+    )
+    parser.add_argument("--gearmand-threads", type=int, default=servers.GEARMAND_THREADS)
+    parser.add_argument(
+        "--idle-connections", type=int, default=None, help="for (f); default 10,000 (200 quick)"
+    )
+    parser.add_argument("--no-install", action="store_true", help="never pip install gear")
+    args = parser.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    unknown = set(args.scenarios) - {s.key for s in SCENARIOS}
+    if unknown:
+        parser.error(f"unknown scenarios {''.join(sorted(unknown))}")
+    return args
+
+
+def raise_fd_limit(needed: int) -> None:
+    """Servers and load processes inherit our RLIMIT_NOFILE; make it fit the idle scenario."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))  # root may raise it
+            return
+        except (ValueError, OSError):
+            sys.exit(
+                f"bench: (f) needs {needed} open files but the hard limit is {hard}; "
+                "use --idle-connections or raise the limit (ulimit -Hn)"
+            )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def server_lineup(
+    args: argparse.Namespace, sizes: Sizes, fd_limit: int
+) -> tuple[list[ServerSpec], dict[str, str], str | None]:
+    """The servers to run, those left out with the reason, and gear's version."""
+    lineup = [servers.canned_spec(sizes.payload), *servers.jobserver_specs()]
+    skipped: dict[str, str] = {}
+    lineup.append(servers.gearmand_spec(args.gearmand_threads, fd_limit))
+    if shutil.which(servers.GEARMAND) is None:
+        lineup.pop()
+        skipped["gearmand"] = f"{servers.GEARMAND} is not installed (Debian gearman-job-server)"
+    if args.no_install:
+        gear_path, gear_version, reason = None, servers._gear_version(None), "--no-install"
+    else:
+        gear_path, gear_version, reason = servers.provide_gear()
+    if gear_version:
+        lineup.append(servers.gear_spec(gear_path))
+    else:
+        skipped["geard"] = reason or "gear is not installed"
+    if args.servers:
+        wanted = set(args.servers.split(","))
+        lineup = [spec for spec in lineup if spec.name in wanted]
+    return lineup, skipped, gear_version
+
+
+def setup_notes(lineup: list[ServerSpec], args: argparse.Namespace) -> dict[str, str]:
+    text = {
+        "ceiling": "bench/canned_server.py, canned replies: the load generator's ceiling",
+        "jobserver-memory": "`python -m jobserver --store memory`",
+        "jobserver-sqlite": "`python -m jobserver --store sqlite`, fresh --data-dir per run",
+        "jobserver": "`python -m jobserver` (no --store option in this checkout)",
+        "gearmand": f"`gearmand --threads={args.gearmand_threads}`, empty config file",
+        "geard": "gear's `geard -d`, logging at WARNING; it ignores ECHO_REQ, so its (a) and (f) "
+        "latency figures are GET_STATUS round trips",
+    }
+    return {spec.name: text.get(spec.name, spec.note) for spec in lineup}
+
+
+def run_one(spec: ServerSpec, scenario: Scenario, sizes: Sizes) -> dict[str, float]:
+    """Start `spec`, run `scenario` on it, stop it. Raises ScenarioError with the reason."""
+    logs = Path(tempfile.mkdtemp(prefix=f"bench-load-{spec.name}-"))
+    server = None
+    try:
+        server = servers.start(spec)
+        values = scenario.run(server, sizes, logs)
+        if server.proc.poll() is not None:
+            raise ScenarioError(f"server exited with status {server.proc.returncode}")
+        return values
+    except (ServerStartError, LoadProcessError, OSError, ValueError) as error:
+        detail = f"{type(error).__name__}: {error}"
+        if server is not None and server.proc.poll() is not None:
+            detail += f" (server exited with status {server.proc.returncode})"
+        if server is not None:
+            tail = server.log_tail(600).strip()
+            if tail:
+                detail += f"; server log ends: {tail!r}"
+        raise ScenarioError(detail) from error
+    finally:
+        if server is not None:
+            server.stop()
+            server.remove_workdir()
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+def show(value: float) -> str:
+    return report.number(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    if args.idle_connections is not None:
+        sizes = dataclasses.replace(sizes, idle_connections=args.idle_connections)
+    out = args.out or DEFAULT_OUT
+    fd_limit = sizes.idle_connections + 1024
+    raise_fd_limit(fd_limit)
+    started_at = time.strftime("%Y-%m-%d %H:%M %Z")
+    began = time.monotonic()
+
+    lineup, skipped, gear_version = server_lineup(args, sizes, fd_limit)
+    names = [spec.name for spec in lineup]
+    scenarios = [s for s in SCENARIOS if s.key in args.scenarios]
+    facts = report.machine_facts(servers.gearmand_version(), gear_version, servers.REPO_ROOT)
+    print("bench: " + "; ".join(f"{k}: {v}" for k, v in facts.items()), flush=True)
+    for name, reason in skipped.items():
+        print(f"bench: {name} not run: {reason}", flush=True)
+
+    figures: dict[str, dict[str, list[float]]] = {name: {} for name in names}
+    errors: list[str] = []
+    for round_index in range(args.rounds):
+        shift = round_index % len(lineup)
+        order = lineup[shift:] + lineup[:shift]
+        for scenario in scenarios:
+            for spec in order:
+                if spec.name == report.CEILING and not scenario.on_ceiling:
+                    continue
+                where = f"round {round_index + 1} ({scenario.key}) {spec.name}"
+                try:
+                    values = run_one(spec, scenario, sizes)
+                except ScenarioError as error:
+                    errors.append(f"{where}: {error}")
+                    print(f"bench: {where}: ERROR {error}", flush=True)
+                    continue
+                except Exception:
+                    errors.append(f"{where}: {traceback.format_exc()}")
+                    print(f"bench: {where}: ERROR\n{traceback.format_exc()}", flush=True)
+                    continue
+                for key, value in values.items():
+                    figures[spec.name].setdefault(key, []).append(value)
+                shown = ", ".join(f"{k}={show(v)}" for k, v in values.items())
+                print(f"bench: {where}: {shown}", flush=True)
+
+    probe_notes = {
+        spec.name: "GET_STATUS round trips: geard ignores ECHO_REQ"
+        for spec in lineup
+        if not spec.answers_echo
+    }
+    rows = report.summarize(figures, names, probe_notes)
+    described = describe(sizes)
+    command = "python -m bench.run " + shlex.join(argv if argv is not None else sys.argv[1:])
+    generated = report.markdown(
+        command=command.strip(),
+        facts=facts,
+        setup=setup_notes(lineup, args),
+        scenarios={s.key: described[s.key] for s in scenarios},
+        rows=rows,
+        rounds=args.rounds,
+        skipped=skipped,
+        errors=errors,
+        started=started_at,
+        minutes=(time.monotonic() - began) / 60,
+    )
+    print()
+    print(generated)
+    report.write_results(out, generated)
+    print(f"bench: wrote {out}")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "facts": facts,
+                    "sizes": dataclasses.asdict(sizes),
+                    "rounds": args.rounds,
+                    "servers": names,
+                    "skipped": skipped,
+                    "scenarios": [s.key for s in scenarios],
+                    "metrics": {m.key: m.scenario for m in METRICS},
+                    "figures": figures,
+                    "errors": errors,
+                },
+                indent=1,
+            )
+        )
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

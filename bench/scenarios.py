@@ -1,0 +1,320 @@
+"""The six scenarios of issue 5, each run against one freshly started server.
+
+A scenario returns its figures as {metric key: value}; METRICS says what each one means. The
+load always comes from bench/load.py processes (several at once), never from this process;
+this process only starts them, reads the clocks they report, and reads the server's memory.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import load
+from .loadproc import LoadGroup
+from .servers import HOST, RunningServer
+
+
+@dataclass(frozen=True)
+class Sizes:
+    payload: int = 100
+    """Bytes of every job payload and ECHO payload."""
+    connections: int = 4
+    """Connections (one process each) for (a), (b) and the submits of (c) and (e)."""
+    echo_per_connection: int = 250_000
+    echo_window: int = 100
+    submit_per_connection: int = 50_000
+    submit_window: int = 100
+    drain_jobs: int = 50_000
+    drain_workers: int = 4
+    fg_clients: int = 4
+    fg_window: int = 4
+    """SUBMIT_JOBs each client keeps outstanding."""
+    fg_per_client: int = 20_000
+    measure_s: float = 5.0
+    """Rate scenarios (a)-(d) stop sending after this long even if their count is not reached:
+    a slow server is measured over this much time instead of taking minutes."""
+    fg_workers: int = 4
+    memory_jobs: int = 100_000
+    idle_connections: int = 10_000
+    idle_probes: int = 2_000
+    probe_warmup: int = 50
+    settle_s: float = 1.0
+    """Pause before each RSS reading, so the server finishes what the load left it."""
+    deadline_s: float = 240.0
+    """No load process runs longer than this; a server that slow fails the scenario."""
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    echo_per_connection=500,
+    submit_per_connection=250,
+    drain_jobs=1_000,
+    fg_per_client=100,
+    memory_jobs=2_000,
+    idle_connections=200,
+    idle_probes=100,
+    probe_warmup=5,
+    settle_s=0.1,
+    deadline_s=30.0,
+)
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    scenario: str
+    label: str
+    higher_is_better: bool
+    throughput: bool = False
+    """A rate the load generator must produce: compared with its ceiling."""
+    probe: bool = False
+    """Measured with ECHO_REQ round trips (GET_STATUS for servers that ignore ECHO_REQ)."""
+
+
+METRICS = [
+    Metric("echo_rps", "a", "ECHO round trips/s, pipelined", True, throughput=True, probe=True),
+    Metric("submit_rps", "b", "background submits/s (JOB_CREATED), pipelined", True, True),
+    Metric("drain_rps", "c", "queued background jobs drained/s", True, throughput=True),
+    Metric("fg_rps", "d", "foreground jobs/s (SUBMIT_JOB to WORK_COMPLETE)", True, True),
+    Metric("fg_p50_ms", "d", "foreground latency p50, ms", False),
+    Metric("fg_p99_ms", "d", "foreground latency p99, ms", False),
+    Metric("mem_per_job_bytes", "e", "RSS per queued background job, bytes", False),
+    Metric("idle_rss_mib", "f", "RSS with the idle connections open, MiB", False),
+    Metric("idle_per_conn_kib", "f", "RSS per idle connection, KiB", False),
+    Metric("idle_p50_ms", "f", "ECHO latency p50 while they are open, ms", False, probe=True),
+    Metric("idle_p99_ms", "f", "ECHO latency p99 while they are open, ms", False, probe=True),
+]
+
+
+class ScenarioError(RuntimeError):
+    """The server answered wrongly (e.g. lost jobs) or too slowly."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    run: Callable[[RunningServer, Sizes, Path], dict[str, float]]
+    on_ceiling: bool
+    """Also run against the canned server, to measure the load generator's ceiling."""
+
+
+def describe(sizes: Sizes) -> dict[str, str]:
+    """One line per scenario saying exactly what was run (for the report)."""
+    s = sizes
+    capped = f"; stops after {s.measure_s:g} s if not done"
+    return {
+        "a": f"{s.connections} connections x {s.echo_per_connection:,} ECHO_REQ of "
+        f"{s.payload} B, {s.echo_window} in flight per connection{capped}",
+        "b": f"{s.connections} connections x {s.submit_per_connection:,} SUBMIT_JOB_BG of "
+        f"{s.payload} B with distinct uniques, {s.submit_window} in flight per connection{capped}",
+        "c": f"{s.drain_jobs:,} background jobs queued first, then {s.drain_workers} workers "
+        f"doing GRAB_JOB_UNIQ / WORK_COMPLETE until NO_JOB{capped}",
+        "d": f"{s.fg_clients} clients x {s.fg_per_client:,} SUBMIT_JOB of {s.payload} B, "
+        f"{s.fg_window} outstanding per client; {s.fg_workers} workers echo the payload{capped}",
+        "e": f"RSS after {s.memory_jobs:,} queued background jobs of {s.payload} B minus RSS "
+        f"before, divided by {s.memory_jobs:,} ({s.settle_s} s settle before each reading)",
+        "f": f"{s.idle_connections:,} idle connections; RSS once the server holds them all, "
+        f"then {s.idle_probes:,} sequential ECHO round trips on another connection",
+    }
+
+
+def _base_spec(server: RunningServer, sizes: Sizes) -> dict:
+    return {
+        "host": HOST,
+        "port": server.port,
+        "deadline_s": sizes.deadline_s,
+        "max_seconds": sizes.measure_s,
+    }
+
+
+def _result_timeout(sizes: Sizes) -> float:
+    return sizes.deadline_s + 30.0
+
+
+def _rate(results: list[dict]) -> float:
+    """Jobs (or round trips) per second over the whole group: first start to last end."""
+    total = sum(r["count"] for r in results)
+    elapsed = max(r["end"] for r in results) - min(r["start"] for r in results)
+    return total / elapsed if elapsed > 0 else math.inf
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of unsorted samples."""
+    ordered = sorted(samples)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def _probe_kind(server: RunningServer) -> str:
+    return "echo" if server.spec.answers_echo else "get_status"
+
+
+def _submit_specs(
+    server: RunningServer, sizes: Sizes, per_connection: int, max_seconds: float
+) -> list[dict]:
+    return [
+        {
+            **_base_spec(server, sizes),
+            "max_seconds": max_seconds,
+            "kind": "submit_bg",
+            "count": per_connection,
+            "window": sizes.submit_window,
+            "payload_size": sizes.payload,
+            "unique_prefix": f"c{i}-",
+        }
+        for i in range(sizes.connections)
+    ]
+
+
+def _submit(server: RunningServer, sizes: Sizes, logs: Path, total: int, *, timed: bool) -> float:
+    """Queue `total` background jobs from `sizes.connections` connections; returns jobs/s.
+    `timed`: stop after sizes.measure_s like every rate scenario; else queue them all."""
+    per_connection = math.ceil(total / sizes.connections)
+    max_seconds = sizes.measure_s if timed else sizes.deadline_s
+    specs = _submit_specs(server, sizes, per_connection, max_seconds)
+    with LoadGroup(logs) as group:
+        results = group.run("pipelined", specs, _result_timeout(sizes))
+    _expect_queued(server, sum(r["count"] for r in results))
+    return _rate(results)
+
+
+def _expect_queued(server: RunningServer, expected: int) -> None:
+    if not server.spec.is_job_server:
+        return
+    queued = server.admin_status().get(load.FUNCTION.decode(), 0)
+    if queued != expected:
+        raise ScenarioError(f"admin status shows {queued} jobs queued, expected {expected}")
+
+
+def echo_round_trips(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str, float]:
+    specs = [
+        {
+            **_base_spec(server, sizes),
+            "kind": _probe_kind(server),
+            "count": sizes.echo_per_connection,
+            "window": sizes.echo_window,
+            "payload_size": sizes.payload,
+        }
+        for _ in range(sizes.connections)
+    ]
+    with LoadGroup(logs) as group:
+        results = group.run("pipelined", specs, _result_timeout(sizes))
+    return {"echo_rps": _rate(results)}
+
+
+def submit_rate(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str, float]:
+    total = sizes.submit_per_connection * sizes.connections
+    return {"submit_rps": _submit(server, sizes, logs, total, timed=True)}
+
+
+def drain_rate(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str, float]:
+    per_connection = math.ceil(sizes.drain_jobs / sizes.connections)
+    queued = per_connection * sizes.connections
+    _submit(server, sizes, logs, queued, timed=False)
+    spec = _base_spec(server, sizes)
+    with LoadGroup(logs) as group:
+        results = group.run("drain-worker", [spec] * sizes.drain_workers, _result_timeout(sizes))
+    done = sum(r["count"] for r in results)
+    if not any(r["capped"] for r in results):
+        if done != queued:
+            raise ScenarioError(f"workers got NO_JOB after {done} jobs of {queued} queued")
+        _expect_queued(server, 0)
+    return {"drain_rps": _rate(results)}
+
+
+def foreground(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str, float]:
+    base = _base_spec(server, sizes)
+    client_specs = [
+        {
+            **base,
+            "count": sizes.fg_per_client,
+            "window": sizes.fg_window,
+            "payload_size": sizes.payload,
+            "unique_prefix": f"fg{i}-",
+        }
+        for i in range(sizes.fg_clients)
+    ]
+    with LoadGroup(logs) as group:
+        workers = group.start("fg-worker", [base] * sizes.fg_workers)
+        group.go(workers)  # they grab, get NO_JOB and sleep until the first submit wakes them
+        clients = group.start("fg-client", client_specs)
+        group.go(clients)
+        results = group.results(clients, _result_timeout(sizes))
+        for worker in workers:
+            worker.tell("stop")
+        worked = sum(r["count"] for r in group.results(workers, _result_timeout(sizes)))
+    done = sum(r["count"] for r in results)
+    if server.spec.is_job_server and worked != done:  # the canned server completes jobs itself
+        raise ScenarioError(f"workers ran {worked} jobs, clients got {done} results")
+    latencies = [x / 1000 for r in results for x in r["latencies_us"]]
+    return {
+        "fg_rps": _rate(results),
+        "fg_p50_ms": percentile(latencies, 0.50),
+        "fg_p99_ms": percentile(latencies, 0.99),
+    }
+
+
+def memory_per_job(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str, float]:
+    per_connection = math.ceil(sizes.memory_jobs / sizes.connections)
+    total = per_connection * sizes.connections
+    time.sleep(sizes.settle_s)
+    before = server.rss_bytes()
+    _submit(server, sizes, logs, total, timed=False)
+    time.sleep(sizes.settle_s)
+    after = server.rss_bytes()
+    return {"mem_per_job_bytes": (after - before) / total}
+
+
+IDLE_ACCEPT_TIMEOUT = 120.0
+"""Seconds for the server to accept every idle connection the load process opened."""
+
+
+def idle_connections(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str, float]:
+    count = sizes.idle_connections
+    base = _base_spec(server, sizes)
+    time.sleep(sizes.settle_s)
+    fds_before = server.fd_count()
+    rss_before = server.rss_bytes()
+    with LoadGroup(logs) as group:
+        (holder,) = group.start("idle", [{**base, "connections": count}])
+        group.go([holder])
+        # connect() returns once the kernel queued the connection; wait until the server has
+        # really accepted each one (one descriptor per connection in every server we run).
+        deadline = time.monotonic() + IDLE_ACCEPT_TIMEOUT
+        while (held := server.fd_count() - fds_before) < count:
+            if time.monotonic() > deadline:
+                raise ScenarioError(f"server accepted {held} of {count} connections")
+            time.sleep(0.05)
+        time.sleep(sizes.settle_s)
+        rss_open = server.rss_bytes()
+        probe_spec = {
+            **base,
+            "kind": _probe_kind(server),
+            "count": sizes.idle_probes,
+            "warmup": sizes.probe_warmup,
+            "payload_size": sizes.payload,
+        }
+        (probe,) = group.run("probe", [probe_spec], _result_timeout(sizes))
+        holder.tell("stop")
+        group.results([holder], _result_timeout(sizes))
+    latencies = [x / 1000 for x in probe["latencies_us"]]
+    return {
+        "idle_rss_mib": rss_open / 2**20,
+        "idle_per_conn_kib": (rss_open - rss_before) / count / 1024,
+        "idle_p50_ms": percentile(latencies, 0.50),
+        "idle_p99_ms": percentile(latencies, 0.99),
+    }
+
+
+SCENARIOS = [
+    Scenario("a", "ECHO round trips, pipelined", echo_round_trips, on_ceiling=True),
+    Scenario("b", "background submit rate, pipelined", submit_rate, on_ceiling=True),
+    Scenario("c", "drain rate of queued background jobs", drain_rate, on_ceiling=True),
+    Scenario("d", "foreground round trips and latency", foreground, on_ceiling=True),
+    Scenario("e", "memory per queued background job", memory_per_job, on_ceiling=False),
+    Scenario("f", "idle connections: RSS and ECHO latency", idle_connections, on_ceiling=False),
+]
