@@ -12,10 +12,14 @@ batch or an earlier one (journal batches apply in order).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import signal
+import sqlite3
 import time
 
 import pytest
+import servers
 from servers import admin
 from test_store_support import Packets, ServerSet, drain, queued, status
 
@@ -359,3 +363,108 @@ def test_a_foreground_job_whose_client_left_is_gone_after_a_restart(server_set, 
     server_set.kill(server)
     restarted = server_set.restart(server, data_dir=data_dir)
     assert ran_uniques(restarted, b"fg") == []
+
+
+# --- while a commit is in flight ----------------------------------------------------------
+#
+# An outside connection holding the database's write lock (as a backup tool or an operator's
+# sqlite3 shell might) keeps the server's commit of one batch waiting (busy timeout 5 s), so a
+# test can make things happen, deterministically, while a batch is being written and the next
+# one gathers in the journal.
+
+
+@contextlib.contextmanager
+def commit_held(server, data_dir):
+    """Hold the database's write lock: the server's next commit waits until the block ends."""
+    db = sqlite3.connect(data_dir / f"jobserver-{server.port}.sqlite3", isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        yield
+    finally:
+        db.close()  # rolls back and releases the lock
+
+
+def test_a_taken_over_foreground_job_finished_during_a_commit_does_not_come_back(
+    server_set, data_dir
+):
+    """A background submit coalesces onto a running foreground job while another batch is
+    being written; the worker completes the job before its record is written. The job is over
+    and must stay over after a crash (and a record of it must not outlive its completion)."""
+    server = server_set.start(data_dir=data_dir)
+    with (
+        Packets(server.port) as fg_client,
+        Packets(server.port) as bg_client,
+        Packets(server.port) as blocker,
+        Packets(server.port) as worker,
+    ):
+        worker.send(T.CAN_DO, b"race")
+        handle = fg_client.submit(T.SUBMIT_JOB, b"race", b"U", b"payload")
+        assert worker.request(T.GRAB_JOB_UNIQ, expect=T.JOB_ASSIGN_UNIQ)[0] == handle
+        with commit_held(server, data_dir):
+            blocker.send(T.SUBMIT_JOB_BG, b"blocker", b"b", b"")
+            time.sleep(0.2)  # its batch is taken and waits for the lock
+            bg_client.send(T.SUBMIT_JOB_BG, b"race", b"U", b"other")
+            worker.echo()  # (another connection: just lets the submit be read first)
+            time.sleep(0.1)
+            worker.send(T.WORK_COMPLETE, handle, b"done")
+            assert fg_client.expect(T.WORK_COMPLETE) == [handle, b"done"]
+        blocker.expect(T.JOB_CREATED)
+        bg_client.expect(T.JOB_CREATED)
+    barrier(server)
+    server_set.kill(server)
+
+    restarted = server_set.restart(server, data_dir=data_dir)
+    after_first = ran_uniques(restarted, b"race")
+    assert ran_uniques(restarted, b"blocker") == [b"b"]
+    # Whatever ran after the restart is finished too: a second crash brings back nothing.
+    barrier(restarted)
+    server_set.kill(restarted)
+    again = server_set.restart(restarted, data_dir=data_dir)
+    assert (after_first, ran_uniques(again, b"race")) == ([], [])
+
+
+def test_a_job_cancelled_before_its_record_is_written_does_not_come_back(server_set, data_dir):
+    server = server_set.start(data_dir=data_dir)
+    with Packets(server.port) as blocker, Packets(server.port) as client:
+        with commit_held(server, data_dir):
+            blocker.send(T.SUBMIT_JOB_BG, b"blocker", b"b", b"")
+            time.sleep(0.2)  # its batch is taken and waits for the lock
+            client.send(T.SUBMIT_JOB_BG, b"cancel", b"doomed", b"x")
+            client.send(T.SUBMIT_JOB_BG, b"cancel", b"kept", b"y")
+            time.sleep(0.1)
+            handles = show_jobs(server)
+            assert len(handles) == 3  # the blocker and the two waiting for their commit
+            doomed = sorted(handles)[1]  # handles end in a counter: 1 blocker, 2 doomed
+            assert admin(server.address, b"cancel job " + doomed) == b"OK\r\n"
+        blocker.expect(T.JOB_CREATED)
+        client.recv()  # doomed: JOB_CREATED or an error, either is fine
+        client.expect(T.JOB_CREATED)
+    barrier(server)
+    server_set.kill(server)
+
+    restarted = server_set.restart(server, data_dir=data_dir)
+    assert ran_uniques(restarted, b"cancel") == [b"kept"]
+
+
+def test_sigterm_during_a_commit_still_writes_the_removals_queued_behind_it(server_set, data_dir):
+    """Deterministic form of the SIGTERM test above: the removals of finished jobs wait in the
+    journal behind a batch being written when SIGTERM arrives; the shutdown must write them."""
+    server = server_set.start(data_dir=data_dir)
+    uniques = [b"job-%d" % i for i in range(4)]
+    submit_bg(server, b"work", uniques)
+    with Packets(server.port) as worker, Packets(server.port) as blocker:
+        worker.send(T.CAN_DO, b"work")
+        with commit_held(server, data_dir):
+            blocker.send(T.SUBMIT_JOB_BG, b"blocker", b"b", b"")
+            time.sleep(0.2)  # its batch is taken and waits for the lock
+            for _ in range(2):
+                handle = worker.request(T.GRAB_JOB_UNIQ, expect=T.JOB_ASSIGN_UNIQ)[0]
+                worker.send(T.WORK_COMPLETE, handle, b"ok")
+            worker.echo()
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+        assert server.proc.wait(servers.STOP_TIMEOUT) == 0
+    server.stop()
+
+    restarted = server_set.restart(server, data_dir=data_dir)
+    assert ran_uniques(restarted, b"work") == uniques[2:]
