@@ -14,9 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
+import types
+from pathlib import Path
 
 import pytest
 import servers
@@ -468,3 +473,73 @@ def test_sigterm_during_a_commit_still_writes_the_removals_queued_behind_it(serv
 
     restarted = server_set.restart(server, data_dir=data_dir)
     assert ran_uniques(restarted, b"work") == uniques[2:]
+
+
+# --- files and defaults -------------------------------------------------------------------
+
+
+def test_empty_function_name_and_longest_unique_survive_a_restart(server_set, data_dir):
+    longest = b"u" * 64
+    server = server_set.start(data_dir=data_dir)
+    with Packets(server.port) as client:
+        client.submit(T.SUBMIT_JOB_BG, b"", longest, b"no name")
+    server_set.kill(server)
+    restarted = server_set.restart(server, data_dir=data_dir)
+    ran = drain(restarted, b"")
+    assert [(args[1], args[2], args[3]) for args in ran] == [(b"", longest, b"no name")]
+
+
+def test_servers_sharing_a_data_directory_each_keep_their_own_jobs(server_set, data_dir):
+    first = server_set.start(data_dir=data_dir)
+    second = server_set.start(data_dir=data_dir)
+    submit_bg(first, b"shared", [b"of-first"])
+    submit_bg(second, b"shared", [b"of-second-1", b"of-second-2"])
+    assert sorted(p.name for p in data_dir.glob("*.sqlite3")) == sorted(
+        [f"jobserver-{first.port}.sqlite3", f"jobserver-{second.port}.sqlite3"]
+    )
+    server_set.kill(first)
+    server_set.kill(second)
+
+    first = server_set.restart(first, data_dir=data_dir)
+    second = server_set.restart(second, data_dir=data_dir)
+    assert ran_uniques(first, b"shared") == [b"of-first"]
+    assert ran_uniques(second, b"shared") == [b"of-second-1", b"of-second-2"]
+
+
+def test_a_daemon_started_with_no_store_options_keeps_background_jobs_across_kill_9(tmp_path):
+    """The issue's "done when": `jobserver -d PORT` with no store options keeps background
+    jobs across kill -9 (its store is ./jobserver-data/ of the directory it was started in)."""
+    port = servers.free_port()
+    pid_file = tmp_path / "jobserver.pid"
+    argv = [sys.executable, "-m", "jobserver", "-d", "-L", servers.HOST, str(port)]
+    argv += ["--pid-file", str(pid_file)]
+    pids: list[int] = []
+
+    def start_daemon() -> int:
+        result = subprocess.run(
+            argv, cwd=tmp_path, capture_output=True, text=True, timeout=30,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert (result.returncode, result.stderr) == (0, ""), result
+        pid = int(pid_file.read_text())
+        pids.append(pid)
+        return pid
+
+    try:
+        pid = start_daemon()
+        assert (tmp_path / "jobserver-data" / f"jobserver-{port}.sqlite3").exists()
+        with Packets(port) as client:
+            client.submit(T.SUBMIT_JOB_HIGH_BG, b"daemon", b"survivor", b"kept")
+        os.kill(pid, signal.SIGKILL)
+        servers.wait_until(
+            lambda: not servers.port_accepts(servers.HOST, port, 0.2), what="the daemon to die"
+        )
+
+        start_daemon()
+        daemon = types.SimpleNamespace(port=port, address=f"{servers.HOST}:{port}")
+        assert [args[2:] for args in drain(daemon, b"daemon")] == [[b"survivor", b"kept"]]
+    finally:
+        for pid in pids:  # ours only: the pid must still be a jobserver
+            with contextlib.suppress(OSError):
+                if b"jobserver" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
