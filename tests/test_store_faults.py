@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ from pathlib import Path
 import pytest
 import servers
 from servers import HOST, free_port, jobserver_argv, port_accepts
-from test_store_support import Packets, ServerSet, drain, queued, split_args
+from test_store_support import Packets, ServerSet, drain, queued, split_args, status
 
 from jobserver.protocol import PacketType as T
 
@@ -382,3 +383,69 @@ def test_an_unstorable_submit_does_not_take_the_rest_of_its_batch_with_it(
     assert set(refused) == big, (
         f"{len(refused)} refused for 2 unstorable submits, e.g. {sorted(set(refused) - big)[:5]}"
     )
+
+
+# --- at start: a database whose contents are not ours ---------------------------------------
+
+JOBS_TABLE = (
+    "CREATE TABLE jobs (record_id INTEGER PRIMARY KEY, function BLOB NOT NULL, "
+    "unique_id BLOB NOT NULL, priority INTEGER NOT NULL, run_at INTEGER NOT NULL, "
+    "reducer BLOB NOT NULL, payload BLOB NOT NULL)"
+)
+
+
+def write_database(path: Path, *statements: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path)
+    try:
+        for statement in statements:
+            db.execute(statement)
+        db.commit()
+    finally:
+        db.close()
+
+
+def test_database_with_a_foreign_jobs_table_is_refused_at_start(tmp_path):
+    port = free_port()
+    db = database(tmp_path / "data", port)
+    write_database(
+        db,
+        "CREATE TABLE jobs (record_id INTEGER PRIMARY KEY, function BLOB)",
+        "INSERT INTO jobs VALUES (1, x'66')",
+    )
+    result = run_jobserver(port, data_dir=db.parent, cwd=tmp_path)
+    assert_refused(result, db, re.compile("no such column|schema|column", re.IGNORECASE))
+
+
+def test_database_with_an_impossible_priority_is_refused_at_start_without_a_traceback(tmp_path):
+    """A record no server could have written (priority 7): a damaged database, reported as
+    such, not a crash."""
+    port = free_port()
+    db = database(tmp_path / "data", port)
+    write_database(db, JOBS_TABLE, "INSERT INTO jobs VALUES (1, x'66', x'75', 7, 0, x'', x'')")
+    result = run_jobserver(port, data_dir=db.parent, cwd=tmp_path)
+    assert_refused(result, db, re.compile("priority|damaged|invalid|corrupt", re.IGNORECASE))
+
+
+def test_records_written_as_text_by_another_tool_are_loaded_as_bytes_or_refused(
+    server_set, tmp_path
+):
+    """SQLite keeps whatever type was inserted: a record an operator's script wrote with TEXT
+    values must either load (and run as those bytes) or be refused at start, never reach the
+    engine as str and break the connections that look at it."""
+    port = free_port()
+    data_dir = tmp_path / "data"
+    write_database(
+        database(data_dir, port),
+        JOBS_TABLE,
+        "INSERT INTO jobs VALUES (1, 'text-fn', 'text-u', 1, 0, '', 'text payload')",
+    )
+    try:
+        server = server_set.start(data_dir=data_dir, port=port)
+    except servers.ServerStartError as refused:
+        assert "Traceback" not in str(refused), refused
+        assert str(database(data_dir, port)) in str(refused)
+        return
+    assert status(server).get("text-fn", (0, 0, 0))[0] == 1
+    ran = drain(server, b"text-fn")
+    assert [args[1:] for args in ran] == [[b"text-fn", b"text-u", b"text payload"]]
