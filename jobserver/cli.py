@@ -19,11 +19,17 @@ from .daemon import Readiness, detach
 from .engine.handles import MAX_PREFIX_SIZE
 from .protocol import DEFAULT_MAX_PACKET_SIZE, MAX_ARGUMENTS_SIZE
 from .server import DEFAULT_BACKLOG, Server, ServerConfig
+from .store import StoreError
 
 log = logging.getLogger("jobserver")
 
 NOTICE = 25
 logging.addLevelName(NOTICE, "NOTICE")
+
+
+class StoreKind(enum.StrEnum):
+    sqlite = "sqlite"
+    memory = "memory"
 
 
 class Verbosity(enum.StrEnum):
@@ -175,6 +181,23 @@ def serve(
             help="TCP keepalive on client connections, so dead workers release their jobs.",
         ),
     ] = True,
+    store: Annotated[
+        StoreKind,
+        typer.Option(
+            "--store",
+            case_sensitive=False,
+            help="Where background jobs are kept: 'sqlite' (a database in --data-dir; jobs "
+            "survive crashes and restarts) or 'memory' (lost on restart).",
+        ),
+    ] = StoreKind.sqlite,
+    data_dir: Annotated[
+        Path,
+        typer.Option(
+            "--data-dir",
+            help="Directory of the sqlite store, created if absent; one database file per "
+            "port (jobserver-<port>.sqlite3), so several servers can share it.",
+        ),
+    ] = Path("jobserver-data"),
     backlog: Annotated[
         int, typer.Option("--backlog", min=1, help="Listen backlog.")
     ] = DEFAULT_BACKLOG,
@@ -186,8 +209,9 @@ def serve(
     prefix = _check_prefix(job_handle_prefix)
     if port_argument is not None:
         port = port_argument
+    data_dir = data_dir.resolve()  # a daemon changes directory to /
     if pid_file is not None:
-        pid_file = pid_file.resolve()  # a daemon changes directory to /
+        pid_file = pid_file.resolve()
     if log_file not in (None, "stderr", "none"):
         log_file = str(Path(log_file).resolve())
 
@@ -212,6 +236,8 @@ def serve(
         keepalive=keepalive,
         backlog=backlog,
         verbose=verbose.value,
+        store=store.value,
+        data_dir=data_dir,
         facts=ServerFacts(verbose=verbose.value),
     )
     try:
@@ -233,6 +259,8 @@ async def _run(config: ServerConfig, pid_file: Path | None, readiness: Readiness
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         try:
             listeners = await server.bind()
+        except StoreError as error:
+            raise StartupError(str(error)) from None
         except OSError as error:
             where = config.listen or "all addresses"
             raise StartupError(

@@ -12,6 +12,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
@@ -19,6 +20,7 @@ from .admin import AdminProtocol, ServerFacts
 from .engine import Engine, Peer
 from .engine.handles import default_prefix
 from .protocol import DEFAULT_MAX_PACKET_SIZE, AdminLine, Decoder, Packet, ProtocolError
+from .store import JobStore, StoreError, open_store
 from .tcp import enable_keepalive
 
 log = logging.getLogger("jobserver")
@@ -64,6 +66,8 @@ class ServerConfig:
     keepalive: bool = True
     backlog: int = DEFAULT_BACKLOG
     verbose: str = "ERROR"
+    store: str = "sqlite"  # or "memory"
+    data_dir: Path = field(default_factory=lambda: Path("jobserver-data"))
     facts: ServerFacts = field(default_factory=ServerFacts)
 
 
@@ -107,18 +111,29 @@ class Server:
         self.config = config
         self.engine: Engine | None = None
         self.admin: AdminProtocol | None = None
+        self.store: JobStore | None = None
         self.port: int | None = None
         self._timer_changed = trio.lowlevel.ParkingLot()
         self._timer_due: float | None = None
+        self._journal_has_work = trio.lowlevel.ParkingLot()
 
     async def bind(self) -> list[trio.SocketListener]:
-        """Open the listening sockets and build the engine. Raises OSError (port busy, bad
-        address) before anything else happens, so the CLI can report it plainly."""
+        """Open the store, the listening sockets and the engine, and load the stored jobs.
+        Raises StoreError (bad database) or OSError (port busy, bad address) before serving
+        anything, so the CLI can report it plainly."""
         config = self.config
-        listeners = await trio.open_tcp_listeners(
-            config.port, host=config.listen, backlog=config.backlog
-        )
-        self.port = listeners[0].socket.getsockname()[1]
+        if config.port:  # a bad database should fail before we take the port
+            self.store = open_store(config.store, config.data_dir, config.port)
+        try:
+            listeners = await trio.open_tcp_listeners(
+                config.port, host=config.listen, backlog=config.backlog
+            )
+            self.port = listeners[0].socket.getsockname()[1]
+            if not config.port:
+                self.store = open_store(config.store, config.data_dir, self.port)
+        except BaseException:
+            self.close_store()
+            raise
         prefix = config.handle_prefix or default_prefix(socket.gethostname(), self.port)
         self.engine = Engine(
             handle_prefix=prefix,
@@ -126,12 +141,22 @@ class Server:
             worker_wakeup=config.worker_wakeup,
             exceptions=config.exceptions,
             start_time_ms=int(time.time() * 1000),
+            durable=self.store is not None,
         )
+        if self.store is not None:
+            # Before the first connection is served: reloaded jobs coalesce and run as before.
+            count = self.engine.restore(self.store.load())
+            log.info("loaded %d stored jobs from %s", count, getattr(self.store, "path", "?"))
         self.admin = AdminProtocol(self.engine, config.facts)
         for listener in listeners:
             address = listener.socket.getsockname()
             log.info("listening on %s port %d", address[0], address[1])
         return listeners
+
+    def close_store(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
 
     async def serve(
         self,
@@ -142,10 +167,18 @@ class Server:
         """Serve until cancelled; cancelling closes the listeners and every connection."""
         if listeners is None:
             listeners = await self.bind()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._run_timers)
-            task_status.started(listeners)
-            await trio.serve_listeners(self._serve_connection, listeners, handler_nursery=nursery)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._run_timers)
+                if self.store is not None:
+                    nursery.start_soon(self._commit_journal)
+                task_status.started(listeners)
+                await trio.serve_listeners(
+                    self._serve_connection, listeners, handler_nursery=nursery
+                )
+        finally:
+            self._final_commit()
+            self.close_store()
 
     # ------------------------------------------------------------------ connections
 
@@ -241,11 +274,47 @@ class Server:
                 peer.transport.stream.socket.close()
                 continue
             peer.transport.wake_writer()
+        if engine.journal is not None and engine.journal.has_work:
+            self._journal_has_work.unpark_all()
         delay = engine.seconds_until_next_timer()
         if delay is not None:
             due = trio.current_time() + delay
             if self._timer_due is None or due < self._timer_due:
                 self._timer_changed.unpark_all()
+
+    # ------------------------------------------------------------------ store
+
+    async def _commit_journal(self) -> None:
+        """Group commit: while one batch is being written (off the trio thread, so every
+        connection keeps being served), new records gather into the next one."""
+        engine, store = self.engine, self.store
+        assert engine is not None and engine.journal is not None and store is not None
+        journal = engine.journal
+        while True:
+            while not journal.has_work:
+                await self._journal_has_work.park()
+            batch = journal.take_batch()
+            error = None
+            try:
+                await trio.to_thread.run_sync(store.apply, batch.adds, batch.removes)
+            except StoreError as failure:
+                log.error("%s: %d submits refused", failure, len(batch.jobs))
+                error = f"Job could not be stored: {failure}"
+            engine.commit_finished(batch, error)
+            self._flush()
+
+    def _final_commit(self) -> None:
+        """At shutdown, write what is journalled, so jobs finished just before do not run
+        again at the next start."""
+        engine, store = self.engine, self.store
+        if engine is None or store is None or engine.journal is None:
+            return
+        if engine.journal.has_work:
+            batch = engine.journal.take_batch()
+            try:
+                store.apply(batch.adds, batch.removes)
+            except StoreError as failure:
+                log.error("at shutdown: %s", failure)
 
     # ------------------------------------------------------------------ timers
 

@@ -260,13 +260,27 @@ def _start(name: str, make_argv, port: int | None, attempts: int = 3) -> Server:
     raise AssertionError("unreachable")
 
 
-def jobserver_argv(port: int, *extra_args: str) -> list[str]:
-    return [sys.executable, "-m", "jobserver", "-L", HOST, "-p", str(port), *extra_args]
+def jobserver_argv(port: int, *extra_args: str, data_dir: Path | None = None) -> list[str]:
+    """The command line of a test jobserver. Its sqlite store goes to `data_dir` (never the
+    repository) unless the arguments choose a store or a directory themselves."""
+    argv = [sys.executable, "-m", "jobserver", "-L", HOST, "-p", str(port), *extra_args]
+    chooses_store = any(arg.startswith(("--data-dir", "--store")) for arg in extra_args)
+    if data_dir is not None and not chooses_store:
+        argv += ["--data-dir", str(data_dir)]
+    return argv
 
 
-def start_jobserver(*extra_args: str, port: int | None = None) -> Server:
-    """Run `python -m jobserver` in the foreground on 127.0.0.1."""
-    return _start("jobserver", lambda p, _workdir: jobserver_argv(p, *extra_args), port)
+def start_jobserver(
+    *extra_args: str, port: int | None = None, data_dir: Path | None = None
+) -> Server:
+    """Run `python -m jobserver` in the foreground on 127.0.0.1. Its jobs are stored in
+    `data_dir` if given (pass the same one to a restart to reload them), else in a fresh
+    directory of its own."""
+
+    def argv(chosen: int, workdir: Path) -> list[str]:
+        return jobserver_argv(chosen, *extra_args, data_dir=data_dir or workdir / "data")
+
+    return _start("jobserver", argv, port)
 
 
 def start_gearmand(*extra_args: str, port: int | None = None) -> Server:

@@ -6,12 +6,14 @@ Servers are real processes on free 127.0.0.1 ports. Options that gearmand also h
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,9 +48,16 @@ JOBSERVER = [sys.executable, "-m", "jobserver"]
 LEVELS = ["FATAL", "ALERT", "CRITICAL", "ERROR", "WARNING", "NOTICE", "INFO", "DEBUG"]
 
 
+WORKDIR = Path(tempfile.mkdtemp(prefix="jobserver-cli-tests-"))
+"""Where `jobserver` runs from, so a store in the default ./jobserver-data/ never lands in the
+repository; removed when the tests end."""
+atexit.register(shutil.rmtree, WORKDIR, ignore_errors=True)
+
+
 def run_jobserver(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*JOBSERVER, *args],
+        cwd=WORKDIR,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -167,7 +176,7 @@ def test_foreground_server_exits_zero_on_signal(start_jobserver, tmp_path, signu
 
 def test_positional_port_wins_over_the_port_option(tmp_path):
     option_port, positional_port = free_port(), free_port()
-    argv = jobserver_argv(option_port, str(positional_port))
+    argv = jobserver_argv(option_port, str(positional_port), data_dir=tmp_path / "data")
     server = Server("jobserver", argv, HOST, positional_port, tmp_path)
     try:
         server.wait_ready()

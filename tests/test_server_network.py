@@ -57,9 +57,12 @@ def start_custom_jobserver(tmp_path):
 
     def start(*args: str, host: str) -> servers.Server:
         port = port_free_on_both_families()
-        argv = [sys.executable, "-m", "jobserver", "-p", str(port), *args]
         workdir = tmp_path / f"server-{len(started)}"
         workdir.mkdir()
+        argv = [
+            *[sys.executable, "-m", "jobserver", "-p", str(port), *args],
+            *["--data-dir", str(workdir / "data")],
+        ]
         server = servers.Server("jobserver", argv, host, port, workdir)
         started.append(server)
         server.wait_ready()

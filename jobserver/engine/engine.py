@@ -22,6 +22,7 @@ from .errors import ErrorReply
 from .function import Function
 from .handles import HandleGenerator
 from .job import Job, JobState, Priority
+from .journal import Batch, Journal, PendingAck, StoredJob
 from .peer import MAX_CLIENT_ID_SIZE, Peer
 from .unique_index import UniqueIndex
 
@@ -126,6 +127,7 @@ class Engine:
         wall_clock: Callable[[], float] = time.time,
         monotonic_clock: Callable[[], float] = time.monotonic,
         start_time_ms: int | None = None,
+        durable: bool = False,
     ) -> None:
         if start_time_ms is None:
             start_time_ms = int(wall_clock() * 1000)
@@ -140,6 +142,8 @@ class Engine:
         self.jobs: dict[bytes, Job] = {}  # every known job by handle
         self.peers: dict[int, Peer] = {}
         self.dirty: list[Peer] = []  # peers with output, drained by the I/O layer
+        # With a store: background jobs to record before they are acknowledged.
+        self.journal: Journal | None = Journal() if durable else None
         self._uniques = UniqueIndex()
         self._by_payload: dict[tuple[bytes, bytes], Job] = {}  # unique "-" jobs (§3.2)
         self._sequence = 0
@@ -264,13 +268,31 @@ class Engine:
             self._error(peer, errors.UNIQUE_TOO_LARGE)
             return
 
+        journal = self.journal
+        ack: PendingAck | None = None
         job = self._find_duplicate(function_name, unique, payload)
         if job is None:
             function = self.function(function_name)
             if function.is_full_for(priority):
                 self._error(peer, errors.QUEUE_FULL)
                 return
-            job = self._create_job(function, unique, payload, priority, background, reducer, run_at)
+            durable = background and journal is not None
+            job = self._create_job(
+                function, unique, payload, priority, background, reducer, run_at, durable
+            )
+            if durable:
+                ack = PendingAck(peer)
+                journal.add(job, ack)  # type: ignore[union-attr]
+        elif journal is not None and job in journal.waiting:
+            # Its record is being committed: this reply waits for the outcome like the first.
+            ack = PendingAck(peer)
+            journal.wait_for(job, ack)
+        elif background and journal is not None and not job.record_id:
+            # A foreground job that a background submit now answers for: from here on it must
+            # survive a crash, so it is recorded before this submit is acknowledged.
+            job.background = True
+            ack = PendingAck(peer)
+            journal.add(job, ack)
         elif background:
             job.background = True
         if not background:
@@ -279,7 +301,10 @@ class Engine:
             else:
                 job.listeners.append(peer)
             peer.listening.add(job)
-        peer.send(encode(T.JOB_CREATED, job.handle))
+        if ack is None:
+            peer.send(encode(T.JOB_CREATED, job.handle))
+        else:
+            peer.defer(ack)
 
     def _find_duplicate(self, function: bytes, unique: bytes, payload: bytes) -> Job | None:
         """The job a submit coalesces onto, per §3.2: by (function, unique); unique `-` means
@@ -299,7 +324,10 @@ class Engine:
         background: bool,
         reducer: bytes = b"",
         run_at: int = 0,
+        pending: bool = False,
     ) -> Job:
+        """A new job, indexed; runnable (or scheduled) at once unless it is `pending` a store
+        commit, in which case `commit_finished` activates it."""
         job = Job(
             self.handles.next_handle(),
             function,
@@ -316,14 +344,22 @@ class Engine:
                 self._by_payload[(function.name, payload)] = job
         elif unique:
             self._uniques.add(job)
-        if run_at and run_at > self.wall_clock():
+        if pending:
+            job.state = JobState.PENDING
+            function.pending += 1
+        else:
+            self._activate(job)
+        return job
+
+    def _activate(self, job: Job) -> None:
+        """Make a job runnable now, or at its epoch time."""
+        if job.run_at and job.run_at > self.wall_clock():
             job.state = JobState.WAITING
-            function.waiting += 1
+            job.function.waiting += 1
             self._timer_sequence += 1
-            heapq.heappush(self._epoch_heap, (run_at, self._timer_sequence, job))
+            heapq.heappush(self._epoch_heap, (job.run_at, self._timer_sequence, job))
         else:
             self._enqueue(job)
-        return job
 
     def _enqueue(self, job: Job) -> None:
         """Put a job at the tail of its priority queue and wake sleeping workers (§3.4)."""
@@ -567,7 +603,12 @@ class Engine:
             job.state = JobState.GONE
 
     def _unindex(self, job: Job) -> None:
+        """The job is over for clients: forget its handle, unique and stored record."""
         del self.jobs[job.handle]
+        if job.record_id:
+            assert self.journal is not None
+            self.journal.remove(job.record_id)
+            job.record_id = 0
         if job.unique == b"-":
             key = (job.function.name, job.payload)
             if self._by_payload.get(key) is job:
@@ -611,6 +652,72 @@ class Engine:
             if job.attempt == attempt and job.state in (JobState.RUNNING, JobState.DETACHED):
                 self._release(job)
 
+    # ------------------------------------------------------------------ durability
+
+    def commit_finished(self, batch: Batch, error: str | None = None) -> None:
+        """The store committed `batch` (error None) or could not (error says why). Replies
+        waiting for it go out: JOB_CREATED, or ERROR QUEUE_ERROR for a job that was never
+        stored (the submitter may retry it; nothing was acknowledged)."""
+        journal = self.journal
+        assert journal is not None
+        failure = encode(T.ERROR, b"QUEUE_ERROR", error.encode(errors="replace")) if error else b""
+        for job in batch.jobs:
+            acks = journal.waiting.pop(job)
+            if error is None:
+                if job.state == JobState.PENDING:
+                    job.function.pending -= 1
+                    self._activate(job)
+                reply = encode(T.JOB_CREATED, job.handle)
+            else:
+                reply = failure
+                self._not_stored(job)
+            for ack in acks:
+                ack.reply = reply
+                ack.peer.release()
+        if error is not None:
+            journal.retry_removes(batch.removes)
+
+    def _not_stored(self, job: Job) -> None:
+        if job.state == JobState.GONE:
+            return  # finished meanwhile; its remove is harmless
+        job.record_id = 0
+        if job.state == JobState.PENDING:
+            # Nobody was told of it: it never existed. Coalesced listeners got ERROR instead.
+            job.function.pending -= 1
+            self._unindex(job)
+            if job.listeners:
+                for listener in job.listeners:
+                    listener.listening.discard(job)
+                job.listeners = None
+            job.state = JobState.GONE
+        else:
+            # A foreground job a background submit tried to take over: it stays foreground.
+            job.background = False
+            if not job.listeners:
+                self._abandon(job)
+
+    def restore(self, stored_jobs: Iterable[StoredJob]) -> int:
+        """Load the store's jobs at start, before any connection: fresh handles, runnable at
+        once or at their epoch time, coalescing on their unique ids as before. Returns the
+        count."""
+        journal = self.journal
+        assert journal is not None
+        count = 0
+        for stored in stored_jobs:
+            job = self._create_job(
+                self.function(stored.function),
+                stored.unique,
+                stored.payload,
+                Priority(stored.priority),
+                True,
+                stored.reducer,
+                stored.run_at,
+            )
+            job.record_id = stored.record_id
+            journal.next_record_id = max(journal.next_record_id, stored.record_id + 1)
+            count += 1
+        return count
+
     # ------------------------------------------------------------------ admin operations
 
     def function(self, name: bytes) -> Function:
@@ -637,6 +744,9 @@ class Engine:
         elif job.state == JobState.WAITING:
             job.function.waiting -= 1
             job.state = JobState.GONE
+        elif job.state == JobState.PENDING:
+            job.function.pending -= 1
+            job.state = JobState.GONE
         else:
             job.state = JobState.DETACHED
         return True
@@ -649,7 +759,7 @@ class Engine:
             return "not-found"
         if function.workers or function.running:
             return "busy"
-        if function.has_runnable or function.waiting:
+        if function.has_runnable or function.waiting or function.pending:
             return "queued"
         del self.functions[function.name]
         return "ok"

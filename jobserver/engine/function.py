@@ -23,6 +23,7 @@ class Function:
     __slots__ = (
         "limits",
         "name",
+        "pending",
         "queued",
         "queues",
         "registrations",
@@ -39,6 +40,7 @@ class Function:
         self.queued = [0, 0, 0]  # live queued jobs per priority
         self.stale = [0, 0, 0]  # GONE entries still sitting in each queue
         self.waiting = 0  # epoch jobs not yet due (NORMAL priority, §3.11)
+        self.pending = 0  # new durable jobs waiting for their store commit
         self.running = 0
         # Registered workers -> how many CAN_DO registrations each made. Duplicates count twice
         # in `status`, as in gearmand; `registrations` is that sum.
@@ -52,8 +54,10 @@ class Function:
 
     @property
     def total(self) -> int:
-        """Queued (waiting epoch jobs included) plus running, as `status` reports it."""
-        return self.queued[0] + self.queued[1] + self.queued[2] + self.waiting + self.running
+        """Queued (epoch jobs not due and jobs being committed included) plus running, as
+        `status` reports it."""
+        queued = self.queued
+        return queued[0] + queued[1] + queued[2] + self.waiting + self.pending + self.running
 
     @property
     def has_runnable(self) -> bool:

@@ -22,6 +22,7 @@ class JobState(enum.IntEnum):
     RUNNING = 2  # held by a worker
     DETACHED = 3  # still held by a worker, but cancelled or abandoned: results go nowhere
     GONE = 4  # finished or removed; a stale queue entry for it is skipped
+    PENDING = 5  # a new durable job whose record is not committed yet; not runnable
 
 
 class Job:
@@ -35,6 +36,7 @@ class Job:
         "numerator",
         "payload",
         "priority",
+        "record_id",
         "reducer",
         "retries",
         "run_at",
@@ -73,10 +75,7 @@ class Job:
         self.retries = 0
         self.sequence = 0  # enqueue order, for FIFO across a worker's functions
         self.attempt = 0  # bumped at each assignment; stale timeouts compare against it
-
-    @property
-    def is_running(self) -> bool:
-        return self.state >= JobState.RUNNING and self.state != JobState.GONE
+        self.record_id = 0  # the store's key for this job; 0 = not stored
 
     def __repr__(self) -> str:
         return f"<Job {self.handle!r} {self.function.name!r} {self.state.name}>"

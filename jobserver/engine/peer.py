@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .function import Function
     from .job import Job
+    from .journal import PendingAck
 
 MAX_CLIENT_ID_SIZE = 127
 """gearmand truncates SET_CLIENT_ID to 127 bytes (§1); `workers` lines stay bounded."""
@@ -17,6 +19,10 @@ class Peer:
 
     Output is appended to `outbox`; the engine lists the peer in its dirty list the first time
     its outbox becomes non-empty, and the I/O layer flushes each dirty peer once per batch.
+
+    A reply that must wait for the store (JOB_CREATED of a durable job) is a PendingAck in
+    `deferred`; everything sent to the peer after it queues behind it, so replies keep the
+    order of requests (shared doc §1) whatever the store takes.
     """
 
     __slots__ = (
@@ -26,6 +32,7 @@ class Peer:
         "can_do",
         "client_id",
         "closed",
+        "deferred",
         "exceptions",
         "held",
         "id",
@@ -50,6 +57,7 @@ class Peer:
         self.sleeping = False
         self.noop_sent = False
         self.outbox = bytearray()
+        self.deferred: deque[bytes | PendingAck] | None = None
         self.closed = False
         self.transport: Any = None  # the I/O layer's handle for this peer
         self._dirty = dirty
@@ -57,9 +65,37 @@ class Peer:
     def send(self, data: bytes) -> None:
         if self.closed:
             return
+        if self.deferred is not None:
+            self.deferred.append(data)
+            return
         if not self.outbox:
             self._dirty.append(self)
         self.outbox += data
+
+    def defer(self, ack: PendingAck) -> None:
+        """Hold this peer's output from here on until `ack` has its reply."""
+        if self.closed:
+            return
+        if self.deferred is None:
+            self.deferred = deque()
+        self.deferred.append(ack)
+
+    def release(self) -> None:
+        """Send what is no longer waiting: everything up to the first unanswered ack."""
+        deferred = self.deferred
+        if deferred is None:
+            return
+        self.deferred = None  # so send() writes to the outbox
+        while deferred:
+            item = deferred[0]
+            if type(item) is bytes:
+                self.send(item)
+            elif item.reply is not None:  # type: ignore[union-attr]
+                self.send(item.reply)  # type: ignore[union-attr]
+            else:
+                self.deferred = deferred
+                return
+            deferred.popleft()
 
     def take_output(self) -> bytes:
         data = bytes(self.outbox)

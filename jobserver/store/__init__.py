@@ -1,0 +1,51 @@
+"""Where background jobs are kept so they survive a crash (issue: durable background jobs).
+
+A store records a job, removes it, and loads them all at start. The engine never calls it:
+it journals what must be stored (jobserver.engine.journal) and the server commits that in
+batches off the trio thread (jobserver.server). Two stores: `sqlite` (the default; stdlib
+sqlite3 in WAL mode, one database file per server port) and `memory` (nothing is kept: a
+restart loses queued jobs, as with gearmand's builtin queue).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from ..engine.journal import StoredJob
+
+STORE_KINDS = ("sqlite", "memory")
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked; the message names the file and the problem."""
+
+
+class JobStore(Protocol):
+    def load(self) -> list[StoredJob]:
+        """Every stored job, oldest first."""
+        ...
+
+    def apply(self, adds: list[StoredJob], removes: list[int]) -> None:
+        """Record `adds`, then delete the records `removes`, atomically and durably (synced
+        to disk when it returns). Raises StoreError and changes nothing on failure."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def database_path(data_dir: Path, port: int) -> Path:
+    """One file per port, so several servers can share a data directory."""
+    return data_dir / f"jobserver-{port}.sqlite3"
+
+
+def open_store(kind: str, data_dir: Path, port: int) -> JobStore | None:
+    """The store of that kind, ready to load; None for `memory` (nothing to keep).
+    Raises StoreError naming the file and the problem."""
+    if kind == "memory":
+        return None
+    if kind != "sqlite":
+        raise StoreError(f"unknown store {kind!r}; choose one of {', '.join(STORE_KINDS)}")
+    from .sqlite import SqliteStore
+
+    return SqliteStore.open(data_dir, database_path(data_dir, port))
