@@ -206,18 +206,3 @@ def drain(
                 pack_request(T.WORK_COMPLETE, args[0], b"done") + pack_request(grab_type)
             )
     raise AssertionError(f"the queue of {function!r} did not drain within {limit}s")
-
-
-def grab_one(server: servers.Server, function: bytes) -> list[bytes] | None:
-    """Grab one job of `function` on a new connection and complete it; None if NO_JOB."""
-    with Packets(server.port) as worker:
-        worker.send(T.CAN_DO, function)
-        worker.send(T.GRAB_JOB_UNIQ)
-        packet_type, payload = worker.recv()
-        if packet_type == T.NO_JOB:
-            return None
-        assert packet_type == T.JOB_ASSIGN_UNIQ, (packet_type, payload)
-        args = split_args(packet_type, payload)
-        worker.send(T.WORK_COMPLETE, args[0], b"done")
-        worker.echo(b"completed")
-        return args
