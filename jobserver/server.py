@@ -19,6 +19,7 @@ import trio
 from .admin import AdminProtocol, ServerFacts
 from .engine import Engine, Peer
 from .engine.handles import default_prefix
+from .engine.journal import Batch
 from .protocol import DEFAULT_MAX_PACKET_SIZE, AdminLine, Decoder, Packet, ProtocolError
 from .store import JobStore, StoreError, open_store
 from .tcp import enable_keepalive
@@ -293,15 +294,23 @@ class Server:
         while True:
             while not journal.has_work:
                 await self._journal_has_work.park()
-            batch = journal.take_batch()
-            error = None
-            try:
-                await trio.to_thread.run_sync(store.apply, batch.adds, batch.removes)
-            except StoreError as failure:
-                log.error("%s: %d submits refused", failure, len(batch.jobs))
-                error = f"Job could not be stored: {failure}"
-            engine.commit_finished(batch, error)
-            self._flush()
+            # Shielded from shutdown: a batch taken from the journal is written and reported,
+            # or removes of jobs that just finished would be lost and the jobs run again.
+            with trio.CancelScope(shield=True):
+                batch = journal.take_batch()
+                try:
+                    await trio.to_thread.run_sync(store.apply, batch.adds, batch.removes)
+                except StoreError as failure:
+                    log.error("%s; retrying the %d records one by one", failure, len(batch.adds))
+                    failed, removes_failed = await trio.to_thread.run_sync(
+                        _apply_one_by_one, store, batch
+                    )
+                    if failed:
+                        log.error("%d submits refused: they could not be stored", len(failed))
+                    engine.commit_finished(batch, failed=failed, removes_failed=removes_failed)
+                else:
+                    engine.commit_finished(batch)
+                self._flush()
 
     def _final_commit(self) -> None:
         """At shutdown, write what is journalled, so jobs finished just before do not run
@@ -330,3 +339,21 @@ class Server:
             self._timer_due = None
             engine.run_timers()
             self._flush()
+
+
+def _apply_one_by_one(store: JobStore, batch: Batch) -> tuple[dict[int, str], bool]:
+    """After a batch failed: each record in its own transaction, so one that cannot be
+    stored (too big for the disk left) does not take the others' submits down with it.
+    Returns the records that failed (id -> why) and whether the removes failed."""
+    failed: dict[int, str] = {}
+    for record in batch.adds:
+        try:
+            store.apply([record], [])
+        except StoreError as failure:
+            failed[record.record_id] = f"Job could not be stored: {failure}"
+    try:
+        store.apply([], batch.removes)
+    except StoreError as failure:
+        log.error("%s; %d removes will be retried", failure, len(batch.removes))
+        return failed, True
+    return failed, False

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from ..protocol import REQ, BadPacket, Packet, encode
 from ..protocol import PacketType as T
@@ -654,27 +654,35 @@ class Engine:
 
     # ------------------------------------------------------------------ durability
 
-    def commit_finished(self, batch: Batch, error: str | None = None) -> None:
-        """The store committed `batch` (error None) or could not (error says why). Replies
-        waiting for it go out: JOB_CREATED, or ERROR QUEUE_ERROR for a job that was never
-        stored (the submitter may retry it; nothing was acknowledged)."""
+    def commit_finished(
+        self,
+        batch: Batch,
+        error: str | None = None,
+        *,
+        failed: Mapping[int, str] | None = None,
+        removes_failed: bool = False,
+    ) -> None:
+        """The store committed `batch`, or could not: `error` for the whole batch, or `failed`
+        (record id -> why) for single records. Replies waiting for it go out: JOB_CREATED, or
+        ERROR QUEUE_ERROR for a job that was not stored (nothing was acknowledged; the
+        submitter may retry). Removes that were not committed go into the next batch."""
         journal = self.journal
         assert journal is not None
-        failure = encode(T.ERROR, b"QUEUE_ERROR", error.encode(errors="replace")) if error else b""
-        for job in batch.jobs:
+        for job, record in zip(batch.jobs, batch.adds, strict=True):
             acks = journal.waiting.pop(job)
-            if error is None:
+            problem = error or (failed.get(record.record_id) if failed else None)
+            if problem is None:
                 if job.state == JobState.PENDING:
                     job.function.pending -= 1
                     self._activate(job)
                 reply = encode(T.JOB_CREATED, job.handle)
             else:
-                reply = failure
+                reply = encode(T.ERROR, b"QUEUE_ERROR", problem.encode(errors="replace"))
                 self._not_stored(job)
             for ack in acks:
                 ack.reply = reply
                 ack.peer.release()
-        if error is not None:
+        if error is not None or removes_failed:
             journal.retry_removes(batch.removes)
 
     def _not_stored(self, job: Job) -> None:

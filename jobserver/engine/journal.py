@@ -45,10 +45,11 @@ class Batch(NamedTuple):
 
 
 class Journal:
-    __slots__ = ("_adds", "_removes", "next_record_id", "waiting")
+    __slots__ = ("_adds", "_jobs", "_removes", "next_record_id", "waiting")
 
     def __init__(self) -> None:
-        self._adds: list[Job] = []
+        self._jobs: list[Job] = []
+        self._adds: list[StoredJob] = []
         self._removes: list[int] = []
         # Jobs whose record is written but not yet committed -> the replies waiting for it.
         self.waiting: dict[Job, list[PendingAck]] = {}
@@ -59,10 +60,24 @@ class Journal:
         return bool(self._adds or self._removes)
 
     def add(self, job: Job, ack: PendingAck) -> None:
-        """Record `job`, and hold `ack` until the record is committed."""
-        job.record_id = self.next_record_id
+        """Record `job`, and hold `ack` until the record is committed.
+
+        The record is captured now: if the job ends before its batch is taken, its remove
+        (made with this same record id) follows the add and the two cancel out."""
+        job.record_id = record_id = self.next_record_id
         self.next_record_id += 1
-        self._adds.append(job)
+        self._jobs.append(job)
+        self._adds.append(
+            StoredJob(
+                record_id,
+                job.function.name,
+                job.unique,
+                int(job.priority),
+                job.run_at,
+                job.reducer,
+                job.payload,
+            )
+        )
         self.waiting[job] = [ack]
 
     def wait_for(self, job: Job, ack: PendingAck) -> None:
@@ -73,21 +88,9 @@ class Journal:
         self._removes.append(record_id)
 
     def take_batch(self) -> Batch:
-        jobs, self._adds = self._adds, []
-        removes, self._removes = self._removes, []
-        adds = [
-            StoredJob(
-                job.record_id,
-                job.function.name,
-                job.unique,
-                int(job.priority),
-                job.run_at,
-                job.reducer,
-                job.payload,
-            )
-            for job in jobs
-        ]
-        return Batch(jobs, adds, removes)
+        batch = Batch(self._jobs, self._adds, self._removes)
+        self._jobs, self._adds, self._removes = [], [], []
+        return batch
 
     def retry_removes(self, removes: list[int]) -> None:
         """A failed commit's removes go into the next batch: a finished job must not come back."""

@@ -25,6 +25,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 )
 """
 
+MAX_PRIORITY = 2  # 0 HIGH, 1 NORMAL, 2 LOW, as gearmand's queues number them (§5)
+
 BUSY_TIMEOUT_MS = 5000
 """How long a statement waits on a lock before failing. Only this server writes its file, so
 contention means someone else opened it (a backup, an operator's sqlite3 shell)."""
@@ -43,6 +45,7 @@ class SqliteStore:
             data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise StoreError(f"cannot create data directory {data_dir}: {error.strerror}") from None
+        _check_writable(data_dir, path)
         try:
             # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE in apply). The
             # connection is used from one worker thread at a time, never two at once.
@@ -71,13 +74,29 @@ class SqliteStore:
         return cls(path, db)
 
     def load(self) -> list[StoredJob]:
+        """Every stored job, oldest first. Byte columns are read as bytes whatever type a
+        foreign writer gave them; a record that cannot be a job (priority out of range, a time
+        that is not an integer) is refused with StoreError rather than guessed at."""
         try:
             rows = self._db.execute(
-                "SELECT record_id, function, unique_id, priority, run_at, reducer, payload "
-                "FROM jobs ORDER BY record_id"
+                "SELECT record_id, CAST(function AS BLOB), CAST(unique_id AS BLOB), priority, "
+                "run_at, CAST(reducer AS BLOB), CAST(payload AS BLOB) FROM jobs "
+                "ORDER BY record_id"
             ).fetchall()
         except sqlite3.Error as error:
             raise StoreError(f"cannot read job database {self.path}: {error}") from None
+        for row in rows:
+            record_id, _, _, priority, run_at, _, _ = row
+            if type(priority) is not int or not 0 <= priority <= MAX_PRIORITY:
+                raise StoreError(
+                    f"job database {self.path} is damaged: record {record_id} has priority "
+                    f"{priority!r} (must be 0, 1 or 2)"
+                )
+            if type(run_at) is not int:
+                raise StoreError(
+                    f"job database {self.path} is damaged: record {record_id} has run_at "
+                    f"{run_at!r} (must be an integer unix time)"
+                )
         return [StoredJob(*row) for row in rows]
 
     def apply(self, adds: list[StoredJob], removes: list[int]) -> None:
@@ -99,3 +118,23 @@ class SqliteStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _check_writable(data_dir: Path, path: Path) -> None:
+    """SQLite reports a read-only directory as "unable to open database file"; try a write
+    ourselves first, so the message says what is wrong (read-only file system, permission).
+    The directory must be writable too: WAL mode keeps two files beside the database."""
+    if path.exists():
+        try:
+            with path.open("r+b"):
+                pass
+        except OSError as error:
+            raise StoreError(f"cannot write job database {path}: {error.strerror}") from None
+    probe = data_dir / f".{path.name}.write-test"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise StoreError(
+            f"cannot write job database {path}: its directory is not writable: {error.strerror}"
+        ) from None
