@@ -34,6 +34,7 @@ import json
 import resource
 import select
 import socket
+import struct
 import sys
 import time
 from collections import deque
@@ -314,12 +315,42 @@ def raise_fd_limit(needed: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
+SLOW_CONNECT = 0.2
+"""A connect() that takes this long waited for a SYN retransmission (the server's accept queue
+was full): the `idle` role then spaces its connects out."""
+
+MAX_CONNECT_GAP = 0.01
+
+RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+"""SO_LINGER on, 0 s: close() sends RST, so 10,000 closed connections leave no TIME_WAIT
+entries behind to crowd the ephemeral ports of the runs that follow."""
+
+
 def idle(spec: dict, deadline: Deadline) -> Callable[[], dict]:
+    """Open `connections` connections, one after the other, and hold them without a byte.
+
+    Servers with a short listen backlog (gear listens with 1, gearmand with 32) drop SYNs
+    while their accept queue is full, and each drop costs a 1 s retransmission; so whenever
+    a connect was that slow, the next ones are spaced out a little more (up to 10 ms apart),
+    and a run of fast ones halves the gap again.
+    """
     count = spec["connections"]
     raise_fd_limit(count + 64)
     sockets = []
+    gap, fast_in_a_row = 0.0, 0
     for _ in range(count):
-        sockets.append(socket.create_connection((spec["host"], spec["port"]), timeout=IO_TIMEOUT))
+        began = time.monotonic()
+        sock = socket.create_connection((spec["host"], spec["port"]), timeout=IO_TIMEOUT)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+        sockets.append(sock)
+        if time.monotonic() - began > SLOW_CONNECT:
+            gap, fast_in_a_row = min(MAX_CONNECT_GAP, max(2 * gap, 0.0005)), 0
+        else:
+            fast_in_a_row += 1
+            if fast_in_a_row >= 500:
+                gap, fast_in_a_row = gap / 2, 0
+        if gap:
+            time.sleep(gap)
         deadline.check(f"{len(sockets)} of {count} connections open")
 
     def run() -> dict:

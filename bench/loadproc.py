@@ -19,8 +19,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 READY_TIMEOUT = 60.0
-"""Seconds for a process to connect and encode its requests (10,000 idle connections to a slow
-server take a few seconds; a stuck one fails the run here)."""
+"""Seconds for a process to connect and encode its requests; a stuck one fails the run here."""
 
 
 class LoadProcessError(RuntimeError):
@@ -117,7 +116,9 @@ class LoadGroup:
         for process in self.processes:
             process.close()
 
-    def start(self, role: str, specs: list[dict]) -> list[LoadProcess]:
+    def start(
+        self, role: str, specs: list[dict], ready_timeout: float = READY_TIMEOUT
+    ) -> list[LoadProcess]:
         """Start one process per spec and wait until all of them are ready."""
         started = []
         for spec in specs:
@@ -126,7 +127,7 @@ class LoadGroup:
             self.processes.append(process)
             started.append(process)
         for process in started:
-            process.wait_ready()
+            process.wait_ready(ready_timeout)
         return started
 
     @staticmethod

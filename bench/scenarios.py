@@ -280,7 +280,9 @@ def idle_connections(server: RunningServer, sizes: Sizes, logs: Path) -> dict[st
     fds_before = server.fd_count()
     rss_before = server.rss_bytes()
     with LoadGroup(logs) as group:
-        (holder,) = group.start("idle", [{**base, "connections": count}])
+        (holder,) = group.start(
+            "idle", [{**base, "connections": count}], ready_timeout=sizes.deadline_s + 10
+        )
         group.go([holder])
         # connect() returns once the kernel queued the connection; wait until the server has
         # really accepted each one (one descriptor per connection in every server we run).

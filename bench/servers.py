@@ -28,12 +28,13 @@ HOST = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GEARMAND = "/usr/sbin/gearmand"
 
-GEARMAND_THREADS = 2
-"""gearmand's --threads on this 2-core machine. gearmand with N > 0 runs N I/O threads plus
-one processing thread that owns the queues; 0 puts everything on one thread. With 2 cores
-shared by the load generator, 2 I/O threads measured fastest on (a), (b) and (d) (0 and 1 were
-slower on the pipelined scenarios); more threads than cores only adds handoffs. The Debian
-default is 4. Override with `--gearmand-threads`."""
+GEARMAND_THREADS = 1
+"""gearmand's --threads on this 2-core machine. With N > 0 gearmand runs N I/O threads plus
+one processing thread that owns the queues; 0 does everything on one thread. 1 gives two busy
+threads for two cores, which the load generator shares. Measured here (four runs each of (b)
+and (d)), medians: --threads=1 about 90k submits/s and 22k foreground jobs/s, --threads=0
+about 81k and 20k, --threads=2 about 50k and 20k; Debian's default of 4 was slower still
+(more threads than cores only adds hand-offs). Override with `--gearmand-threads`."""
 
 GEAR_VERSION = "0.16.0"
 """The `gear` release we compare with (the Python peer named in issue 5)."""
