@@ -235,3 +235,14 @@ def test_set_client_id_is_truncated_to_127_bytes():
     send(engine, peer, T.SET_CLIENT_ID, b"0123456789" * 30)
     assert peer.client_id == (b"0123456789" * 30)[:127]
     assert replies(peer) == []
+
+
+def test_get_status_unique_with_a_nul_looks_up_and_echoes_the_part_before_it():
+    # A NUL cannot be part of a unique id, nor travel in STATUS_RES_UNIQUE's first argument;
+    # encoding it would fail and cost the client its connection.
+    engine = new_engine()
+    client = connect(engine)
+    submit(engine, client, b"fn", b"u", b"x", T.SUBMIT_JOB_BG)
+    send(engine, client, T.GET_STATUS_UNIQUE, b"u\0junk")
+    [status] = replies(client)
+    assert (status.type, status.args) == (T.STATUS_RES_UNIQUE, (b"u", b"1", b"0", b"0", b"0", b"0"))

@@ -87,6 +87,8 @@ _NOT_FOR_SERVERS = frozenset(
 )
 """Types a server answers with INVALID_COMMAND, keeping the connection (§2)."""
 
+_SUBMIT_JOB_EPOCH = int(T.SUBMIT_JOB_EPOCH)  # plain ints on the hot path: no enum lookups
+_JOB_CREATED = int(T.JOB_CREATED)
 _NOOP = encode(T.NOOP)
 _NO_JOB = encode(T.NO_JOB)
 
@@ -237,10 +239,12 @@ class Engine:
         peer.send(encode(T.STATUS_RES, handle, b"1", *_status_numbers(job)))
 
     def _get_status_unique(self, peer: Peer, _type: int, args: tuple[bytes, ...]) -> None:
-        unique = args[0]
-        if len(unique) > MAX_LOOKUP_ARGUMENT_SIZE:
+        if len(args[0]) > MAX_LOOKUP_ARGUMENT_SIZE:
             self._error(peer, errors.UNIQUE_LOOKUP_TOO_LARGE)  # gearmand: no reply (§3.14)
             return
+        # A unique id never holds a NUL (SUBMIT_* separates on it), and STATUS_RES_UNIQUE
+        # could not carry one: look up and echo the part before it, as GET_STATUS does.
+        unique = args[0].split(b"\0", 1)[0]
         job = self._uniques.find_any(unique) if unique else None
         if job is None:
             peer.send(encode(T.STATUS_RES_UNIQUE, unique, b"0", b"0", b"0", b"0", b"0"))
@@ -256,14 +260,15 @@ class Engine:
         payload = args[-1]
         reducer = b""
         run_at = 0
-        if packet_type == T.SUBMIT_JOB_EPOCH:
-            epoch = _parse_integer(args[2], max_length=20)
-            if epoch is None or not EPOCH_RANGE[0] <= epoch <= EPOCH_RANGE[1]:
-                self._error(peer, errors.BAD_EPOCH)  # gearmand: no reply (§3.11)
-                return
-            run_at = epoch
-        elif packet_type in (T.SUBMIT_REDUCE_JOB, T.SUBMIT_REDUCE_JOB_BACKGROUND):
-            reducer = args[2]  # args[3], the aggregator, is ignored as in gearmand (§3.12)
+        if len(args) > 3:  # the submit types with arguments between unique and payload
+            if packet_type == _SUBMIT_JOB_EPOCH:
+                epoch = _parse_integer(args[2], max_length=20)
+                if epoch is None or not EPOCH_RANGE[0] <= epoch <= EPOCH_RANGE[1]:
+                    self._error(peer, errors.BAD_EPOCH)  # gearmand: no reply (§3.11)
+                    return
+                run_at = epoch
+            else:
+                reducer = args[2]  # args[3], the aggregator, is ignored as gearmand does (§3.12)
         if len(unique) > MAX_UNIQUE_SIZE:
             self._error(peer, errors.UNIQUE_TOO_LARGE)
             return
@@ -302,7 +307,7 @@ class Engine:
                 job.listeners.append(peer)
             peer.listening.add(job)
         if ack is None:
-            peer.send(encode(T.JOB_CREATED, job.handle))
+            peer.send(encode(_JOB_CREATED, job.handle))
         else:
             peer.defer(ack)
 
