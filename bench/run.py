@@ -63,6 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--idle-connections", type=int, default=None, help="for (f); default 10,000 (200 quick)"
     )
     parser.add_argument("--no-install", action="store_true", help="never pip install gear")
+    parser.add_argument(
+        "--geard-nodelay",
+        action="store_true",
+        help="also run geard with TCP_NODELAY on its connections (column geard-nodelay)",
+    )
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
@@ -107,6 +112,8 @@ def server_lineup(
         gear_path, gear_version, reason = servers.provide_gear()
     if gear_version:
         lineup.append(servers.gear_spec(gear_path))
+        if args.geard_nodelay:
+            lineup.append(servers.gear_spec(gear_path, nodelay=True))
     else:
         skipped["geard"] = reason or "gear is not installed"
     if args.servers:
@@ -124,6 +131,8 @@ def setup_notes(lineup: list[ServerSpec], args: argparse.Namespace) -> dict[str,
         "gearmand": f"`gearmand --threads={args.gearmand_threads}`, empty config file",
         "geard": "gear's `geard -d`, logging at WARNING; it ignores ECHO_REQ, so its (a) and (f) "
         "latency figures are GET_STATUS round trips",
+        "geard-nodelay": "geard as above with TCP_NODELAY set on every accepted connection "
+        "(geard as shipped leaves Nagle on)",
     }
     return {spec.name: text.get(spec.name, spec.note) for spec in lineup}
 
@@ -203,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bench: {where}: {shown}", flush=True)
 
     probe_notes = {
-        spec.name: "GET_STATUS round trips: geard ignores ECHO_REQ"
+        spec.name: "GET_STATUS round trips: gear ignores ECHO_REQ"
         for spec in lineup
         if not spec.answers_echo
     }
