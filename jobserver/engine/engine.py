@@ -673,20 +673,26 @@ class Engine:
         submitter may retry). Removes that were not committed go into the next batch."""
         journal = self.journal
         assert journal is not None
+        waiting = journal.waiting
+        answered: dict[Peer, None] = {}
         for job, record in zip(batch.jobs, batch.adds, strict=True):
-            acks = journal.waiting.pop(job)
+            acks = waiting.pop(job)
             problem = error or (failed.get(record.record_id) if failed else None)
             if problem is None:
                 if job.state == JobState.PENDING:
                     job.function.pending -= 1
                     self._activate(job)
-                reply = encode(T.JOB_CREATED, job.handle)
+                reply = encode(_JOB_CREATED, job.handle)
             else:
                 reply = encode(T.ERROR, b"QUEUE_ERROR", problem.encode(errors="replace"))
                 self._not_stored(job)
             for ack in acks:
                 ack.reply = reply
-                ack.peer.release()
+                answered[ack.peer] = None
+        # Each peer once, after all its replies are known: a client that pipelined hundreds
+        # of submits gets them in one pass.
+        for peer in answered:
+            peer.release()
         if error is not None or removes_failed:
             journal.retry_removes(batch.removes)
 
