@@ -82,10 +82,13 @@ def pack_request(packet_type: int, *args: bytes) -> bytes:
 
 
 class Connection:
-    """A blocking binary-protocol connection with a timeout on every operation."""
+    """A blocking binary-protocol connection with a deadline on every read."""
 
     def __init__(self, host: str, port: int, timeout: float = IO_TIMEOUT):
         self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.timeout = timeout
+        self._buffer = bytearray()
 
     def __enter__(self) -> Connection:
         return self
@@ -99,12 +102,37 @@ class Connection:
     def send(self, packet_type: int, *args: bytes) -> None:
         self.sock.sendall(pack_request(packet_type, *args))
 
-    def recv(self) -> tuple[int, bytes]:
-        """Read one response packet; returns (type, payload)."""
-        magic, packet_type, length = struct.unpack(">4sII", self._recv_exactly(12))
-        if magic != RES:
-            raise ValueError(f"bad response magic {magic!r}")
-        return packet_type, self._recv_exactly(length)
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self, timeout: float | None = None) -> tuple[int, bytes]:
+        """The next response packet as (type, payload). ConnectionError on EOF, TimeoutError
+        when none is complete within `timeout` (default: the connection's)."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            if len(self._buffer) >= 12:
+                magic, packet_type, length = struct.unpack_from(">4sII", self._buffer)
+                if magic != RES:
+                    raise ValueError(f"bad response magic {bytes(self._buffer[:12])!r}")
+                if len(self._buffer) >= 12 + length:
+                    payload = bytes(self._buffer[12 : 12 + length])
+                    del self._buffer[: 12 + length]
+                    return packet_type, payload
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no reply in time; buffered {bytes(self._buffer[:60])!r}")
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except ConnectionResetError:
+                chunk = b""
+            except TimeoutError:
+                raise TimeoutError(
+                    f"no reply in time; buffered {bytes(self._buffer[:60])!r}"
+                ) from None
+            if not chunk:
+                raise ConnectionError("server closed the connection")
+            self._buffer += chunk
 
     def request(self, packet_type: int, *args: bytes, expect: int) -> bytes:
         """Send one request and return the payload of its reply of type `expect`."""
@@ -113,16 +141,6 @@ class Connection:
         if reply_type != expect:
             raise ValueError(f"expected packet type {expect}, got {reply_type}: {payload!r}")
         return payload
-
-    def _recv_exactly(self, size: int) -> bytes:
-        chunks = []
-        while size:
-            chunk = self.sock.recv(size)
-            if not chunk:
-                raise ConnectionError("server closed the connection")
-            chunks.append(chunk)
-            size -= len(chunk)
-        return b"".join(chunks)
 
 
 def echo(host: str, port: int, data: bytes = b"ping", timeout: float = IO_TIMEOUT) -> bytes:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import struct
 import time
 from pathlib import Path
 
@@ -23,7 +21,6 @@ from servers import HOST, pack_request
 from jobserver.protocol import PacketType as T
 
 RES = b"\0RES"
-HEADER = struct.Struct(">4sII")
 IO_TIMEOUT = 10.0
 
 
@@ -64,56 +61,11 @@ class ServerSet:
             server.remove_workdir()
 
 
-class Packets:
-    """One blocking connection: send requests, read replies one at a time with a deadline."""
+class Packets(servers.Connection):
+    """servers.Connection to 127.0.0.1, with replies checked and split into arguments."""
 
     def __init__(self, port: int, timeout: float = IO_TIMEOUT) -> None:
-        self.sock = socket.create_connection((HOST, port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.timeout = timeout
-        self._buffer = bytearray()
-
-    def __enter__(self) -> Packets:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def send(self, packet_type: int, *args: bytes) -> None:
-        self.sock.sendall(pack_request(packet_type, *args))
-
-    def send_raw(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def recv(self, timeout: float | None = None) -> tuple[int, bytes]:
-        """The next reply as (type, payload). ConnectionError on EOF, TimeoutError if late."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while True:
-            if len(self._buffer) >= 12:
-                magic, packet_type, length = HEADER.unpack_from(self._buffer)
-                assert magic == RES, f"bad reply magic {bytes(self._buffer[:12])!r}"
-                if len(self._buffer) >= 12 + length:
-                    payload = bytes(self._buffer[12 : 12 + length])
-                    del self._buffer[: 12 + length]
-                    return packet_type, payload
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no reply in time; buffered {bytes(self._buffer[:60])!r}")
-            self.sock.settimeout(remaining)
-            try:
-                chunk = self.sock.recv(1 << 16)
-            except ConnectionResetError:
-                chunk = b""
-            except TimeoutError:
-                raise TimeoutError(
-                    f"no reply in time; buffered {bytes(self._buffer[:60])!r}"
-                ) from None
-            if not chunk:
-                raise ConnectionError("server closed the connection")
-            self._buffer += chunk
+        super().__init__(HOST, port, timeout)
 
     def expect(self, packet_type: int, timeout: float | None = None) -> list[bytes]:
         """The next reply, which must be of this type; its NUL-separated arguments."""
@@ -121,7 +73,7 @@ class Packets:
         assert got == packet_type, f"expected {T(packet_type).name}, got {_name(got)} {payload!r}"
         return split_args(packet_type, payload)
 
-    def request(self, packet_type: int, *args: bytes, expect: int) -> list[bytes]:
+    def request(self, packet_type: int, *args: bytes, expect: int) -> list[bytes]:  # type: ignore[override]
         self.send(packet_type, *args)
         return self.expect(expect)
 
