@@ -235,7 +235,6 @@ def serve(
         max_packet_size=max_packet_size,
         keepalive=keepalive,
         backlog=backlog,
-        verbose=verbose.value,
         store=store.value,
         data_dir=data_dir,
         facts=ServerFacts(verbose=verbose.value),

@@ -67,7 +67,6 @@ class ServerConfig:
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
     keepalive: bool = True
     backlog: int = DEFAULT_BACKLOG
-    verbose: str = "ERROR"
     store: str = "sqlite"  # or "memory"
     data_dir: Path = field(default_factory=lambda: Path("jobserver-data"))
     facts: ServerFacts = field(default_factory=ServerFacts)
