@@ -18,11 +18,11 @@ from pathlib import Path
 import trio
 
 from .admin import AdminProtocol, ServerFacts
+from .commits import Committer, write
 from .engine import Engine, Peer
 from .engine.handles import default_prefix
-from .engine.journal import Batch
 from .protocol import DEFAULT_MAX_PACKET_SIZE, AdminLine, Decoder, Packet, ProtocolError
-from .store import JobStore, StoreError, open_store
+from .store import JobStore, open_store
 from .tcp import enable_keepalive
 
 log = logging.getLogger("jobserver")
@@ -149,7 +149,8 @@ class Server:
         self.port: int | None = None
         self._timer_changed = trio.lowlevel.ParkingLot()
         self._timer_due: float | None = None
-        self._journal_has_work = trio.lowlevel.ParkingLot()
+        self._committer: Committer | None = None
+        self._batch_written = trio.lowlevel.ParkingLot()
 
     async def bind(self) -> list[trio.SocketListener]:
         """Open the store, the listening sockets and the engine, and load the stored jobs.
@@ -179,7 +180,8 @@ class Server:
         )
         if self.store is not None:
             # Before the first connection is served: reloaded jobs coalesce and run as before.
-            count = self.engine.restore(self.store.load())
+            stored = self.store.load()
+            count = self.engine.restore(stored, self.store.next_record_id)
             log.info("loaded %d stored jobs from %s", count, getattr(self.store, "path", "?"))
         self.admin = AdminProtocol(self.engine, config.facts)
         for listener in listeners:
@@ -201,11 +203,16 @@ class Server:
         """Serve until cancelled; cancelling closes the listeners and every connection."""
         if listeners is None:
             listeners = await self.bind()
+        if self.store is not None:
+            token = trio.lowlevel.current_trio_token()
+            self._committer = Committer(
+                self.store, lambda: token.run_sync_soon(self._batch_written.unpark_all)
+            )
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._run_timers)
-                if self.store is not None:
-                    nursery.start_soon(self._commit_journal)
+                if self._committer is not None:
+                    nursery.start_soon(self._take_written_batches)
                 task_status.started(listeners)
                 await trio.serve_listeners(
                     self._serve_connection, listeners, handler_nursery=nursery
@@ -310,10 +317,13 @@ class Server:
                 await connection.wait_output_below(OUTBOX_HIGH_WATER)
 
     def _flush(self) -> None:
-        """Send every connection's new output (once per batch, however many packets), and wake
-        the committer and the timer task if the batch gave them something to do."""
+        """Send every connection's new output (once per batch, however many packets), after
+        taking in a written commit and handing the store the next one; wake the timer task if
+        the batch gave it something to do."""
         engine = self.engine
         assert engine is not None
+        if self._committer is not None:
+            self._advance_commits()
         for peer in engine.take_dirty():
             if len(peer.outbox) > MAX_OUTBOX:
                 log.error("dropping %s (fd %d): it stopped reading", peer.address, peer.id)
@@ -321,8 +331,6 @@ class Server:
                 peer.transport.stream.socket.close()
                 continue
             peer.transport.flush()
-        if engine.journal is not None and engine.journal.has_work:
-            self._journal_has_work.unpark_all()
         delay = engine.seconds_until_next_timer()
         if delay is not None:
             due = trio.current_time() + delay
@@ -331,45 +339,40 @@ class Server:
 
     # ------------------------------------------------------------------ store
 
-    async def _commit_journal(self) -> None:
-        """Group commit: while one batch is being written (off the trio thread, so every
-        connection keeps being served), new records gather into the next one."""
-        engine, store = self.engine, self.store
-        assert engine is not None and engine.journal is not None and store is not None
-        journal = engine.journal
+    def _advance_commits(self) -> None:
+        """Group commit: report the batch the store has written (its replies go out), and hand
+        it everything journalled since, as the next batch."""
+        engine, committer = self.engine, self._committer
+        assert engine is not None and engine.journal is not None and committer is not None
+        written = committer.take_written()
+        if written is not None:
+            engine.commit_finished(
+                written.batch, failed=written.failed, removes_failed=written.removes_failed
+            )
+        if not committer.busy and engine.journal.has_work:
+            committer.hand_over(engine.journal.take_batch())
+
+    async def _take_written_batches(self) -> None:
+        """When the server is idle, nothing else calls _flush: a written batch wakes this."""
         while True:
-            while not journal.has_work:
-                await self._journal_has_work.park()
-            # Shielded from shutdown: a batch taken from the journal is written and reported,
-            # or removes of jobs that just finished would be lost and the jobs run again.
-            with trio.CancelScope(shield=True):
-                batch = journal.take_batch()
-                try:
-                    await trio.to_thread.run_sync(store.apply, batch.adds, batch.removes)
-                except StoreError as failure:
-                    log.error("%s; retrying the %d records one by one", failure, len(batch.adds))
-                    failed, removes_failed = await trio.to_thread.run_sync(
-                        _apply_one_by_one, store, batch
-                    )
-                    if failed:
-                        log.error("%d submits refused: they could not be stored", len(failed))
-                    engine.commit_finished(batch, failed=failed, removes_failed=removes_failed)
-                else:
-                    engine.commit_finished(batch)
-                self._flush()
+            await self._batch_written.park()
+            self._flush()
 
     def _final_commit(self) -> None:
-        """At shutdown, write what is journalled, so jobs finished just before do not run
-        again at the next start."""
-        engine, store = self.engine, self.store
-        if engine is None or store is None or engine.journal is None:
+        """At shutdown: report the batch in flight, then write what is journalled, so jobs
+        finished just before do not run again at the next start."""
+        engine, committer = self.engine, self._committer
+        if engine is None or committer is None or engine.journal is None:
             return
+        self._committer = None
+        written = committer.wait_written()
+        committer.stop()
+        if written is not None:
+            engine.commit_finished(
+                written.batch, failed=written.failed, removes_failed=written.removes_failed
+            )
         if engine.journal.has_work:
-            batch = engine.journal.take_batch()
-            try:
-                store.apply(batch.adds, batch.removes)
-            except StoreError as failure:
-                log.error("at shutdown: %s", failure)
+            write(self.store, engine.journal.take_batch())  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ timers
 
@@ -385,21 +388,3 @@ class Server:
             self._timer_due = None
             engine.run_timers()
             self._flush()
-
-
-def _apply_one_by_one(store: JobStore, batch: Batch) -> tuple[dict[int, str], bool]:
-    """After a batch failed: each record in its own transaction, so one that cannot be
-    stored (too big for the disk left) does not take the others' submits down with it.
-    Returns the records that failed (id -> why) and whether the removes failed."""
-    failed: dict[int, str] = {}
-    for record in batch.adds:
-        try:
-            store.apply([record], [])
-        except StoreError as failure:
-            failed[record.record_id] = f"Job could not be stored: {failure}"
-    try:
-        store.apply([], batch.removes)
-    except StoreError as failure:
-        log.error("%s; %d removes will be retried", failure, len(batch.removes))
-        return failed, True
-    return failed, False

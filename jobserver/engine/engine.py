@@ -22,7 +22,7 @@ from .errors import ErrorReply
 from .function import Function
 from .handles import HandleGenerator
 from .job import Job, JobState, Priority
-from .journal import Batch, Journal, PendingAck, StoredJob
+from .journal import Batch, Journal, StoredJob
 from .peer import MAX_CLIENT_ID_SIZE, Peer
 from .unique_index import UniqueIndex
 
@@ -274,7 +274,7 @@ class Engine:
             return
 
         journal = self.journal
-        ack: PendingAck | None = None
+        record_id = 0  # the record this submit's reply waits for; 0 = none
         job = self._find_duplicate(function_name, unique, payload)
         if job is None:
             function = self.function(function_name)
@@ -286,18 +286,15 @@ class Engine:
                 function, unique, payload, priority, background, reducer, run_at, durable
             )
             if durable:
-                ack = PendingAck(peer)
-                journal.add(job, ack)  # type: ignore[union-attr]
-        elif journal is not None and job in journal.waiting:
+                record_id = journal.add(job)  # type: ignore[union-attr]
+        elif journal is not None and journal.in_flight(job):
             # Its record is being committed: this reply waits for the outcome like the first.
-            ack = PendingAck(peer)
-            journal.wait_for(job, ack)
+            record_id = job.record_id
         elif background and journal is not None and not job.record_id:
             # A foreground job that a background submit now answers for: from here on it must
             # survive a crash, so it is recorded before this submit is acknowledged.
             job.background = True
-            ack = PendingAck(peer)
-            journal.add(job, ack)
+            record_id = journal.add(job)
         elif background:
             job.background = True
         if not background:
@@ -306,10 +303,11 @@ class Engine:
             else:
                 job.listeners.append(peer)
             peer.listening.add(job)
-        if ack is None:
-            peer.send(encode(_JOB_CREATED, job.handle))
+        if record_id:
+            peer.defer(record_id, encode(_JOB_CREATED, job.handle))
+            journal.holding[peer] = None  # type: ignore[union-attr]
         else:
-            peer.defer(ack)
+            peer.send(encode(_JOB_CREATED, job.handle))
 
     def _find_duplicate(self, function: bytes, unique: bytes, payload: bytes) -> Job | None:
         """The job a submit coalesces onto, per §3.2: by (function, unique); unique `-` means
@@ -673,26 +671,26 @@ class Engine:
         submitter may retry). Removes that were not committed go into the next batch."""
         journal = self.journal
         assert journal is not None
-        waiting = journal.waiting
-        answered: dict[Peer, None] = {}
-        for job, record in zip(batch.jobs, batch.adds, strict=True):
-            acks = waiting.pop(job)
-            problem = error or (failed.get(record.record_id) if failed else None)
-            if problem is None:
-                if job.state == JobState.PENDING:
-                    job.function.pending -= 1
-                    self._activate(job)
-                reply = encode(_JOB_CREATED, job.handle)
-            else:
-                reply = encode(T.ERROR, b"QUEUE_ERROR", problem.encode(errors="replace"))
-                self._not_stored(job)
-            for ack in acks:
-                ack.reply = reply
-                answered[ack.peer] = None
-        # Each peer once, after all its replies are known: a client that pipelined hundreds
-        # of submits gets them in one pass.
-        for peer in answered:
-            peer.release()
+        journal.decided_end = batch.end
+        refused: dict[int, bytes] = {}
+        if error is not None or failed:
+            for job, record in zip(batch.jobs, batch.adds, strict=True):
+                problem = error or (failed.get(record.record_id) if failed else None)
+                if problem is not None:
+                    refused[record.record_id] = encode(
+                        T.ERROR, b"QUEUE_ERROR", problem.encode(errors="replace")
+                    )
+                    self._not_stored(job)
+        for job in batch.jobs:
+            if job.state == JobState.PENDING:  # committed (a refused one is GONE by now)
+                job.function.pending -= 1
+                self._activate(job)
+        # Each holding peer once, after all of the batch's outcomes are known: a client that
+        # pipelined hundreds of submits gets their replies in one pass.
+        holding = journal.holding
+        for peer in list(holding):
+            if peer.release(batch.end, refused):
+                del holding[peer]
         if error is not None or removes_failed:
             journal.retry_removes(batch.removes)
 
@@ -715,12 +713,14 @@ class Engine:
             if not job.listeners:
                 self._abandon(job)
 
-    def restore(self, stored_jobs: Iterable[StoredJob]) -> int:
+    def restore(self, stored_jobs: Iterable[StoredJob], next_record_id: int = 1) -> int:
         """Load the store's jobs at start, before any connection: fresh handles, runnable at
-        once or at their epoch time, coalescing on their unique ids as before. Returns the
-        count."""
+        once or at their epoch time, coalescing on their unique ids as before. New records
+        get ids from `next_record_id` up (the store may know of ids above the jobs' own).
+        Returns the count."""
         journal = self.journal
         assert journal is not None
+        journal.next_record_id = max(journal.next_record_id, next_record_id)
         count = 0
         for stored in stored_jobs:
             job = self._create_job(
@@ -735,6 +735,7 @@ class Engine:
             job.record_id = stored.record_id
             journal.next_record_id = max(journal.next_record_id, stored.record_id + 1)
             count += 1
+        journal.decided_end = journal.next_record_id  # every record loaded is committed
         return count
 
     # ------------------------------------------------------------------ admin operations

@@ -28,67 +28,75 @@ class StoredJob(NamedTuple):
     payload: bytes
 
 
-class PendingAck:
-    """One reply that waits for a commit: JOB_CREATED on success, ERROR on failure."""
-
-    __slots__ = ("peer", "reply")
-
-    def __init__(self, peer: Peer) -> None:
-        self.peer = peer
-        self.reply: bytes | None = None
-
-
 class Batch(NamedTuple):
     jobs: list[Job]  # jobs whose records this batch adds
     adds: list[StoredJob]
     removes: list[int]  # record ids; applied after the adds of the same batch
+    end: int  # one past the last record id it adds: once it is written, ids below are decided
+
+
+_stored_job = tuple.__new__
+"""Builds a StoredJob from a tuple in C; calling the class runs a Python-level constructor,
+which costs more than the rest of journalling a job."""
 
 
 class Journal:
-    __slots__ = ("_adds", "_jobs", "_removes", "next_record_id", "waiting")
+    """Records to write, and which replies wait for them.
+
+    A reply that waits for a record is held in its peer's output as (record id, reply) (see
+    Peer.defer); the record's batch decides it. `decided_end` says how far commits have got:
+    records below it are committed or were refused, so a reply is released when its record
+    id is below it, as JOB_CREATED, or as ERROR if the id is among the batch's refusals.
+    """
+
+    __slots__ = ("_adds", "_jobs", "_removes", "decided_end", "holding", "next_record_id")
 
     def __init__(self) -> None:
         self._jobs: list[Job] = []
         self._adds: list[StoredJob] = []
         self._removes: list[int] = []
-        # Jobs whose record is written but not yet committed -> the replies waiting for it.
-        self.waiting: dict[Job, list[PendingAck]] = {}
         self.next_record_id = 1
+        self.decided_end = 1
+        # Peers with replies held for a commit, released after each one.
+        self.holding: dict[Peer, None] = {}
 
     @property
     def has_work(self) -> bool:
         return bool(self._adds or self._removes)
 
-    def add(self, job: Job, ack: PendingAck) -> None:
-        """Record `job`, and hold `ack` until the record is committed.
+    def add(self, job: Job) -> int:
+        """Record `job`; returns its record id, which the replies acknowledging it wait on.
 
         The record is captured now: if the job ends before its batch is taken, its remove
         (made with this same record id) follows the add and the two cancel out."""
         job.record_id = record_id = self.next_record_id
-        self.next_record_id += 1
+        self.next_record_id = record_id + 1
         self._jobs.append(job)
         self._adds.append(
-            StoredJob(
-                record_id,
-                job.function.name,
-                job.unique,
-                int(job.priority),
-                job.run_at,
-                job.reducer,
-                job.payload,
+            _stored_job(
+                StoredJob,
+                (
+                    record_id,
+                    job.function.name,
+                    job.unique,
+                    int(job.priority),
+                    job.run_at,
+                    job.reducer,
+                    job.payload,
+                ),
             )
         )
-        self.waiting[job] = [ack]
+        return record_id
 
-    def wait_for(self, job: Job, ack: PendingAck) -> None:
-        """Hold another reply until the (already journalled) job's record is committed."""
-        self.waiting[job].append(ack)
+    def in_flight(self, job: Job) -> bool:
+        """Whether the job's record is written but its commit not finished."""
+        return job.record_id >= self.decided_end
 
     def remove(self, record_id: int) -> None:
         self._removes.append(record_id)
 
     def take_batch(self) -> Batch:
-        batch = Batch(self._jobs, self._adds, self._removes)
+        batch = Batch(self._jobs, self._adds, self._removes, self.next_record_id)
         self._jobs, self._adds, self._removes = [], [], []
         return batch
 

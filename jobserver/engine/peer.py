@@ -6,9 +6,10 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from .function import Function
     from .job import Job
-    from .journal import PendingAck
 
 MAX_CLIENT_ID_SIZE = 127
 """gearmand truncates SET_CLIENT_ID to 127 bytes (§1); `workers` lines stay bounded."""
@@ -20,9 +21,9 @@ class Peer:
     Output is appended to `outbox`; the engine lists the peer in its dirty list the first time
     its outbox becomes non-empty, and the I/O layer flushes each dirty peer once per batch.
 
-    A reply that must wait for the store (JOB_CREATED of a durable job) is a PendingAck in
-    `deferred`; everything sent to the peer after it queues behind it, so replies keep the
-    order of requests (shared doc §1) whatever the store takes.
+    A reply that must wait for the store (JOB_CREATED of a durable job) is held in `deferred`
+    with the record id it waits on; everything sent to the peer after it queues behind it, so
+    replies keep the order of requests (shared doc §1) whatever the store takes.
     """
 
     __slots__ = (
@@ -57,7 +58,7 @@ class Peer:
         self.sleeping = False
         self.noop_sent = False
         self.outbox = bytearray()
-        self.deferred: deque[bytes | PendingAck] | None = None
+        self.deferred: deque[bytes | tuple[int, bytes]] | None = None
         self.closed = False
         self.transport: Any = None  # the I/O layer's handle for this peer
         self._dirty = dirty
@@ -72,30 +73,36 @@ class Peer:
             self._dirty.append(self)
         self.outbox += data
 
-    def defer(self, ack: PendingAck) -> None:
-        """Hold this peer's output from here on until `ack` has its reply."""
+    def defer(self, record_id: int, reply: bytes) -> None:
+        """Send `reply` once record `record_id` is decided (see release); hold everything sent
+        after it until then."""
         if self.closed:
             return
         if self.deferred is None:
             self.deferred = deque()
-        self.deferred.append(ack)
+        self.deferred.append((record_id, reply))
 
-    def release(self) -> None:
-        """Send what is no longer waiting: everything up to the first unanswered ack."""
+    def release(self, decided_end: int, refused: Mapping[int, bytes]) -> bool:
+        """Send what no longer waits: everything up to the first reply whose record id is not
+        below `decided_end`. A reply whose record was refused is replaced by the refusal.
+        Returns True when nothing is held any more."""
         deferred = self.deferred
-        if deferred is None:
-            return
+        if deferred is None or self.closed:
+            self.deferred = None
+            return True
         self.deferred = None  # so send() writes to the outbox
         while deferred:
             item = deferred[0]
             if type(item) is bytes:
                 self.send(item)
-            elif item.reply is not None:  # type: ignore[union-attr]
-                self.send(item.reply)  # type: ignore[union-attr]
             else:
-                self.deferred = deferred
-                return
+                record_id, reply = item  # type: ignore[misc]
+                if record_id >= decided_end:
+                    self.deferred = deferred
+                    return False
+                self.send(refused.get(record_id, reply) if refused else reply)
             deferred.popleft()
+        return True
 
     def take_output(self) -> bytes:
         data = bytes(self.outbox)

@@ -26,6 +26,11 @@ class JobStore(Protocol):
         """Every stored job, oldest first."""
         ...
 
+    @property
+    def next_record_id(self) -> int:
+        """After load: the lowest id a new record may have (above every id stored)."""
+        ...
+
     def apply(self, adds: list[StoredJob], removes: list[int]) -> None:
         """Record `adds`, then delete the records `removes`, atomically and durably (synced
         to disk when it returns). Raises StoreError and changes nothing on failure."""
