@@ -9,6 +9,7 @@ syscall per packet.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -51,6 +52,14 @@ KEEPALIVE_COUNT = 5
 """TCP keepalive: a peer that vanished without FIN is noticed after about 60 + 10 * 5 = 110 s, and
 its jobs are requeued. gearmand leaves keepalive off by default, so a dead worker holds its jobs
 until the kernel gives up on the socket, often hours (§3.6, §6.16)."""
+
+REMOVES_PER_COMMIT = 256
+REMOVES_MAX_DELAY = 0.05
+"""A batch holding only removes (jobs that finished) waits until it has REMOVES_PER_COMMIT of
+them or is REMOVES_MAX_DELAY seconds old. Nobody waits for a remove, and a commit per finished
+job would cost a sync each: draining a queue, the store would spend more than the jobs. The
+price: if the server is killed meanwhile, those few jobs run again after the restart (at least
+once, never lost). A batch with any add goes at once: its submitters wait for it."""
 
 DEFAULT_BACKLOG = 1024
 """Listen backlog; gearmand's 32 overflows when thousands of workers reconnect at once."""
@@ -150,7 +159,8 @@ class Server:
         self._timer_changed = trio.lowlevel.ParkingLot()
         self._timer_due: float | None = None
         self._committer: Committer | None = None
-        self._batch_written = trio.lowlevel.ParkingLot()
+        self._commit_wakeup = trio.lowlevel.ParkingLot()
+        self._removes_due: float | None = None  # when removes waiting for company must go
 
     async def bind(self) -> list[trio.SocketListener]:
         """Open the store, the listening sockets and the engine, and load the stored jobs.
@@ -206,13 +216,13 @@ class Server:
         if self.store is not None:
             token = trio.lowlevel.current_trio_token()
             self._committer = Committer(
-                self.store, lambda: token.run_sync_soon(self._batch_written.unpark_all)
+                self.store, lambda: token.run_sync_soon(self._commit_wakeup.unpark_all)
             )
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._run_timers)
                 if self._committer is not None:
-                    nursery.start_soon(self._take_written_batches)
+                    nursery.start_soon(self._pace_commits)
                 task_status.started(listeners)
                 await trio.serve_listeners(
                     self._serve_connection, listeners, handler_nursery=nursery
@@ -349,13 +359,28 @@ class Server:
             engine.commit_finished(
                 written.batch, failed=written.failed, removes_failed=written.removes_failed
             )
-        if not committer.busy and engine.journal.has_work:
-            committer.hand_over(engine.journal.take_batch())
+        journal = engine.journal
+        if committer.busy or not journal.has_work:
+            return
+        if not journal.has_adds and journal.removes_waiting < REMOVES_PER_COMMIT:
+            # Only finished jobs to forget: nobody waits on that, so let a few gather.
+            now = trio.current_time()
+            if self._removes_due is None:
+                self._removes_due = now + REMOVES_MAX_DELAY
+                self._commit_wakeup.unpark_all()  # so that the pacer sleeps until then
+                return
+            if now < self._removes_due:
+                return
+        self._removes_due = None
+        committer.hand_over(journal.take_batch())
 
-    async def _take_written_batches(self) -> None:
-        """When the server is idle, nothing else calls _flush: a written batch wakes this."""
+    async def _pace_commits(self) -> None:
+        """Calls _flush when a batch has been written or removes are due and nothing else
+        would (the server is idle)."""
         while True:
-            await self._batch_written.park()
+            due = math.inf if self._removes_due is None else self._removes_due
+            with trio.move_on_at(due):
+                await self._commit_wakeup.park()
             self._flush()
 
     def _final_commit(self) -> None:

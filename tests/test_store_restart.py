@@ -110,6 +110,28 @@ def test_jobs_finished_before_a_crash_do_not_run_again_and_the_others_do(server_
     assert queued(again, "barrier") == 2
 
 
+def test_a_finished_job_is_forgotten_on_disk_soon_without_any_later_request(
+    server_set, data_dir
+):
+    """Removes of finished jobs wait a moment for company (the server's REMOVES_MAX_DELAY,
+    50 ms) instead of a sync each; on an idle server nothing else comes along, and they must
+    still reach the disk. Here no barrier: the job is completed, the server left alone for a
+    while, then killed."""
+    server = server_set.start(data_dir=data_dir)
+    submit_bg(server, b"once", [b"finished", b"queued"])
+    with Packets(server.port) as worker:
+        worker.send(T.CAN_DO, b"once")
+        handle, _, unique, _ = worker.request(T.GRAB_JOB_UNIQ, expect=T.JOB_ASSIGN_UNIQ)
+        assert unique == b"finished"
+        worker.send(T.WORK_COMPLETE, handle, b"done")
+        worker.echo()  # the completion was processed
+    time.sleep(1.0)
+    server_set.kill(server)
+
+    restarted = server_set.restart(server, data_dir=data_dir)
+    assert ran_uniques(restarted, b"once") == [b"queued"]
+
+
 def test_sigterm_keeps_queued_jobs_and_drops_those_finished_just_before(server_set, data_dir):
     server = server_set.start(data_dir=data_dir)
     uniques = [b"job-%d" % i for i in range(6)]

@@ -64,6 +64,15 @@ class Journal:
     def has_work(self) -> bool:
         return bool(self._adds or self._removes)
 
+    @property
+    def has_adds(self) -> bool:
+        """Whether a record waits to be written (and with it, a reply)."""
+        return bool(self._adds)
+
+    @property
+    def removes_waiting(self) -> int:
+        return len(self._removes)
+
     def add(self, job: Job) -> int:
         """Record `job`; returns its record id, which the replies acknowledging it wait on.
 

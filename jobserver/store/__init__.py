@@ -33,7 +33,9 @@ class JobStore(Protocol):
 
     def apply(self, adds: list[StoredJob], removes: list[int]) -> None:
         """Record `adds`, then delete the records `removes`, atomically and durably (synced
-        to disk when it returns). Raises StoreError and changes nothing on failure."""
+        to disk when it returns). Raises StoreError and changes nothing on failure. Record
+        ids only increase from call to call; a record is removed once (unknown ids are
+        ignored)."""
         ...
 
     def close(self) -> None: ...

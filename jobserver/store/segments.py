@@ -60,10 +60,12 @@ class SegmentIndex:
 
     def group(self, record_ids: Iterable[int]) -> dict[Segment, list[int]]:
         """The ids by the segment holding them. Ids no segment covers are left out: a record
-        the store refused (its job was never acknowledged) has nothing to remove."""
+        the store refused (its job was never acknowledged) has nothing to remove. Finishes
+        are counted, not remembered, so each record must be finished once (the engine removes
+        a record once; a repeat within one call is dropped here)."""
         groups: dict[Segment, list[int]] = {}
         starts, segments = self._starts, self._segments
-        for record_id in record_ids:
+        for record_id in dict.fromkeys(record_ids):
             position = bisect.bisect_right(starts, record_id) - 1
             if position < 0:
                 continue

@@ -58,7 +58,8 @@ DELETE_SEGMENT = "DELETE FROM segments WHERE first_record_id = ?"
 DELETE_FINISHED = "DELETE FROM finished WHERE first_record_id = ?"
 APPEND_FINISHED = (
     "INSERT INTO finished VALUES (?, ?) ON CONFLICT (first_record_id) "
-    "DO UPDATE SET record_ids = record_ids || excluded.record_ids"
+    # (SQL's || makes TEXT even of two blobs: cast back, or the list reads back as str)
+    "DO UPDATE SET record_ids = CAST(record_ids || excluded.record_ids AS BLOB)"
 )
 REWRITE_SEGMENT = "UPDATE segments SET records = ? WHERE first_record_id = ?"
 
@@ -87,15 +88,23 @@ MIN_COMPACTED_RECORDS = 8
 
 
 class SqliteStore:
-    def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
+    def __init__(
+        self,
+        path: Path,
+        connection: sqlite3.Connection,
+        compaction_interval: float = COMPACTION_INTERVAL,
+    ) -> None:
         self.path = path
         self._db = connection
         self._index = SegmentIndex()
-        self._next_compaction = time.monotonic() + COMPACTION_INTERVAL
+        self._compaction_interval = compaction_interval
+        self._next_compaction = time.monotonic() + compaction_interval
         self._sparse: list[Segment] = []  # found at the last look, rewritten one per commit
 
     @classmethod
-    def open(cls, data_dir: Path, path: Path) -> SqliteStore:
+    def open(
+        cls, data_dir: Path, path: Path, compaction_interval: float = COMPACTION_INTERVAL
+    ) -> SqliteStore:
         """Create the directory and the database if absent and check they are usable.
         Raises StoreError naming the file and the problem (corrupt, read-only, ...)."""
         try:
@@ -132,7 +141,7 @@ class SqliteStore:
         except StoreError:
             db.close()
             raise
-        return cls(path, db)
+        return cls(path, db, compaction_interval)
 
     # ------------------------------------------------------------------ start
 
@@ -173,6 +182,7 @@ class SqliteStore:
         if empty or finished:
             self._clear(empty, list(finished))
         self._index = index
+        self._sparse = []  # segments of the index just replaced
         return jobs
 
     @property
@@ -263,7 +273,7 @@ class SqliteStore:
         now = time.monotonic()
         if now < self._next_compaction:
             return False
-        self._next_compaction = now + COMPACTION_INTERVAL
+        self._next_compaction = now + self._compaction_interval
         self._sparse = [s for s in self._index if _is_sparse(s.held, s.live)]
         return bool(self._sparse)
 
@@ -278,7 +288,8 @@ class SqliteStore:
                 continue  # its row goes in this commit, or it filled up: nothing to do
             try:
                 blob, finished = self._db.execute(
-                    "SELECT s.records, f.record_ids FROM segments AS s LEFT JOIN finished AS f "
+                    "SELECT CAST(s.records AS BLOB), CAST(f.record_ids AS BLOB) "
+                    "FROM segments AS s LEFT JOIN finished AS f "
                     "USING (first_record_id) WHERE s.first_record_id = ?",
                     (segment.start,),
                 ).fetchone()
