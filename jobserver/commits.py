@@ -106,10 +106,16 @@ class Committer:
 def write(store: JobStore, batch: Batch) -> Written:
     """Write a batch; if the store refuses it, each record in its own transaction, so one that
     cannot be stored (too big for the disk left) does not take the others' submits down with
-    it. Then the removes; if they fail, the engine puts them in the next batch."""
+    it. Then the removes; if they fail, the engine puts them in the next batch. A database
+    locked by someone else refuses the whole batch at once: each record would wait out the
+    lock timeout again."""
     try:
         store.apply(batch.adds, batch.removes)
     except StoreError as failure:
+        if failure.busy:  # another process holds the lock: one by one would wait again each
+            log.error("%s; %d submits refused, removes kept for later", failure, len(batch.adds))
+            reason = f"Job could not be stored: {failure}"
+            return Written(batch, {record.record_id: reason for record in batch.adds}, True)
         log.error("%s; retrying the %d records one by one", failure, len(batch.adds))
     else:
         return Written(batch, {}, False)

@@ -294,6 +294,26 @@ def test_coalesced_listeners_of_a_job_whose_commit_fails_get_the_error_and_nothi
         engine.disconnect(peer)  # and leaving is harmless
 
 
+def test_a_refused_reply_held_behind_a_later_batch_is_still_an_error_when_it_goes_out():
+    """A client submits a new job (its record goes into the next batch), then coalesces onto
+    a job whose record is already being written. That batch is refused; the second reply must
+    wait behind the first (replies keep request order), and when the next batch commits it
+    must still go out as the refusal, not as JOB_CREATED for a job that never existed."""
+    engine = durable_engine()
+    other, client = connect(engine), connect(engine)
+    submit_bg(engine, other, b"in-flight")
+    in_flight = engine.journal.take_batch()
+    submit_bg(engine, client, b"own")
+    send(engine, client, T.SUBMIT_JOB_BG, b"fn", b"in-flight", b"x")
+    own = pending_handle(engine, b"own")
+
+    engine.commit_finished(in_flight, STORE_ERROR)
+    assert replies(other) == [queue_error()]
+    assert replies(client) == []  # both wait for the first reply's batch
+    commit(engine)
+    assert replies(client) == [created(own), queue_error()]
+
+
 @pytest.mark.parametrize("running", [False, True], ids=["queued", "running"])
 def test_foreground_job_taken_over_by_a_background_submit_whose_commit_fails_stays_foreground(
     running,

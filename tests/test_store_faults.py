@@ -385,6 +385,48 @@ def test_an_unstorable_submit_does_not_take_the_rest_of_its_batch_with_it(
     )
 
 
+def test_a_database_locked_past_the_busy_timeout_refuses_that_batch_once_and_serving_goes_on(
+    server_set, tmp_path
+):
+    """Another process (a backup, an operator's sqlite3 shell) holds the write lock longer
+    than the store waits for it (5 s). The waiting batch's submits get QUEUE_ERROR together,
+    after one wait, not one wait per submit (20 submits one by one would take 100 s); other
+    connections are served meanwhile; a job finished meanwhile is still forgotten on disk
+    once the lock is gone; new submits are acknowledged again."""
+    data_dir = tmp_path / "data"
+    server = server_set.start(data_dir=data_dir)
+    uniques = [b"locked-%d" % i for i in range(20)]
+    with Packets(server.port) as client, Packets(server.port) as worker:
+        client.submit(T.SUBMIT_JOB_BG, b"lock", b"finished", b"")
+        worker.send(T.CAN_DO, b"lock")
+        handle = worker.request(T.GRAB_JOB_UNIQ, expect=T.JOB_ASSIGN_UNIQ)[0]
+        lock = sqlite3.connect(database(data_dir, server.port), isolation_level=None)
+        try:
+            lock.execute("BEGIN IMMEDIATE")
+            worker.send(T.WORK_COMPLETE, handle, b"done")
+            client.send_raw(
+                b"".join(servers.pack_request(T.SUBMIT_JOB_BG, b"lock", u, b"") for u in uniques)
+            )
+            worker.echo()  # served while the commit waits for the lock
+            for unique in uniques:
+                packet_type, payload = client.recv(timeout=20.0)
+                assert (packet_type, split_args(T.ERROR, payload)[0]) == (
+                    T.ERROR,
+                    b"QUEUE_ERROR",
+                ), (unique, packet_type, payload)
+                assert b"locked" in payload, payload
+        finally:
+            lock.close()
+        client.echo()  # one reply per submit, nothing more
+        client.submit(T.SUBMIT_JOB_BG, b"lock", b"after", b"")  # the lock is gone: stored
+        for unique in uniques:
+            known = client.request(T.GET_STATUS_UNIQUE, unique, expect=T.STATUS_RES_UNIQUE)
+            assert known[1] == b"0", f"refused {unique!r} exists: {known}"
+    server_set.kill(server)
+    restarted = server_set.restart(server, data_dir=data_dir)
+    assert [args[2] for args in drain(restarted, b"lock")] == [b"after"]
+
+
 # --- at start: a database whose contents are not ours ---------------------------------------
 
 JOBS_TABLE = (

@@ -110,9 +110,7 @@ def test_jobs_finished_before_a_crash_do_not_run_again_and_the_others_do(server_
     assert queued(again, "barrier") == 2
 
 
-def test_a_finished_job_is_forgotten_on_disk_soon_without_any_later_request(
-    server_set, data_dir
-):
+def test_a_finished_job_is_forgotten_on_disk_soon_without_any_later_request(server_set, data_dir):
     """Removes of finished jobs wait a moment for company (the server's REMOVES_MAX_DELAY,
     50 ms) instead of a sync each; on an idle server nothing else comes along, and they must
     still reach the disk. Here no barrier: the job is completed, the server left alone for a

@@ -688,8 +688,11 @@ class Engine:
         # Each holding peer once, after all of the batch's outcomes are known: a client that
         # pipelined hundreds of submits gets their replies in one pass.
         holding = journal.holding
+        if refused:
+            for peer in holding:
+                peer.refuse(refused)
         for peer in list(holding):
-            if peer.release(batch.end, refused):
+            if peer.release(batch.end):
                 del holding[peer]
         if error is not None or removes_failed:
             journal.retry_removes(batch.removes)

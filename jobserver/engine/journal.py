@@ -44,9 +44,10 @@ class Journal:
     """Records to write, and which replies wait for them.
 
     A reply that waits for a record is held in its peer's output as (record id, reply) (see
-    Peer.defer); the record's batch decides it. `decided_end` says how far commits have got:
-    records below it are committed or were refused, so a reply is released when its record
-    id is below it, as JOB_CREATED, or as ERROR if the id is among the batch's refusals.
+    Peer.defer); the record's batch decides it. When a batch is refused, its records' held
+    replies are replaced by the refusal where they wait (Peer.refuse). `decided_end` says how
+    far commits have got: a held reply whose record id is below it goes out (Peer.release)
+    once everything before it on its connection has.
     """
 
     __slots__ = ("_adds", "_jobs", "_removes", "decided_end", "holding", "next_record_id")

@@ -82,10 +82,19 @@ class Peer:
             self.deferred = deque()
         self.deferred.append((record_id, reply))
 
-    def release(self, decided_end: int, refused: Mapping[int, bytes]) -> bool:
+    def refuse(self, refused: Mapping[int, bytes]) -> None:
+        """Put the refusal in place of each held reply whose record was refused, wherever it
+        waits: one held behind a reply of a later batch goes out after it, as the refusal."""
+        deferred = self.deferred
+        if deferred:
+            self.deferred = deque(
+                refused.get(item[0], item) if type(item) is tuple else item  # type: ignore[index]
+                for item in deferred
+            )
+
+    def release(self, decided_end: int) -> bool:
         """Send what no longer waits: everything up to the first reply whose record id is not
-        below `decided_end`. A reply whose record was refused is replaced by the refusal.
-        Returns True when nothing is held any more."""
+        below `decided_end`. Returns True when nothing is held any more."""
         deferred = self.deferred
         if deferred is None or self.closed:
             self.deferred = None
@@ -100,7 +109,7 @@ class Peer:
                 if record_id >= decided_end:
                     self.deferred = deferred
                     return False
-                self.send(refused.get(record_id, reply) if refused else reply)
+                self.send(reply)
             deferred.popleft()
         return True
 

@@ -18,7 +18,14 @@ STORE_KINDS = ("sqlite", "memory")
 
 
 class StoreError(Exception):
-    """The store cannot do what was asked; the message names the file and the problem."""
+    """The store cannot do what was asked; the message names the file and the problem.
+
+    `busy`: someone else held the database's lock for longer than the store waits. Trying
+    again at once (say, record by record) would only wait for it again."""
+
+    def __init__(self, message: str, *, busy: bool = False) -> None:
+        super().__init__(message)
+        self.busy = busy
 
 
 class JobStore(Protocol):

@@ -239,7 +239,7 @@ class SqliteStore:
             self._execute(statements)
         except sqlite3.Error as error:
             index.discard_from(kept)
-            raise StoreError(f"job database {self.path}: {error}") from None
+            raise StoreError(f"job database {self.path}: {error}", busy=_is_busy(error)) from None
         except BaseException:
             index.discard_from(kept)
             raise
@@ -367,6 +367,11 @@ def _convert_first_layout(db: sqlite3.Connection, path: Path) -> None:
             INSERT_SEGMENT, (chunk[0].record_id, chunk[-1].record_id + 1, pack_segment(chunk))
         )
     db.execute("DROP TABLE jobs")
+
+
+def _is_busy(error: sqlite3.Error) -> bool:
+    name = getattr(error, "sqlite_errorname", None) or ""
+    return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
 
 
 def _rows(values) -> list[tuple[int]]:
