@@ -62,6 +62,18 @@ def written_by(committer: Committer, woken: Woken) -> Written:
     return written
 
 
+def written_through_a_thread(store: SqliteStore, *uniques: bytes) -> Written:
+    """Start a Committer, write one batch of background submits with it, stop it."""
+    woken = Woken()
+    committer = Committer(store, woken)
+    try:
+        _, batch = batch_of(*uniques)
+        committer.hand_over(batch)
+        return written_by(committer, woken)
+    finally:
+        committer.stop()
+
+
 def stored_uniques(store: SqliteStore) -> list[bytes]:
     return [job.unique for job in store.load()]
 
@@ -92,14 +104,7 @@ def test_only_the_record_the_store_refuses_is_refused(store, tmp_path):
             "WHEN NEW.first_record_id <= 2 AND NEW.end_record_id > 2 "  # rows holding record 2
             "BEGIN SELECT RAISE(ABORT, 'no room for this one'); END"
         )
-    woken = Woken()
-    committer = Committer(store, woken)
-    try:
-        _, batch = batch_of(b"a", b"b", b"c")
-        committer.hand_over(batch)
-        written = written_by(committer, woken)
-    finally:
-        committer.stop()
+    written = written_through_a_thread(store, b"a", b"b", b"c")
     assert list(written.failed) == [2]
     assert "no room for this one" in written.failed[2]
     assert not written.removes_failed
@@ -119,14 +124,9 @@ class LockedStore(SqliteStore):
 def test_a_locked_database_refuses_the_whole_batch_in_one_attempt(tmp_path):
     """Record by record, each attempt would wait out the lock again (5 s each)."""
     store = LockedStore.open(tmp_path, tmp_path / "jobserver-1.sqlite3")
-    woken = Woken()
-    committer = Committer(store, woken)
     try:
-        _, batch = batch_of(b"a", b"b", b"c")
-        committer.hand_over(batch)
-        written = written_by(committer, woken)
+        written = written_through_a_thread(store, b"a", b"b", b"c")
     finally:
-        committer.stop()
         store.close()
     assert store.calls == 1
     assert sorted(written.failed) == [1, 2, 3]
