@@ -257,7 +257,7 @@ async def test_job_whose_server_died_finishes_and_its_result_is_dropped(start_se
     assert still.args[1] == b"still serving"
 
 
-async def test_graceful_stop_finishes_the_job_in_flight_and_grabs_nothing_more(any_server):
+async def test_graceful_stop_finishes_the_job_in_flight_and_grabs_nothing_more(any_server, caplog):
     worker = Worker([any_server.address], concurrency=2, codec="raw")
     started, release = trio.Event(), trio.Event()
     calls = []
@@ -269,6 +269,10 @@ async def test_graceful_stop_finishes_the_job_in_flight_and_grabs_nothing_more(a
         await release.wait()
         return b"finished after stop"
 
+    def naps() -> int:
+        return sum("asleep until a NOOP" in r.getMessage() for r in caplog.records)
+
+    caplog.set_level(logging.DEBUG, logger="worker_sdk")
     with trio.fail_after(TEST_TIMEOUT):
         client = await Client.connect(any_server)
         async with trio.open_nursery() as nursery:
@@ -276,6 +280,11 @@ async def test_graceful_stop_finishes_the_job_in_flight_and_grabs_nothing_more(a
             await wait_for_workers(any_server, "work")
             handle = await client.submit("work", b"first")
             await started.wait()
+            # With its second slot free the worker grabs again at once; a job assigned to
+            # that GRAB must run, stop or not. Stop once it was answered (NO_JOB, then asleep).
+            asleep = naps()
+            while naps() == asleep:
+                await trio.sleep(0.02)
             worker.stop()
             # A free slot, a queued job, and still no GRAB: the worker is stopping.
             await submit_background(any_server, "work", b"second")
