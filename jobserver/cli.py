@@ -13,7 +13,7 @@ from typing import Annotated
 import trio
 import typer
 
-from . import __version__
+from . import __version__, gc_policy
 from .admin import ServerFacts
 from .daemon import Readiness, detach
 from .engine.handles import MAX_PREFIX_SIZE
@@ -239,6 +239,7 @@ def serve(
         data_dir=data_dir,
         facts=ServerFacts(verbose=verbose.value),
     )
+    gc_policy.install()
     try:
         trio.run(_run, config, pid_file, readiness)
     except StartupError as error:

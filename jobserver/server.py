@@ -260,6 +260,10 @@ class Server:
         finally:
             engine.disconnect(peer)
             self._flush()
+            # A closed peer is never dirty again, so nothing needs its transport: drop the
+            # peer <-> connection cycle, and both go by reference counting, not by a full
+            # collection (which jobserver.gc_policy keeps from looking at old objects).
+            peer.transport = None
             await trio.aclose_forcefully(stream)
 
     async def _write(self, connection: Connection, scope: trio.CancelScope) -> None:
