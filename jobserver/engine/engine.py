@@ -681,10 +681,11 @@ class Engine:
                         T.ERROR, b"QUEUE_ERROR", problem.encode(errors="replace")
                     )
                     self._not_stored(job)
+        pending, activate = JobState.PENDING, self._activate
         for job in batch.jobs:
-            if job.state == JobState.PENDING:  # committed (a refused one is GONE by now)
+            if job.state is pending:  # committed (a refused one is GONE by now)
                 job.function.pending -= 1
-                self._activate(job)
+                activate(job)
         # Each holding peer once, after all of the batch's outcomes are known: a client that
         # pipelined hundreds of submits gets their replies in one pass.
         holding = journal.holding

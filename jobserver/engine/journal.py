@@ -89,7 +89,7 @@ class Journal:
                     record_id,
                     job.function.name,
                     job.unique,
-                    int(job.priority),
+                    job.priority,  # an IntEnum: an int to msgpack and to comparisons
                     job.run_at,
                     job.reducer,
                     job.payload,

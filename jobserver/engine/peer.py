@@ -69,6 +69,9 @@ class Peer:
         if self.deferred is not None:
             self.deferred.append(data)
             return
+        self._send_now(data)
+
+    def _send_now(self, data: bytes) -> None:
         if not self.outbox:
             self._dirty.append(self)
         self.outbox += data
@@ -99,19 +102,20 @@ class Peer:
         if deferred is None or self.closed:
             self.deferred = None
             return True
-        self.deferred = None  # so send() writes to the outbox
+        ready: list[bytes] = []  # sent in one piece: a commit releases hundreds at once
         while deferred:
             item = deferred[0]
-            if type(item) is bytes:
-                self.send(item)
-            else:
-                record_id, reply = item  # type: ignore[misc]
+            if type(item) is not bytes:
+                record_id, item = item  # type: ignore[misc]
                 if record_id >= decided_end:
-                    self.deferred = deferred
-                    return False
-                self.send(reply)
+                    break
+            ready.append(item)  # type: ignore[arg-type]
             deferred.popleft()
-        return True
+        else:
+            self.deferred = None
+        if ready:
+            self._send_now(b"".join(ready))
+        return self.deferred is None
 
     def take_output(self) -> bytes:
         data = bytes(self.outbox)
