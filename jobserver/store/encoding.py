@@ -45,10 +45,11 @@ def unpack_segment(blob: bytes) -> list[StoredJob]:
         raise DamagedSegment(f"not a msgpack segment ({error})") from None
     if type(records) is not tuple or not records:
         raise DamagedSegment("a segment must be a non-empty array of records")
-    return [_check_record(record) for record in records]
+    return [check_record(record) for record in records]
 
 
-def _check_record(record: object) -> StoredJob:
+def check_record(record: object) -> StoredJob:
+    """The record as a StoredJob if each field is what a job needs; else DamagedSegment."""
     if type(record) is not tuple or len(record) != len(StoredJob._fields):
         raise DamagedSegment(f"a record must be an array of {len(StoredJob._fields)} fields")
     record_id, function, unique, priority, run_at, reducer, payload = record

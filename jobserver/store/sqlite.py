@@ -28,8 +28,8 @@ from pathlib import Path
 from ..engine.journal import StoredJob
 from . import StoreError
 from .encoding import (
-    MAX_PRIORITY,
     DamagedSegment,
+    check_record,
     pack_record_ids,
     pack_segment,
     unpack_record_ids,
@@ -210,8 +210,7 @@ class SqliteStore:
         kept = len(index)
         new: list[tuple[Segment, Sequence[StoredJob]]] = []
         try:
-            for first in range(0, len(adds), MAX_SEGMENT_RECORDS):
-                chunk = adds[first : first + MAX_SEGMENT_RECORDS]
+            for chunk in _segment_chunks(adds):
                 segment = Segment(
                     chunk[0].record_id, chunk[-1].record_id + 1, len(chunk), len(chunk)
                 )
@@ -348,25 +347,20 @@ def _convert_first_layout(db: sqlite3.Connection, path: Path) -> None:
         "SELECT record_id, CAST(function AS BLOB), CAST(unique_id AS BLOB), priority, "
         "run_at, CAST(reducer AS BLOB), CAST(payload AS BLOB) FROM jobs ORDER BY record_id"
     ).fetchall()
-    for row in rows:
-        record_id, _, _, priority, run_at, _, _ = row
-        if type(priority) is not int or not 0 <= priority <= MAX_PRIORITY:
-            raise StoreError(
-                f"job database {path} is damaged: record {record_id} has priority "
-                f"{priority!r} (must be 0, 1 or 2)"
-            )
-        if type(run_at) is not int:
-            raise StoreError(
-                f"job database {path} is damaged: record {record_id} has run_at "
-                f"{run_at!r} (must be an integer unix time)"
-            )
-    jobs = [StoredJob(*row) for row in rows]
-    for first in range(0, len(jobs), MAX_SEGMENT_RECORDS):
-        chunk = jobs[first : first + MAX_SEGMENT_RECORDS]
+    try:
+        jobs = [check_record(row) for row in rows]
+    except DamagedSegment as error:
+        raise StoreError(f"job database {path} is damaged: {error}") from None
+    for chunk in _segment_chunks(jobs):
         db.execute(
             INSERT_SEGMENT, (chunk[0].record_id, chunk[-1].record_id + 1, pack_segment(chunk))
         )
     db.execute("DROP TABLE jobs")
+
+
+def _segment_chunks(jobs: list[StoredJob]) -> list[list[StoredJob]]:
+    """Consecutive runs of at most MAX_SEGMENT_RECORDS records: one segment row each."""
+    return [jobs[i : i + MAX_SEGMENT_RECORDS] for i in range(0, len(jobs), MAX_SEGMENT_RECORDS)]
 
 
 def _is_busy(error: sqlite3.Error) -> bool:
