@@ -32,6 +32,7 @@ from jobserver.sdk.errors import (
 from .client import Client
 from .jobs import Data, JobHandle, JobStatus, Status, Update, Warning
 from .stream import JobStream
+from .submission import Priority
 from .sync import SyncClient, SyncJobStream
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "JobTimeout",
     "NoServerAvailable",
     "PayloadError",
+    "Priority",
     "ServerError",
     "Status",
     "SyncClient",

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from contextlib import AsyncExitStack
 from datetime import datetime
+from types import TracebackType
 from typing import Any
-
-import trio
 
 from jobserver.sdk.addresses import ServerSpec, parse_addresses
 from jobserver.sdk.errors import JobLost, NoServerAvailable
 from jobserver.sdk.payload import decode_payload, encode_payload, get_codec
+from jobserver.sdk.tasks import background_nursery
 
 from . import submission as checks
 from .jobs import CallTimer, JobHandle, JobStatus, JobWaiter
 from .server_pool import ServerPool
 from .session import Session
 from .stream import JobStream
-from .submission import Submission
+from .submission import Priority, Submission
 
 MAX_RESUBMITS = 2
 """How often `retry=True` resubmits a job whose server was lost after accepting it. One loss is
@@ -48,23 +49,30 @@ class Client:
         self._addresses = parse_addresses(servers)
         self._codec = get_codec(codec)
         self._pool: ServerPool | None = None
-        self._nursery_manager: Any = None
+        self._exit_stack: AsyncExitStack | None = None
 
     async def __aenter__(self) -> Client:
         if self._pool is not None:
             raise RuntimeError("this Client is already open")
-        manager = trio.open_nursery()
-        nursery = await manager.__aenter__()
-        self._nursery_manager = manager
-        self._pool = ServerPool(self._addresses, nursery)
+        async with AsyncExitStack() as stack:
+            nursery = await stack.enter_async_context(background_nursery())
+            self._pool = ServerPool(self._addresses, nursery)
+            self._exit_stack = stack.pop_all()
         return self
 
-    async def __aexit__(self, exc_type, exc, traceback) -> bool | None:
-        pool, manager = self._pool, self._nursery_manager
-        self._pool = self._nursery_manager = None
-        assert pool is not None
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        pool, stack = self._pool, self._exit_stack
+        self._pool = self._exit_stack = None
+        assert pool is not None and stack is not None
         pool.close()
-        return await manager.__aexit__(exc_type, exc, traceback)
+        # The caller's exception comes back out as itself (background_nursery): `except
+        # NoServerAvailable:` around the `async with` block catches it.
+        return await stack.__aexit__(exc_type, exc, traceback)
 
     # --- public API ------------------------------------------------------------------------
 
@@ -74,7 +82,7 @@ class Client:
         arg: Any = None,
         *,
         unique: str | bytes | None = None,
-        priority: str = "normal",
+        priority: Priority = "normal",
         timeout: float | None = None,
         retry: bool = False,
     ) -> Any:
@@ -116,7 +124,7 @@ class Client:
         arg: Any = None,
         *,
         unique: str | bytes | None = None,
-        priority: str = "normal",
+        priority: Priority = "normal",
         timeout: float | None = None,
         run_at: datetime | None = None,
     ) -> JobHandle:
@@ -158,7 +166,7 @@ class Client:
         arg: Any = None,
         *,
         unique: str | bytes | None = None,
-        priority: str = "normal",
+        priority: Priority = "normal",
         timeout: float | None = None,
     ) -> JobStream:
         """A foreground job whose progress updates you iterate; see JobStream.
@@ -222,7 +230,9 @@ class Client:
             raise RuntimeError("the Client is not open: use `async with Client(...) as client`")
         return self._pool
 
-    def _foreground(self, function: str, arg: Any, unique: object, priority: str) -> Submission:
+    def _foreground(
+        self, function: str, arg: Any, unique: object, priority: Priority
+    ) -> Submission:
         """Check everything and encode the request before anything is sent."""
         function = checks.check_function(function)
         unique_bytes = checks.check_unique(unique)

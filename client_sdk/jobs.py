@@ -48,7 +48,7 @@ class JobHandle(str):
         self.server = server
         return self
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[JobHandle], tuple[str, str]]:
         return (JobHandle, (str(self), self.server))
 
     def __repr__(self) -> str:

@@ -155,7 +155,7 @@ class Session:
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Read and write until the connection ends or `close` is called; then fail whatever
         is still waiting and close the socket."""
         try:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from types import TracebackType
+from typing import Any, TypeVar
 
 from jobserver.sdk.errors import JobTimeout
 
 from .jobs import CallTimer, JobHandle, JobWaiter, Update
 from .session import Session
+
+T = TypeVar("T")
 
 Start = Callable[[], Awaitable[tuple[Session, JobWaiter]]]
 
@@ -58,11 +61,17 @@ class JobStream:
         if self._waiter is not None:
             raise RuntimeError("a JobStream can be entered only once")
         self._timer = CallTimer(self._function, self._timeout)
-        self._session, self._waiter = await self._timer.run(self._start)
-        self._timer.handle = str(self._waiter.handle)
+        self._session, waiter = await self._timer.run(self._start)
+        self._waiter = waiter
+        self._timer.handle = str(waiter.handle)
         return self
 
-    async def __aexit__(self, exc_type, exc, traceback) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         waiter = self._require_started()
         waiter.stop_updates()
         if exc_type is not None and not waiter.done and self._session is not None:
@@ -81,7 +90,7 @@ class JobStream:
         """The job's result decoded with the client's codec; raises the job's failure."""
         return self._decode(await self._timed(self._require_started().outcome))
 
-    async def _timed(self, step: Callable[[], Awaitable[Any]]) -> Any:
+    async def _timed(self, step: Callable[[], Awaitable[T]]) -> T:
         assert self._timer is not None
         try:
             return await self._timer.run(step)

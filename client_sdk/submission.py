@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal, get_args
 
 from jobserver.protocol import PacketType, encode_request
 from jobserver.sdk.names import check_function_name
@@ -22,7 +23,10 @@ MAX_HANDLE_SIZE = 63
 """gearmand's handles fit in 64 bytes with the NUL, and it never answers a GET_STATUS whose
 handle is 64 bytes or longer (§3.10, §3.14): that would desynchronise the connection."""
 
-PRIORITIES = ("high", "normal", "low")
+Priority = Literal["high", "normal", "low"]
+"""A job's priority; `mypy` flags any other string (a typo such as "hihg")."""
+
+PRIORITIES: tuple[Priority, ...] = get_args(Priority)
 
 _FOREGROUND = {
     "high": PacketType.SUBMIT_JOB_HIGH,
@@ -91,10 +95,11 @@ def check_unique(unique: object) -> bytes:
     return data
 
 
-def check_priority(priority: object) -> str:
-    if priority not in PRIORITIES:
-        raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
-    return priority  # type: ignore[return-value]
+def check_priority(priority: object) -> Priority:
+    for known in PRIORITIES:
+        if priority == known:
+            return known
+    raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
 
 
 def check_timeout(timeout: object) -> float | None:

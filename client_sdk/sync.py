@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
-from typing import Any
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar
 
 import trio
 
@@ -21,6 +22,10 @@ from jobserver.sdk.addresses import ServerSpec
 from .client import Client
 from .jobs import JobHandle, JobStatus, Update
 from .stream import JobStream
+from .submission import Priority
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class SyncClient:
@@ -105,7 +110,7 @@ class SyncClient:
         arg: Any = None,
         *,
         unique: str | bytes | None = None,
-        priority: str = "normal",
+        priority: Priority = "normal",
         timeout: float | None = None,
         retry: bool = False,
     ) -> Any:
@@ -132,7 +137,7 @@ class SyncClient:
         arg: Any = None,
         *,
         unique: str | bytes | None = None,
-        priority: str = "normal",
+        priority: Priority = "normal",
         timeout: float | None = None,
         run_at: datetime | None = None,
     ) -> JobHandle:
@@ -159,7 +164,7 @@ class SyncClient:
         arg: Any = None,
         *,
         unique: str | bytes | None = None,
-        priority: str = "normal",
+        priority: Priority = "normal",
         timeout: float | None = None,
     ) -> SyncJobStream:
         """A foreground job whose progress updates you iterate; see `Client.stream`.
@@ -175,7 +180,7 @@ class SyncClient:
         stream = self._client.stream(
             function, arg, unique=unique, priority=priority, timeout=timeout
         )
-        return SyncJobStream(stream, self._call)
+        return SyncJobStream(stream, self)
 
     def status(self, handle: str) -> JobStatus:
         """GET_STATUS for a job; see `Client.status`.
@@ -194,7 +199,7 @@ class SyncClient:
             raise RuntimeError("the SyncClient is not open: use `with SyncClient(...) as client`")
         return token
 
-    def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, function: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
         token = self._require_open()
         return trio.from_thread.run(functools.partial(function, *args, **kwargs), trio_token=token)
 
@@ -210,9 +215,9 @@ class SyncJobStream:
             print(job.result())
     """
 
-    def __init__(self, stream: JobStream, call: Any) -> None:
+    def __init__(self, stream: JobStream, client: SyncClient) -> None:
         self._stream = stream
-        self._call = call
+        self._call = client._call
 
     @property
     def handle(self) -> JobHandle:
@@ -222,7 +227,12 @@ class SyncJobStream:
         self._call(self._stream.__aenter__)
         return self
 
-    def __exit__(self, exc_type, exc, traceback) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         self._call(self._stream.__aexit__, exc_type, exc, traceback)
 
     def __iter__(self) -> SyncJobStream:

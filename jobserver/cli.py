@@ -78,7 +78,10 @@ app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
 @app.command(
     help="Run a Gearman-compatible job server. Listens on PORT (default 4730) for the Gearman "
-    "binary protocol and the admin text protocol. Stop it with SIGTERM or SIGINT."
+    "binary protocol and the admin text protocol. Stop it with SIGTERM or SIGINT (a daemon: "
+    "kill $(cat PIDFILE), or kill the pid `gearadmin -p PORT --getpid` prints).",
+    epilog="Subcommand: `jobserver worker MODULE:ATTRIBUTE [OPTIONS]` serves the functions of a "
+    "worker_sdk Worker (see `jobserver worker --help`).",
 )
 def serve(
     port_argument: Annotated[

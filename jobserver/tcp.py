@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import socket
 
+import trio
 
-def enable_keepalive(sock: socket.socket, *, idle: int, interval: int, count: int) -> None:
+
+def enable_keepalive(
+    sock: socket.socket | trio.socket.SocketType, *, idle: int, interval: int, count: int
+) -> None:
     """Probe an idle peer after `idle` s, every `interval` s, giving up after `count` misses,
     so a peer that vanished without FIN is noticed in idle + interval * count seconds."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)

@@ -207,6 +207,7 @@ def test_help_lists_every_option():
         "--max-packet-size",
     ]:
         assert option in result.stdout, option
+    assert "jobserver worker MODULE:ATTRIBUTE" in result.stdout  # the subcommand is discoverable
 
 
 def test_console_script_is_installed():

@@ -48,7 +48,7 @@ class Client:
         return client
 
     async def call(self, fn, *args, **kwargs):
-        return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), cancellable=True)
+        return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), abandon_on_cancel=True)
 
     async def submit(
         self, function: str, payload: bytes = b"", unique: str = "", kind: int = T.SUBMIT_JOB

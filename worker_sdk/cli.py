@@ -112,7 +112,7 @@ def worker(
         raise typer.Exit(2) from None
     try:
         if servers is not None:
-            chosen.servers = servers  # type: ignore[assignment]  # the setter parses
+            chosen.servers = servers  # the setter parses
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--servers") from None
     if concurrency is not None:

@@ -8,7 +8,6 @@ The worker never dies of a job.
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 
 import trio
@@ -22,13 +21,6 @@ from .job import Job, SyncJob
 from .server_session import Assignment, ServerLink
 
 log = logging.getLogger("worker_sdk")
-
-# trio 0.23 renamed to_thread.run_sync's `cancellable` to `abandon_on_cancel`.
-_ABANDON = (
-    "abandon_on_cancel"
-    if "abandon_on_cancel" in inspect.signature(trio.to_thread.run_sync).parameters
-    else "cancellable"
-)
 
 
 async def run_job(
@@ -61,7 +53,7 @@ async def run_job(
             result = await trio.to_thread.run_sync(
                 functools.partial(function.func, SyncJob(job)),
                 limiter=thread_limiter,
-                **{_ABANDON: True},  # a thread cannot be interrupted; at the deadline we let go
+                abandon_on_cancel=True,  # a thread cannot be interrupted; at the deadline we let go
             )
     except Exception as error:  # any failure of user code becomes WORK_EXCEPTION
         log.exception("job %s (%s) raised %s", job.handle, job.function, type(error).__name__)

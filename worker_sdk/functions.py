@@ -80,7 +80,7 @@ def check_registration(name: str, timeout: float | None) -> bytes:
 
 def _is_async_callable(func: Callable[..., Any]) -> bool:
     while hasattr(func, "func") and not inspect.isfunction(func):  # functools.partial
-        func = func.func  # type: ignore[attr-defined]
+        func = func.func
     if inspect.iscoroutinefunction(func):
         return True
     call = getattr(func, "__call__", None)  # noqa: B004 - instances with an async __call__

@@ -16,6 +16,7 @@ import trio
 
 from jobserver.sdk.addresses import ServerAddress, ServerSpec, parse_addresses
 from jobserver.sdk.payload import get_codec
+from jobserver.sdk.tasks import background_nursery
 
 from .execution import run_job
 from .functions import WorkerFunction, check_registration
@@ -65,7 +66,7 @@ class Worker:
         client_id: str | None = None,
         grace_period: float = DEFAULT_GRACE_PERIOD,
     ) -> None:
-        self.servers = servers  # type: ignore[assignment]  # the setter parses
+        self.servers = servers  # the setter parses
         self.concurrency = concurrency
         self.codec = get_codec(codec).name
         self.client_id = client_id if client_id is not None else default_client_id()
@@ -174,7 +175,7 @@ class Worker:
                 self._stop_pending = False
                 run.stopping.set()
         try:
-            async with trio.open_nursery() as nursery:
+            async with background_nursery() as nursery:  # run.serve()'s errors come out as is
                 finished = trio.Event()
                 nursery.start_soon(self._stop_when_cancelled, run, finished)
                 # Cancelling serve() is a stop like any other: shielded, the run finishes its
@@ -238,7 +239,7 @@ class Worker:
             await self.serve()  # signals can only be received in the main thread
             return
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
+            async with background_nursery() as nursery:
                 nursery.start_soon(self._stop_on_signals, signals)
                 await self.serve()
                 nursery.cancel_scope.cancel()
@@ -279,7 +280,8 @@ class _Run:
         self.worker = worker
         self.functions = dict(worker._functions)
         self.by_name = {function.name_bytes: function for function in self.functions.values()}
-        self.slots = trio.CapacityLimiter(worker.concurrency)
+        self.slot_count = worker.concurrency
+        self.slots = trio.CapacityLimiter(self.slot_count)
         # Plain `def` functions get their own threads, never queued behind other to_thread
         # users; the slots already bound how many run.
         self.threads = trio.CapacityLimiter(worker.concurrency)
@@ -314,7 +316,7 @@ class _Run:
             ", ".join(map(str, worker.servers)),
             worker.concurrency,
         )
-        async with trio.open_nursery() as sessions:
+        async with background_nursery() as sessions:
             for address in worker.servers:
                 session = ServerSession(
                     address,
@@ -343,7 +345,7 @@ class _Run:
             returned = 0
             with self.grace:
                 # Every slot back means no job runs and no GRAB awaits its answer.
-                for _ in range(self.slots.total_tokens):
+                for _ in range(self.slot_count):
                     await self.slots.acquire_on_behalf_of(object())
                     returned += 1
             if self.grace.cancelled_caught:

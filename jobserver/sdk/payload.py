@@ -8,7 +8,7 @@ float, bool, None and bytes; `json` is for peers that speak JSON; `raw` is bytes
 from __future__ import annotations
 
 import json
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import msgpack
 
@@ -27,7 +27,7 @@ class MsgpackCodec:
     name = "msgpack"
 
     def encode(self, value: Any) -> bytes:
-        return msgpack.packb(value, use_bin_type=True)
+        return cast(bytes, msgpack.packb(value, use_bin_type=True))
 
     def decode(self, data: bytes) -> Any:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
