@@ -7,54 +7,39 @@ import logging
 import os
 import signal
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated
 
 import trio
 import typer
 
-from . import __version__, gc_policy
+from . import __version__, gc_policy, logs
 from .admin import ServerFacts
-from .daemon import Readiness, detach
+from .daemon import PidFile, Readiness, detach
 from .engine.handles import MAX_PREFIX_SIZE
+from .logs import NOTICE, Verbosity
 from .protocol import DEFAULT_MAX_PACKET_SIZE, MAX_ARGUMENTS_SIZE
 from .server import DEFAULT_BACKLOG, Server, ServerConfig
 from .store import StoreError
+from .store.location import default_data_dir
 
 log = logging.getLogger("jobserver")
 
-NOTICE = 25
-logging.addLevelName(NOTICE, "NOTICE")
+DEFAULT_READ_TIMEOUT = 30.0
+"""Seconds a connection may stall in the middle of a packet before it is closed. Far longer
+than any network hiccup; short enough that a peer that sends half a header and stops (a
+port scanner, a wedged client) cannot hold its buffers for long. Idle peers between packets
+are never closed: sleeping workers are idle for hours."""
+
+DEFAULT_DATA_DIR = default_data_dir()
+"""Absolute and independent of the current directory, so a restart from anywhere finds the
+same jobs (the old ./jobserver-data default did not); see jobserver/store/location.py."""
 
 
 class StoreKind(enum.StrEnum):
     sqlite = "sqlite"
     memory = "memory"
-
-
-class Verbosity(enum.StrEnum):
-    """gearmand's level names (§5); FATAL, ALERT and CRITICAL all mean Python's CRITICAL."""
-
-    FATAL = "FATAL"
-    ALERT = "ALERT"
-    CRITICAL = "CRITICAL"
-    ERROR = "ERROR"
-    WARNING = "WARNING"
-    NOTICE = "NOTICE"
-    INFO = "INFO"
-    DEBUG = "DEBUG"
-
-
-_LOG_LEVELS = {
-    Verbosity.FATAL: logging.CRITICAL,
-    Verbosity.ALERT: logging.CRITICAL,
-    Verbosity.CRITICAL: logging.CRITICAL,
-    Verbosity.ERROR: logging.ERROR,
-    Verbosity.WARNING: logging.WARNING,
-    Verbosity.NOTICE: NOTICE,
-    Verbosity.INFO: logging.INFO,
-    Verbosity.DEBUG: logging.DEBUG,
-}
 
 
 def _check_prefix(prefix: str | None) -> str | None:
@@ -79,7 +64,8 @@ app = typer.Typer(add_completion=False, rich_markup_mode=None)
 @app.command(
     help="Run a Gearman-compatible job server. Listens on PORT (default 4730) for the Gearman "
     "binary protocol and the admin text protocol. Stop it with SIGTERM or SIGINT (a daemon: "
-    "kill $(cat PIDFILE), or kill the pid `gearadmin -p PORT --getpid` prints).",
+    "kill $(cat PIDFILE), or kill the pid `gearadmin -p PORT --getpid` prints). SIGHUP reopens "
+    "the log file (for logrotate) and keeps serving.",
     epilog="Subcommand: `jobserver worker MODULE:ATTRIBUTE [OPTIONS]` serves the functions of a "
     "worker_sdk Worker (see `jobserver worker --help`).",
 )
@@ -116,14 +102,18 @@ def serve(
     ] = False,
     pid_file: Annotated[
         Path | None,
-        typer.Option("--pid-file", help="Write the server's pid here; removed at exit."),
+        typer.Option(
+            "--pid-file",
+            help="Write the server's pid here once it listens; removed at exit. Checked "
+            "before anything else: a path that cannot be written fails the start.",
+        ),
     ] = None,
     log_file: Annotated[
         str | None,
         typer.Option(
             "--log-file",
-            help="Append the log here. 'stderr' (the default in the foreground) or 'none'. "
-            "A daemon without --log-file logs nowhere.",
+            help="Append the log here; SIGHUP reopens it (logrotate). 'stderr' (the default "
+            "in the foreground) or 'none'. A daemon without --log-file logs nowhere.",
         ),
     ] = None,
     job_retries: Annotated[
@@ -166,9 +156,11 @@ def serve(
         typer.Option(
             "--verbose",
             case_sensitive=False,
-            help="Log level (gearmand's names). Each misbehaving peer is logged at ERROR.",
+            help="Log level (gearmand's names). NOTICE: starts, stops, where the store is, "
+            "SIGHUP; WARNING: limits hit (connections refused, memory budget, slow readers); "
+            "ERROR: misbehaving peers, store failures. gearmand's default is ERROR.",
         ),
-    ] = Verbosity.ERROR,
+    ] = logs.DEFAULT_VERBOSITY,
     max_packet_size: Annotated[
         int,
         typer.Option(
@@ -198,9 +190,42 @@ def serve(
         typer.Option(
             "--data-dir",
             help="Directory of the sqlite store, created if absent; one database file per "
-            "port (jobserver-<port>.sqlite3), so several servers can share it.",
+            "port (jobserver-<port>.sqlite3), so several servers can share it. The default "
+            "does not depend on the current directory: /var/lib/jobserver as root, "
+            "$XDG_STATE_HOME/jobserver (~/.local/state/jobserver) for other users.",
         ),
-    ] = Path("jobserver-data"),
+    ] = DEFAULT_DATA_DIR,
+    max_connections: Annotated[
+        int | None,
+        typer.Option(
+            "--max-connections",
+            min=1,
+            help="Connections served at once; more are refused (and logged) until some "
+            "close. Default: derived from the open-file limit (ulimit -n).",
+            show_default=False,
+        ),
+    ] = None,
+    read_timeout: Annotated[
+        float,
+        typer.Option(
+            "--read-timeout",
+            min=0,
+            help="Seconds a connection may stall in the middle of a packet before it is "
+            "closed; 0 = never. Idle connections between packets are never closed.",
+        ),
+    ] = DEFAULT_READ_TIMEOUT,
+    memory_budget: Annotated[
+        int | None,
+        typer.Option(
+            "--memory-budget",
+            min=1,
+            metavar="BYTES",
+            help="Bytes held in all for peers' partial packets and unsent replies; beyond it "
+            "the greediest peers are slowed or dropped (and logged). Default: derived from "
+            "the machine's memory.",
+            show_default=False,
+        ),
+    ] = None,
     backlog: Annotated[
         int, typer.Option("--backlog", min=1, help="Listen backlog.")
     ] = DEFAULT_BACKLOG,
@@ -215,19 +240,10 @@ def serve(
     data_dir = data_dir.resolve()  # a daemon changes directory to /
     if pid_file is not None:
         pid_file = pid_file.resolve()
-    if log_file not in (None, "stderr", "none"):
+    if log_file is None:
+        log_file = logs.NOWHERE if daemon else logs.STDERR
+    elif log_file not in (logs.STDERR, logs.NOWHERE):
         log_file = str(Path(log_file).resolve())
-
-    readiness = detach() if daemon else Readiness()
-    if daemon and log_file is None:
-        log_file = "none"
-    try:
-        _configure_logging(log_file, _LOG_LEVELS[verbose])
-    except OSError as error:
-        message = f"cannot open log file {log_file}: {error.strerror}"
-        readiness.failed(message)
-        print(f"jobserver: {message}", file=sys.stderr)
-        raise typer.Exit(1) from None
     config = ServerConfig(
         port=port,
         listen=listen,
@@ -242,24 +258,85 @@ def serve(
         data_dir=data_dir,
         facts=ServerFacts(verbose=verbose.value),
     )
+    # TEMPORARY until ServerConfig has these fields (the server owner is adding them).
+    for name, value in [
+        ("max_connections", max_connections),
+        ("read_timeout", read_timeout),
+        ("memory_budget", memory_budget),
+    ]:
+        if hasattr(config, name):
+            setattr(config, name, value)
+
+    # SIGHUP's default action is to exit. Ignore it until the server listens for it (a
+    # logrotate run during startup must not kill the server and leave its pid file).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    readiness = detach() if daemon else Readiness()
+    startup = _Startup(readiness, daemon)
+    try:
+        startup.log_handler = logs.configure(log_file, verbose.level)
+    except OSError as error:
+        startup.fail(f"cannot open log file {log_file}: {error.strerror or error}")
+    claimed: PidFile | None = None
+    if pid_file is not None:
+        try:
+            claimed = PidFile.claim(pid_file)
+        except OSError as error:
+            startup.fail(f"cannot write pid file {pid_file}: {error.strerror or error}")
     gc_policy.install()
     try:
-        trio.run(_run, config, pid_file, readiness)
+        trio.run(_run, config, claimed, startup)
     except StartupError as error:
-        log.error("%s", error)
-        readiness.failed(str(error))
-        if not daemon:
-            print(f"jobserver: {error}", file=sys.stderr)
-        raise typer.Exit(1) from None
+        startup.fail(str(error))
+    except Exception as error:
+        startup.crash(error)
+    finally:
+        if claimed is not None:
+            claimed.release()
 
 
 class StartupError(Exception):
-    pass
+    """The server cannot start; the message is the one line the user sees."""
 
 
-async def _run(config: ServerConfig, pid_file: Path | None, readiness: Readiness) -> None:
+class _Startup:
+    """Reports how starting went: to the waiting parent of a daemon (which prints it), on
+    stderr in the foreground, and in the log file. A failure is one line naming the file or
+    port and the cause; a bug is one line too, with its traceback in the log."""
+
+    def __init__(self, readiness: Readiness, daemon: bool) -> None:
+        self.readiness = readiness
+        self.daemon = daemon
+        self.log_handler: logging.Handler | None = None
+        self.serving = False
+
+    def ready(self) -> None:
+        self.serving = True
+        self.readiness.ready()
+
+    def fail(self, message: str) -> typing.NoReturn:
+        if self.log_handler is not None and not logs.logs_to_stderr(self.log_handler):
+            log.error("%s", message)  # the log file says why the server is not running
+        self._tell(message)
+        raise typer.Exit(1)
+
+    def crash(self, error: Exception) -> typing.NoReturn:
+        """An unexpected exception, at startup or while serving: a bug."""
+        log.critical("stopped by an unexpected error", exc_info=error)
+        to_stderr = self.log_handler is not None and logs.logs_to_stderr(self.log_handler)
+        if not to_stderr:
+            self._tell(f"unexpected {type(error).__name__}: {error} (traceback in the log)")
+        raise typer.Exit(1)
+
+    def _tell(self, message: str) -> None:
+        if self.daemon:
+            self.readiness.failed(message)  # the parent prints it; ignored once serving
+        else:
+            print(f"jobserver: {message}", file=sys.stderr)
+
+
+async def _run(config: ServerConfig, pid_file: PidFile | None, startup: _Startup) -> None:
     server = Server(config)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         try:
             listeners = await server.bind()
         except StoreError as error:
@@ -272,37 +349,47 @@ async def _run(config: ServerConfig, pid_file: Path | None, readiness: Readiness
         try:
             if pid_file is not None:
                 try:
-                    pid_file.write_text(f"{os.getpid()}\n")
+                    pid_file.write(os.getpid())
                 except OSError as error:
                     raise StartupError(
-                        f"cannot write pid file {pid_file}: {error.strerror}"
+                        f"cannot write pid file {pid_file.path}: {error.strerror or error}"
                     ) from None
-            log.log(NOTICE, "jobserver %s serving on port %d", __version__, server.port)
-            readiness.ready()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(server.serve, listeners)
-                async for signum in signals:
-                    log.log(NOTICE, "%s received: shutting down", signal.Signals(signum).name)
-                    break
-                nursery.cancel_scope.cancel()
-        finally:
-            if pid_file is not None:
-                pid_file.unlink(missing_ok=True)
+        except BaseException:
+            server.close_store()
+            raise
+        _log_started(server, listeners)
+        startup.ready()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve, listeners)
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    assert startup.log_handler is not None
+                    logs.reopen(startup.log_handler)
+                    continue
+                log.log(NOTICE, "%s received: shutting down", signal.Signals(signum).name)
+                break
+            nursery.cancel_scope.cancel()
+        log.log(NOTICE, "stopped")
 
 
-def _configure_logging(log_file: str | None, level: int) -> None:
-    handler: logging.Handler
-    if log_file == "none":
-        handler = logging.NullHandler()
-    elif log_file in (None, "stderr"):
-        handler = logging.StreamHandler(sys.stderr)
+def _log_started(server: Server, listeners: list[trio.SocketListener]) -> None:
+    """The lifecycle lines an operator looks for, at NOTICE (shown by default)."""
+    config = server.config
+    addresses = ", ".join(str(listener.socket.getsockname()[0]) for listener in listeners)
+    log.log(
+        NOTICE,
+        "jobserver %s (pid %d) listening on %s port %d",
+        __version__,
+        os.getpid(),
+        addresses,
+        server.port,
+    )
+    if server.store is None:
+        log.log(NOTICE, "store: memory only (--store memory): background jobs are lost on exit")
     else:
-        handler = logging.FileHandler(log_file)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    root = logging.getLogger("jobserver")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+        jobs = len(server.engine.jobs) if server.engine is not None else 0
+        path = getattr(server.store, "path", config.data_dir)
+        log.log(NOTICE, "store opened: %s (%d background jobs loaded)", path, jobs)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 READY_TIMEOUT = 30.0
 """How long the parent waits for the daemon to listen before giving up on it."""
@@ -77,6 +78,61 @@ def _wait_for_daemon(read_end: int) -> int:
     message = b"".join(chunks)
     if message == _READY:
         return 0
+    # Only a daemon killed outright (SIGKILL, the OOM killer) says nothing: every startup
+    # error, expected or not, is reported through the pipe as one line.
     text = message.decode(errors="replace").strip() or "the daemon exited before it was ready"
     print(f"jobserver: {text}", file=sys.stderr)
     return 1
+
+
+class PidFile:
+    """The server's pid file, claimed before anything is bound and written once it serves.
+
+    Claiming opens (or creates) the file at once, so a path in a missing directory, a
+    directory, or a file we may not write fails the start before the port is taken, with the
+    file named, in the foreground as in a daemon. The pid is written only once the server
+    listens, so a second server started by mistake with the same pid file and port fails
+    without overwriting (or removing) the pid of the one that runs.
+    """
+
+    def __init__(self, path: Path, fd: int, created: bool) -> None:
+        self.path = path
+        self._fd: int | None = fd
+        self._created = created
+        self._pid: int | None = None
+
+    @classmethod
+    def claim(cls, path: Path) -> PidFile:
+        """Open `path` for writing, creating it if absent. Raises OSError."""
+        flags = os.O_WRONLY | os.O_CLOEXEC
+        try:
+            return cls(path, os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644), created=True)
+        except FileExistsError:
+            return cls(path, os.open(path, flags), created=False)
+
+    def write(self, pid: int) -> None:
+        """Replace the contents with `pid`. Raises OSError (a full disk, say)."""
+        assert self._fd is not None, "written twice"
+        data = f"{pid}\n".encode()
+        os.ftruncate(self._fd, 0)
+        if os.pwrite(self._fd, data, 0) != len(data):
+            raise OSError(f"short write to {self.path}")
+        os.close(self._fd)
+        self._fd = None
+        self._pid = pid
+
+    def release(self) -> None:
+        """At exit: remove the file if it says our pid, or if we created it and never wrote it.
+        A file someone else wrote meanwhile (a server started after us) is left alone."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            if self._created:
+                self.path.unlink(missing_ok=True)
+            return
+        try:
+            ours = self.path.read_text().strip() == str(self._pid)
+        except (OSError, UnicodeError):
+            return
+        if ours:
+            self.path.unlink(missing_ok=True)
