@@ -44,6 +44,11 @@ MAX_ADMIN_LINE = 8192
 """Longest admin text line, newline included; gearmand closes on longer lines (§4)."""
 
 
+LARGE_PAYLOAD = 65536
+"""Payloads longer than this are copied out of the decoder's buffer through a memoryview (one
+copy); shorter ones by slicing, which is faster for small payloads but copies twice."""
+
+
 class PacketType(enum.IntEnum):
     CAN_DO = 1
     CANT_DO = 2
@@ -202,7 +207,21 @@ class BadPacket(NamedTuple):
     text: bytes
 
 
-Event = Packet | AdminLine | BadPacket
+class OversizedPacket(NamedTuple):
+    """A packet whose header announces more than the decoder's max_packet_size.
+
+    Given only by a decoder made with `skip_oversized=True` (the server's): it comes as soon as
+    the header is read, and the decoder then drops the `size - HEADER_SIZE` body bytes as they
+    arrive, without buffering them, so the stream stays in sync and the connection goes on.
+    `size` includes the header.
+    """
+
+    type: int
+    magic: bytes
+    size: int
+
+
+Event = Packet | AdminLine | BadPacket | OversizedPacket
 
 
 class ProtocolError(Exception):
@@ -253,32 +272,69 @@ class Decoder:
 
     `accept_admin` lets admin text lines through (a server's view of the stream); SDKs
     decoding server replies turn it off, so a stray non-zero byte is a protocol error.
+
+    `skip_oversized` turns a packet over `max_packet_size` from a ProtocolError into an
+    OversizedPacket event followed by skipping its body (the server answers it with ERROR and
+    carries on). Off by default: a client SDK cannot answer a server, so for it an oversized
+    reply stays a broken stream.
     """
 
-    __slots__ = ("_buffer", "_offset", "accept_admin", "max_packet_size")
+    __slots__ = (
+        "_buffer",
+        "_offset",
+        "_skipping",
+        "accept_admin",
+        "max_packet_size",
+        "skip_oversized",
+    )
 
     def __init__(
-        self, *, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE, accept_admin: bool = True
+        self,
+        *,
+        max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+        accept_admin: bool = True,
+        skip_oversized: bool = False,
     ) -> None:
         if max_packet_size < MAX_ARGUMENTS_SIZE:
             raise ValueError(f"max_packet_size must be at least {MAX_ARGUMENTS_SIZE} bytes")
         self.max_packet_size = max_packet_size
         self.accept_admin = accept_admin
+        self.skip_oversized = skip_oversized
         self._buffer = bytearray()
         self._offset = 0
+        self._skipping = 0  # body bytes of an oversized packet still to drop
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet part of a complete event."""
         return len(self._buffer) - self._offset
 
+    @property
+    def in_packet(self) -> bool:
+        """True while the stream is inside an event: part of a header, body or admin line is
+        buffered, or an oversized body is being skipped. False between events."""
+        return self._skipping > 0 or len(self._buffer) > self._offset
+
+    def clear(self) -> None:
+        """Drop everything buffered (the connection is being closed): frees the memory at once,
+        whoever still holds the decoder."""
+        self._buffer = bytearray()
+        self._offset = 0
+        self._skipping = 0
+
     def feed(self, data: bytes) -> list[Event]:
         """Add `data` and return every event now complete, in stream order.
 
         Raises ProtocolError for a stream that cannot be resynchronised (bad magic, unknown
-        type, oversize packet or line); events decoded before the fault are lost with it,
-        which is fine because the connection is closed anyway.
+        type, oversize line, oversize packet unless skip_oversized); events decoded before the
+        fault are lost with it, which is fine because the connection is closed anyway.
         """
+        if self._skipping:
+            if len(data) <= self._skipping:
+                self._skipping -= len(data)
+                return []
+            data = memoryview(data)[self._skipping :]
+            self._skipping = 0
         buffer = self._buffer
         buffer += data
         events: list[Event] = []
@@ -310,20 +366,35 @@ class Decoder:
                 raise ProtocolError(f"bad magic {bytes(magic)!r}")
             if not 0 < packet_type <= MAX_PACKET_TYPE:
                 raise ProtocolError(f"unknown packet type {packet_type}")
-            if HEADER_SIZE + length > self.max_packet_size:
-                raise ProtocolError(
-                    f"packet of {HEADER_SIZE + length} bytes exceeds the limit of "
-                    f"{self.max_packet_size} bytes"
-                )
             if not _TAIL_BY_TYPE[packet_type] and length > MAX_ARGUMENTS_SIZE - HEADER_SIZE:
                 # Checked from the header alone, so the verdict does not depend on how the bytes
                 # were split across reads, and we never buffer a name that cannot be accepted.
+                # Before the size limit: a huge name or handle is garbage, not a big payload.
                 raise ProtocolError(_arguments_too_large(packet_type))
             body_start = offset + HEADER_SIZE
+            if HEADER_SIZE + length > self.max_packet_size:
+                if not self.skip_oversized:
+                    raise ProtocolError(
+                        f"packet of {HEADER_SIZE + length} bytes exceeds the limit of "
+                        f"{self.max_packet_size} bytes"
+                    )
+                events.append(OversizedPacket(packet_type, magic, HEADER_SIZE + length))
+                if end - body_start >= length:  # the whole body is already here
+                    offset = body_start + length
+                    continue
+                self._skipping = length - (end - body_start)
+                offset = end
+                break
             body_end = body_start + length
             if body_end > end:
                 break
-            payload = bytes(buffer[body_start:body_end])
+            if length > LARGE_PAYLOAD:
+                # One copy instead of two (slice, then bytes): a 64 MiB payload must not
+                # briefly cost three times its size.
+                with memoryview(buffer) as view:
+                    payload = bytes(view[body_start:body_end])
+            else:
+                payload = bytes(buffer[body_start:body_end])
             offset = body_end
             args = split_arguments(packet_type, payload)
             if args is None:

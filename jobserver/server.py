@@ -1,13 +1,21 @@
 """The trio layer around the engine: sockets in, bytes out, nothing decided here.
 
-Each connection is one reader task and one writer task. The reader decodes every packet of a
-read, applies them all to the engine, then wakes the writer of every connection that got output
-(write coalescing: one send per connection per batch, however many packets). No task, lock or
-syscall per packet.
+Each connection is one reader task and one writer task. The reader decodes a read, applies its
+packets to the engine, then sends the output of every connection that got some (write
+coalescing: one send per connection per turn, however many packets). No task, lock or syscall
+per packet. The per-connection I/O is in connection.py, accepting in listener.py, the memory
+budget in memory_budget.py.
+
+Whatever one peer does costs at most that peer's connection: a read's packets are applied a
+bounded number at a time (PACKETS_PER_TURN), the reader waits whenever its peer's unread
+replies pass OUTBOX_HIGH_WATER (checked as replies are produced, not once per read), every byte
+held for a peer is counted against the memory budget, and any exception while serving a
+connection, MemoryError included, closes that connection and is logged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -20,27 +28,64 @@ import trio
 
 from .admin import AdminProtocol, ServerFacts
 from .commits import Committer, write
-from .engine import Engine, Peer
+from .connection import RECEIVE_SIZE, Connection
+from .engine import Engine
 from .engine.handles import default_prefix
-from .protocol import DEFAULT_MAX_PACKET_SIZE, AdminLine, Decoder, Packet, ProtocolError
+from .listener import ConnectionGate, default_max_connections
+from .memory_budget import MemoryBudget, default_memory_budget
+from .protocol import (
+    DEFAULT_MAX_PACKET_SIZE,
+    AdminLine,
+    BadPacket,
+    Decoder,
+    Event,
+    OversizedPacket,
+    Packet,
+    ProtocolError,
+)
 from .store import JobStore, open_store
+from .store.location import default_data_dir
 from .tcp import enable_keepalive
 
 log = logging.getLogger("jobserver")
 
-RECEIVE_SIZE = 65536
-"""Bytes asked of the kernel per read: big enough to take a burst of pipelined packets at once."""
-
 OUTBOX_HIGH_WATER = 4 * 1024 * 1024
-"""A connection whose own unsent replies exceed this stops being read until they drain, so a
-client that pipelines requests but never reads cannot make us buffer without bound."""
+"""A connection whose own unsent replies exceed this stops being served until they drain, so a
+client that pipelines requests but never reads cannot make us buffer without bound. Checked
+after every packet: one pipelined read of 6,000 `show jobs` once grew the server by 3.6 GiB
+when the check ran once per read."""
+
+OUTBOX_LOW_WATER = OUTBOX_HIGH_WATER // 2
+"""Where a connection stopped at OUTBOX_HIGH_WATER is served again: halfway, so a reader
+that drains slowly is not woken for every packet's worth of room."""
 
 MAX_OUTBOX = 256 * 1024 * 1024
 """Unsent output (mostly forwarded WORK_DATA) at which a connection that does not read is
 dropped. Far above any sane backlog; only a stuck peer reaches it."""
 
+PACKETS_PER_TURN = 256
+"""Packets applied from one read before the output is sent and other connections get a turn.
+A 64 KiB read holds up to 5,461 GRAB_JOBs; applied in one go they froze every other connection.
+256 keeps a turn well under a millisecond for cheap packets, and the flush between turns is one
+write per dirty connection, so pipelined throughput does not notice."""
+
 CLOSE_DRAIN_TIMEOUT = 10.0
 """After a peer half-closes (e.g. `echo status | nc`), how long we keep sending it its replies."""
+
+DEFAULT_READ_TIMEOUT = 30.0
+"""Seconds a connection may sit inside a packet (part of a header, body or admin line received,
+the rest not coming) before it is closed; idle connections between packets are never closed
+(sleeping workers are idle for hours). Without it, 2,000 connections sending a header and then
+a byte a second were held open forever."""
+
+MIN_READ_RATE = 1024
+"""Bytes per second that count as progress inside a packet: each byte received pushes the read
+deadline back by 1/MIN_READ_RATE s (never past read_timeout from now), as Apache's
+mod_reqtimeout does. A large packet on a slow link keeps going; a byte a second does not."""
+
+INTERNAL_ERROR_PAUSE = 0.1
+"""After an unexpected exception in the timer task or the commit pacer (logged), how long it
+waits before going on, so a persistent fault is a slow trickle of log lines, not a spin."""
 
 MAX_TIMER_SLEEP = 60.0
 """The timer task re-reads the clocks at least this often, so a wall-clock step cannot leave an
@@ -64,6 +109,10 @@ once, never lost). A batch with any add goes at once: its submitters wait for it
 DEFAULT_BACKLOG = 1024
 """Listen backlog; gearmand's 32 overflows when thousands of workers reconnect at once."""
 
+OVERSIZED_ERROR = b"ARGUMENT_TOO_LARGE"
+"""ERROR code for a packet over max_packet_size (libgearman's GEARMAN_ARGUMENT_TOO_LARGE).
+gearmand has no size limit to answer for; it buffers whatever a header announces."""
+
 
 @dataclass
 class ServerConfig:
@@ -77,76 +126,11 @@ class ServerConfig:
     keepalive: bool = True
     backlog: int = DEFAULT_BACKLOG
     store: str = "sqlite"  # or "memory"
-    data_dir: Path = field(default_factory=lambda: Path("jobserver-data"))
+    data_dir: Path = field(default_factory=default_data_dir)
     facts: ServerFacts = field(default_factory=ServerFacts)
-
-
-class Connection:
-    """The I/O side of one peer: its stream, and getting the peer's outbox onto it.
-
-    Output is written straight from `flush` with one non-blocking write when the socket takes
-    it, which is nearly always: no task switch between a request and its reply. Only what the
-    kernel does not take at once is left to the writer task, which waits for the socket to be
-    writable. Whoever writes takes bytes from the front of the one outbox, and `flush` never
-    writes while the writer is sending, so bytes leave in order.
-    """
-
-    __slots__ = (
-        "_fd",
-        "_has_output",
-        "_output_drained",
-        "_writer_busy",
-        "closing",
-        "peer",
-        "stream",
-    )
-
-    def __init__(self, stream: trio.SocketStream, peer: Peer) -> None:
-        self.stream = stream
-        self.peer = peer
-        self.closing = False
-        self._fd = stream.socket.fileno()
-        self._writer_busy = False
-        self._has_output = trio.lowlevel.ParkingLot()
-        self._output_drained = trio.lowlevel.ParkingLot()
-
-    def flush(self) -> None:
-        outbox = self.peer.outbox
-        if not self._writer_busy:
-            try:
-                sent = os.write(self._fd, outbox)
-            except OSError:
-                sent = 0  # full (EAGAIN), or broken: the writer's send finds out and reports
-            if sent == len(outbox):
-                outbox.clear()
-                if self._output_drained:
-                    self._output_drained.unpark_all()
-                return
-            del outbox[:sent]
-        self._has_output.unpark_all()
-
-    async def write_loop(self) -> None:
-        peer = self.peer
-        while True:
-            while not peer.outbox:
-                if self.closing:
-                    return
-                await self._has_output.park()
-            self._writer_busy = True
-            try:
-                await self.stream.send_all(peer.take_output())
-            finally:
-                self._writer_busy = False
-            self._output_drained.unpark_all()
-
-    async def wait_output_below(self, limit: int) -> None:
-        while len(self.peer.outbox) > limit:
-            await self._output_drained.park()
-
-    def finish(self) -> None:
-        """Let the writer send what is queued, then stop."""
-        self.closing = True
-        self._has_output.unpark_all()
+    max_connections: int | None = None  # None: RLIMIT_NOFILE less a reserve (listener.py)
+    read_timeout: float = DEFAULT_READ_TIMEOUT  # 0: never close a connection stalled mid-packet
+    memory_budget: int | None = None  # bytes; None: from the machine and limits (memory_budget.py)
 
 
 class Server:
@@ -161,6 +145,14 @@ class Server:
         self._committer: Committer | None = None
         self._commit_wakeup = trio.lowlevel.ParkingLot()
         self._removes_due: float | None = None  # when removes waiting for company must go
+        self.budget = MemoryBudget(
+            config.memory_budget if config.memory_budget is not None else default_memory_budget()
+        )
+        self.gate = ConnectionGate(
+            config.max_connections
+            if config.max_connections is not None
+            else default_max_connections()
+        )
 
     async def bind(self) -> list[trio.SocketListener]:
         """Open the store, the listening sockets and the engine, and load the stored jobs.
@@ -218,16 +210,21 @@ class Server:
             self._committer = Committer(
                 self.store, lambda: token.run_sync_soon(self._commit_wakeup.unpark_all)
             )
+        log.info(
+            "serving at most %d connections; memory budget %d MiB for peers' buffers",
+            self.gate.max_connections,
+            self.budget.limit // (1024 * 1024),
+        )
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._run_timers)
                 if self._committer is not None:
                     nursery.start_soon(self._pace_commits)
+                for listener in listeners:
+                    nursery.start_soon(self.gate.serve, listener, self._serve_connection, nursery)
                 task_status.started(listeners)
-                await trio.serve_listeners(
-                    self._serve_connection, listeners, handler_nursery=nursery
-                )
         finally:
+            self.gate.close()
             self._final_commit()
             self.close_store()
 
@@ -240,46 +237,80 @@ class Server:
         try:
             address = sock.getpeername()[0]
         except OSError:
-            await stream.aclose()
+            await trio.aclose_forcefully(stream)
             return  # gone before we looked at it
         if self.config.keepalive:
             enable_keepalive(
                 sock, idle=KEEPALIVE_IDLE, interval=KEEPALIVE_INTERVAL, count=KEEPALIVE_COUNT
             )
         peer = engine.connect(sock.fileno(), address)
-        connection = Connection(stream, peer)
+        decoder = Decoder(max_packet_size=self.config.max_packet_size, skip_oversized=True)
+        connection = Connection(stream, peer, decoder, self.budget)
         peer.transport = connection
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write, connection, nursery.cancel_scope)
+                connection.scope = nursery.cancel_scope
+                nursery.start_soon(self._write, connection)
                 if await self._read(connection):
                     connection.finish()
                     nursery.cancel_scope.deadline = trio.current_time() + CLOSE_DRAIN_TIMEOUT
                 else:
                     nursery.cancel_scope.cancel()
         finally:
-            engine.disconnect(peer)
-            self._flush()
+            # Cancelled from outside (only the server stopping does that): close with FIN.
+            stopping = trio.current_effective_deadline() == -math.inf
+            try:
+                engine.disconnect(peer)
+                self._flush()
+            except Exception:
+                self._log_internal_error(peer)
+            connection.release()
             # A closed peer is never dirty again, so nothing needs its transport: drop the
             # peer <-> connection cycle, and both go by reference counting, not by a full
             # collection (which jobserver.gc_policy keeps from looking at old objects).
             peer.transport = None
-            await trio.aclose_forcefully(stream)
+            if stopping:
+                await connection.close_gracefully()
+            else:
+                await trio.aclose_forcefully(stream)
 
-    async def _write(self, connection: Connection, scope: trio.CancelScope) -> None:
+    async def _write(self, connection: Connection) -> None:
         try:
             await connection.write_loop()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            scope.cancel()  # the peer is gone: stop reading too
+        except OSError:
+            pass  # the peer is gone
+        except Exception:
+            self._log_internal_error(connection.peer)
+        else:
+            return
+        assert connection.scope is not None
+        connection.scope.cancel()  # stop reading too
 
     async def _read(self, connection: Connection) -> bool:
         """Serve requests until the peer closes (True) or must be dropped (False)."""
-        engine = self.engine
-        admin = self.admin
-        assert engine is not None and admin is not None
         peer = connection.peer
-        fd = connection.stream.socket.fileno()
-        decoder = Decoder(max_packet_size=self.config.max_packet_size)
+        try:
+            with trio.CancelScope() as stalled:  # its deadline: mid-packet for too long
+                return await self._read_loop(connection, stalled)
+        except Exception:
+            # A bug of ours, or MemoryError, must cost one connection, never the server.
+            self._log_internal_error(peer)
+            return False
+        finally:
+            if stalled.cancelled_caught:
+                log.error(
+                    "closing connection from %s (fd %d): inside a packet with no progress for "
+                    "%g s (read timeout)",
+                    peer.address,
+                    peer.id,
+                    self.config.read_timeout,
+                )
+
+    async def _read_loop(self, connection: Connection, stalled: trio.CancelScope) -> bool:
+        peer = connection.peer
+        decoder = connection.decoder
+        fd = connection.fd
+        read_timeout = self.config.read_timeout
         more_waiting = False
         while True:
             # Reads go straight to the fd. After a short read the next one would almost
@@ -305,51 +336,161 @@ class Server:
             except ProtocolError as error:
                 log.error("closing connection from %s (fd %d): %s", peer.address, peer.id, error)
                 return False
-            try:
-                for event in events:
-                    if type(event) is Packet:
-                        engine.handle_packet(peer, event)
-                    elif type(event) is AdminLine:
-                        peer.send(admin.execute(event.text))
+            connection.account_input()
+            if self.budget.total > self.budget.limit:
+                self._enforce_budget()
+                if peer.closed:
+                    return False
+            if read_timeout:
+                if decoder.in_packet:
+                    now = trio.current_time()
+                    if stalled.deadline == math.inf:
+                        stalled.deadline = now + read_timeout
                     else:
-                        log.error(
-                            "malformed packet type %d from %s (fd %d): %s",
-                            event.type,
-                            peer.address,
-                            peer.id,
-                            event.text.decode(),
+                        stalled.deadline = min(
+                            now + read_timeout, stalled.deadline + len(data) / MIN_READ_RATE
                         )
-                        engine.handle_bad_packet(peer, event)
-            except Exception:
-                # A bug of ours must cost one connection, never the server.
-                log.exception(
-                    "internal error serving %s (fd %d); closing it", peer.address, peer.id
-                )
+                elif stalled.deadline != math.inf:
+                    stalled.deadline = math.inf
+            if events and not await self._apply(connection, events, stalled):
                 return False
-            self._flush()
-            if len(peer.outbox) > OUTBOX_HIGH_WATER:
-                await connection.wait_output_below(OUTBOX_HIGH_WATER)
+
+    async def _apply(
+        self, connection: Connection, events: list[Event], stalled: trio.CancelScope
+    ) -> bool:
+        """Apply a read's events to the engine, sending output and letting other connections
+        in every PACKETS_PER_TURN packets, and waiting whenever this peer's unsent replies pass
+        OUTBOX_HIGH_WATER. False when the peer was closed meanwhile."""
+        engine = self.engine
+        admin = self.admin
+        assert engine is not None and admin is not None
+        peer = connection.peer
+        room = OUTBOX_HIGH_WATER - len(connection.pending)
+        turn = 0
+        for event in events:
+            kind = type(event)
+            if kind is Packet:
+                engine.handle_packet(peer, event)  # type: ignore[arg-type]
+            elif kind is AdminLine:
+                peer.send(admin.execute(event.text))  # type: ignore[union-attr]
+            else:
+                self._bad_packet(peer, event)  # type: ignore[arg-type]
+            turn += 1
+            if turn == PACKETS_PER_TURN or len(peer.outbox) > room:
+                self._flush()
+                if peer.closed:
+                    return False
+                if len(connection.pending) > OUTBOX_HIGH_WATER:
+                    # Not the peer's stall on input: the read timeout starts again next read.
+                    stalled.deadline = math.inf
+                    await connection.wait_output_below(OUTBOX_LOW_WATER)
+                else:
+                    await trio.lowlevel.checkpoint()
+                if peer.closed:
+                    return False
+                room = OUTBOX_HIGH_WATER - len(connection.pending)
+                turn = 0
+        self._flush()
+        return not peer.closed
+
+    def _bad_packet(self, peer, event: BadPacket | OversizedPacket) -> None:
+        engine = self.engine
+        assert engine is not None
+        if type(event) is OversizedPacket:
+            # The decoder skips its body as it arrives; the connection goes on.
+            log.error(
+                "packet type %d of %d bytes from %s (fd %d) exceeds max packet size %d; "
+                "answered ERROR, skipping its body",
+                event.type,
+                event.size,
+                peer.address,
+                peer.id,
+                self.config.max_packet_size,
+            )
+            text = (
+                f"Packet of {event.size} bytes exceeds the limit of "
+                f"{self.config.max_packet_size} bytes"
+            )
+            event = BadPacket(event.type, event.magic, OVERSIZED_ERROR, text.encode())
+        else:
+            log.error(
+                "malformed packet type %d from %s (fd %d): %s",
+                event.type,
+                peer.address,
+                peer.id,
+                event.text.decode(),
+            )
+        engine.handle_bad_packet(peer, event)
 
     def _flush(self) -> None:
-        """Send every connection's new output (once per batch, however many packets), after
-        taking in a written commit and handing the store the next one; wake the timer task if
-        the batch gave it something to do."""
+        """Send every connection's new output (once per turn, however many packets), after
+        taking in a written commit and handing the store the next one; enforce the outbox cap
+        and the memory budget; wake the timer task if the turn gave it something to do."""
         engine = self.engine
         assert engine is not None
         if self._committer is not None:
             self._advance_commits()
-        for peer in engine.take_dirty():
-            if len(peer.outbox) > MAX_OUTBOX:
-                log.error("dropping %s (fd %d): it stopped reading", peer.address, peer.id)
-                engine.disconnect(peer)
-                peer.transport.stream.socket.close()
-                continue
-            peer.transport.flush()
+        budget = self.budget
+        dirty = engine.take_dirty()
+        while dirty:
+            for peer in dirty:
+                if peer.closed:
+                    continue
+                connection = peer.transport
+                try:
+                    connection.flush()
+                except Exception:
+                    self._log_internal_error(peer)
+                    self._drop(connection)
+                    continue
+                if len(connection.pending) > MAX_OUTBOX:
+                    log.error(
+                        "closing connection from %s (fd %d): %d bytes unsent, it stopped reading",
+                        peer.address,
+                        peer.id,
+                        len(connection.pending),
+                    )
+                    self._drop(connection)
+            if budget.total > budget.limit:
+                self._enforce_budget()
+            dirty = engine.take_dirty()  # closing a peer requeues its jobs: wake-ups to send
         delay = engine.seconds_until_next_timer()
         if delay is not None:
             due = trio.current_time() + delay
             if self._timer_due is None or due < self._timer_due:
                 self._timer_changed.unpark_all()
+
+    def _drop(self, connection: Connection) -> None:
+        """Close a connection now, from whichever task noticed: it is forgotten by the engine
+        and its buffers freed at once; its own tasks wake up cancelled and finish the close."""
+        engine = self.engine
+        assert engine is not None
+        engine.disconnect(connection.peer)
+        connection.release()
+
+    def _enforce_budget(self) -> None:
+        """Over the memory budget: close the connections holding most until back under it."""
+        budget = self.budget
+        for connection in budget.largest_first():
+            if budget.total <= budget.limit:
+                break
+            peer = connection.peer  # type: ignore[attr-defined]
+            log.error(
+                "closing connection from %s (fd %d): it holds %d bytes of partial input and "
+                "unsent output, the most of any, and all connections hold %d, over the memory "
+                "budget of %d",
+                peer.address,
+                peer.id,
+                connection.held,
+                budget.total,
+                budget.limit,
+            )
+            self._drop(connection)  # type: ignore[arg-type]
+
+    def _log_internal_error(self, peer) -> None:
+        # Out of memory even for the log line: still close just this connection.
+        with contextlib.suppress(Exception):
+            log.exception("internal error serving %s (fd %d); closing it", peer.address, peer.id)
 
     # ------------------------------------------------------------------ store
 
@@ -385,7 +526,10 @@ class Server:
             due = math.inf if self._removes_due is None else self._removes_due
             with trio.move_on_at(due):
                 await self._commit_wakeup.park()
-            self._flush()
+            try:
+                self._flush()
+            except Exception:
+                await self._internal_error("the commit pacer")
 
     def _final_commit(self) -> None:
         """At shutdown: report the batch in flight, then write what is journalled, so jobs
@@ -415,5 +559,14 @@ class Server:
             with trio.move_on_after(sleep):
                 await self._timer_changed.park()
             self._timer_due = None
-            engine.run_timers()
-            self._flush()
+            try:
+                engine.run_timers()
+                self._flush()
+            except Exception:
+                await self._internal_error("the timer task")
+
+    async def _internal_error(self, where: str) -> None:
+        """A fault in a server-wide task: log it and go on after a pause; the server lives."""
+        with contextlib.suppress(Exception):  # out of memory even for the log line
+            log.exception("internal error in %s; going on", where)
+        await trio.sleep(INTERNAL_ERROR_PAUSE)

@@ -21,6 +21,7 @@ from jobserver.protocol import (
     AdminLine,
     BadPacket,
     Decoder,
+    OversizedPacket,
     Packet,
     PacketType,
     ProtocolError,
@@ -535,6 +536,83 @@ def test_oversized_non_data_packet_without_separators_is_protocol_error_in_any_c
         feed_all(Decoder(), [wire[:HEADER_SIZE], wire[HEADER_SIZE:]])
     with pytest.raises(ProtocolError):
         Decoder().feed(wire)
+
+
+# ---------------------------------------------------------------------------------------------
+# Oversized packets skipped (the server's decoder: skip_oversized=True)
+# ---------------------------------------------------------------------------------------------
+
+SKIP_LIMIT = 10_000
+
+
+def oversized_stream() -> tuple[bytes, list]:
+    """A packet before, an oversized ECHO_REQ whose body is made of whole valid packets (which
+    must be skipped, not decoded), and a packet and an admin line after."""
+    before = Packet(T.ECHO_REQ, (b"before",), REQ)
+    after = Packet(T.SUBMIT_JOB, (b"fn", b"u", b"after\0"), REQ)
+    body = encode_request(T.ECHO_REQ, b"skip me") * (SKIP_LIMIT // 10)
+    stream = (
+        encode_request(before.type, *before.args)
+        + header(REQ, T.ECHO_REQ, len(body))
+        + body
+        + encode_request(after.type, *after.args)
+        + b"status\n"
+    )
+    events = [
+        before,
+        OversizedPacket(T.ECHO_REQ, REQ, HEADER_SIZE + len(body)),
+        after,
+        AdminLine(b"status"),
+    ]
+    return stream, events
+
+
+@pytest.mark.parametrize("size", [1, 5, 12, 13, 1000, 4096, 10_000, 100_000])
+def test_oversized_packet_is_reported_once_and_its_body_skipped_under_any_chunking(size):
+    stream, expected = oversized_stream()
+    decoder = Decoder(max_packet_size=SKIP_LIMIT, skip_oversized=True)
+    events = []
+    most_buffered = 0
+    for i in range(0, len(stream), size):
+        events += decoder.feed(stream[i : i + size])
+        most_buffered = max(most_buffered, decoder.buffered)
+    assert events == expected
+    assert decoder.buffered == 0
+    assert not decoder.in_packet
+    assert most_buffered <= max(size, 1000)  # the skipped body was never held
+
+
+def test_oversized_packet_event_comes_with_the_header_before_the_body_arrives():
+    decoder = Decoder(max_packet_size=SKIP_LIMIT, skip_oversized=True)
+    assert decoder.feed(header(RES, T.WORK_DATA, 1 << 31)) == [
+        OversizedPacket(T.WORK_DATA, RES, HEADER_SIZE + (1 << 31))
+    ]
+    assert decoder.buffered == 0
+    assert decoder.in_packet  # still inside the packet: its body is to come
+    assert decoder.feed(b"x" * 100_000) == []
+    assert decoder.buffered == 0
+
+
+def test_oversized_non_data_packet_is_still_a_protocol_error_when_skipping():
+    # A 100 kB function name is garbage, not a large payload: the 8 KiB rule closes.
+    with pytest.raises(ProtocolError):
+        Decoder(max_packet_size=SKIP_LIMIT, skip_oversized=True).feed(
+            header(REQ, T.CAN_DO, 100_000)
+        )
+
+
+def test_in_packet_is_true_only_inside_a_header_body_or_admin_line():
+    decoder = Decoder()
+    assert not decoder.in_packet
+    decoder.feed(b"\0RE")
+    assert decoder.in_packet
+    decoder.feed(b"Q" + struct.pack(">II", T.NOOP, 0))
+    assert not decoder.in_packet
+    decoder.feed(b"sta")
+    assert decoder.in_packet
+    decoder.clear()
+    assert not decoder.in_packet and decoder.buffered == 0
+    assert decoder.feed(b"status\n") == [AdminLine(b"status")]
 
 
 # ---------------------------------------------------------------------------------------------

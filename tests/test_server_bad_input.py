@@ -1,7 +1,9 @@
 """Bad input over real sockets: each kind gets its treatment and never harms anyone else.
 
-Unrecoverable framing (bad magic, unknown type, oversize packet or line) closes that one
-connection without a reply, as gearmand does (§1). Everything else is answered with an ERROR
+Unrecoverable framing (bad magic, unknown type, oversize arguments or line) closes that one
+connection without a reply, as gearmand does (§1). A packet over --max-packet-size is answered
+ERROR and its body skipped as it arrives, so the connection goes on (gearmand has no limit and
+buffers whatever is announced). Everything else is answered with an ERROR
 in place and the connection keeps working; where gearmand is silent (§3.14) we still answer,
 so clients matching replies FIFO stay in step.
 
@@ -85,7 +87,7 @@ def test_packet_type_0_or_43_and_above_closes_the_connection(jobserver, connect,
     bystander.assert_unaffected()
 
 
-def test_packet_over_max_packet_size_closes_the_connection_on_its_header(start_jobserver, connect):
+def test_packet_over_max_packet_size_gets_error_and_its_body_is_skipped(start_jobserver, connect):
     server = start_jobserver("--max-packet-size", "65536")
     bystander = Bystander(server, connect)
     largest = b"e" * (65536 - 12)
@@ -93,10 +95,27 @@ def test_packet_over_max_packet_size_closes_the_connection_on_its_header(start_j
     fits.send(T.ECHO_REQ, largest)
     fits.expect(T.ECHO_RES, largest)
 
-    bad = connect(server)
-    bad.send_raw(header(REQ, T.ECHO_REQ, 65536 - 12 + 1))  # the header alone is enough
-    bad.assert_closed()
+    peer = connect(server)
+    # The body is made of whole ECHO_REQ packets: were it decoded instead of skipped, they
+    # would be answered.
+    fake = encode_request(T.ECHO_REQ, b"must not be answered") * 4000
+    peer.send_raw(header(REQ, T.ECHO_REQ, len(fake)) + fake[:1000])  # the ERROR comes at once
+    peer.expect_error(
+        b"ARGUMENT_TOO_LARGE",
+        b"Packet of %d bytes exceeds the limit of 65536 bytes" % (12 + len(fake)),
+    )
+    peer.send_raw(fake[1000:])
+    peer.echo(b"the connection goes on")
+    peer.expect_nothing()
     bystander.assert_unaffected()
+
+
+def test_oversized_packet_with_res_magic_gets_invalid_magic(start_jobserver, connect):
+    server = start_jobserver("--max-packet-size", "65536")
+    peer = connect(server)
+    peer.send_raw(header(RES, T.ECHO_REQ, 70000) + b"r" * 70000)
+    peer.expect_error(b"INVALID_MAGIC", b"Request magic expected")
+    peer.echo()
 
 
 def test_header_announcing_over_8_KiB_of_can_do_closes_the_connection(

@@ -1,0 +1,185 @@
+"""The I/O side of one peer: its socket, its decoder, its unsent output, and how it closes.
+
+Nothing here decides anything: the server applies decoded packets to the engine and calls
+`flush` for every peer the engine gave output. What this module owns is getting bytes onto the
+socket in order without copying them, and keeping the memory budget told of every byte held
+for the peer (partial input in the decoder, unsent output in `pending`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+import trio
+
+from .engine import Peer
+from .memory_budget import MemoryBudget
+from .protocol import Decoder
+
+RECEIVE_SIZE = 65536
+"""Bytes asked of the kernel per read: big enough to take a burst of pipelined packets at once."""
+
+SHUTDOWN_DRAIN_TIMEOUT = 2.0
+"""At shutdown, how long a connection that has been sent FIN is read (and what it sends
+dropped) while we wait for the peer's own FIN. Closing a socket with unread input makes the
+kernel send RST instead of FIN; some workers (abraxas) treat a reset as fatal and never
+reconnect, where gearmand's FIN makes them reconnect to the next server. Peers answer FIN
+within milliseconds; the bound only stops a silent one from delaying the exit."""
+
+SHUTDOWN_DISCARD_LIMIT = 16
+"""Reads of RECEIVE_SIZE taken at most, after the drain, to empty what is still queued before
+close(); more than a megabyte in flight at that point means the peer is not stopping."""
+
+
+class Connection:
+    """One peer's socket and what is held for it.
+
+    Output is written straight from `flush` with one non-blocking write when the socket takes
+    it, which is nearly always: no task switch between a request and its reply. What the
+    kernel does not take moves to `pending`, and the writer task sends it when the socket is
+    writable. While anything is pending, new output queues behind it, so bytes leave in order.
+
+    Moving the rest out of the engine's `peer.outbox` (instead of leaving it there) gives the
+    peer an empty outbox again, so the engine lists it as dirty on its next reply and the
+    server sees every addition: the per-connection cap and the budget hold whatever was
+    already waiting.
+    """
+
+    __slots__ = (
+        "_has_output",
+        "_output_drained",
+        "budget",
+        "closing",
+        "decoder",
+        "fd",
+        "held",
+        "input_held",
+        "peer",
+        "pending",
+        "scope",
+        "stream",
+    )
+
+    def __init__(
+        self, stream: trio.SocketStream, peer: Peer, decoder: Decoder, budget: MemoryBudget
+    ) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.decoder = decoder
+        self.budget = budget
+        self.fd = stream.socket.fileno()
+        self.pending = bytearray()  # output the kernel has not taken yet, oldest first
+        self.held = 0  # bytes this connection holds, as last told to the budget
+        self.input_held = 0  # the part of `held` that is partial input in the decoder
+        self.closing = False
+        self.scope: trio.CancelScope | None = None  # cancels this connection's tasks
+        self._has_output = trio.lowlevel.ParkingLot()
+        self._output_drained = trio.lowlevel.ParkingLot()
+
+    # ------------------------------------------------------------------ accounting
+
+    def account_input(self) -> None:
+        """Tell the budget what the decoder holds now (after each read)."""
+        buffered = self.decoder.buffered
+        if buffered != self.input_held:
+            delta = buffered - self.input_held
+            self.input_held = buffered
+            self.budget.change(self, delta)
+
+    def release(self) -> None:
+        """Drop everything held for this peer at once (it is being closed), so the memory is
+        free before the connection's tasks have even woken up to finish."""
+        self.closing = True
+        self.pending = bytearray()
+        self.decoder.clear()
+        self.input_held = 0
+        self.budget.release(self)
+        if self.scope is not None:
+            self.scope.cancel()
+
+    # ------------------------------------------------------------------ output
+
+    def flush(self) -> None:
+        """Send the peer's new output, or queue it behind what is pending."""
+        outbox = self.peer.outbox
+        pending = self.pending
+        if not pending:
+            try:
+                sent = os.write(self.fd, outbox)
+            except OSError:
+                sent = 0  # full (EAGAIN), or broken: the writer's write finds out and reports
+            if sent == len(outbox):
+                outbox.clear()
+                return
+            del outbox[:sent]
+            self.pending = outbox
+            self.peer.outbox = bytearray()
+            self._has_output.unpark_all()
+            self.budget.change(self, len(outbox))
+        else:
+            size = len(outbox)
+            pending += outbox
+            outbox.clear()
+            self.budget.change(self, size)
+
+    @property
+    def unsent(self) -> int:
+        return len(self.pending)
+
+    async def write_loop(self) -> None:
+        """Send `pending` whenever the socket can take some. Raises OSError when the peer is
+        gone; returns after `finish` once everything is sent."""
+        fd = self.fd
+        while True:
+            while not self.pending:
+                if self.closing:
+                    return
+                await self._has_output.park()
+            await trio.lowlevel.wait_writable(fd)
+            pending = self.pending
+            try:
+                sent = os.write(fd, pending)  # straight from the buffer: no copy of the backlog
+            except BlockingIOError:
+                continue
+            del pending[:sent]  # cheap: CPython moves a bytearray's start, not its contents
+            self.budget.change(self, -sent)
+            self._output_drained.unpark_all()
+
+    async def wait_output_below(self, limit: int) -> None:
+        while len(self.pending) > limit:
+            await self._output_drained.park()
+
+    def finish(self) -> None:
+        """Let the writer send what is queued, then stop."""
+        self.closing = True
+        self._has_output.unpark_all()
+
+    # ------------------------------------------------------------------ closing
+
+    async def close_gracefully(self) -> None:
+        """At shutdown: send what the socket takes at once, then FIN, and read and drop what
+        the peer still sends until its FIN (or SHUTDOWN_DRAIN_TIMEOUT), so the close is a FIN
+        and never a reset. Runs shielded: the server is being cancelled as this runs."""
+        fd = self.fd
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + SHUTDOWN_DRAIN_TIMEOUT
+            with contextlib.suppress(OSError):
+                if self.pending:
+                    os.write(fd, self.pending)
+                self.stream.socket.shutdown(socket.SHUT_WR)
+                while True:
+                    await trio.lowlevel.wait_readable(fd)
+                    try:
+                        if not os.read(fd, RECEIVE_SIZE):
+                            break
+                    except BlockingIOError:
+                        continue
+            # Whatever arrived after the deadline: read it now, or close() resets.
+            with contextlib.suppress(OSError):
+                for _ in range(SHUTDOWN_DISCARD_LIMIT):
+                    if not os.read(fd, RECEIVE_SIZE):
+                        break
+            self.pending = bytearray()
+            await trio.aclose_forcefully(self.stream)
