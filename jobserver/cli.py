@@ -244,6 +244,22 @@ def serve(
         log_file = logs.NOWHERE if daemon else logs.STDERR
     elif log_file not in (logs.STDERR, logs.NOWHERE):
         log_file = str(Path(log_file).resolve())
+    # SIGHUP's default action is to exit. Ignore it until the server listens for it (a
+    # logrotate run during startup must not kill the server and leave its pid file).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    readiness = detach() if daemon else Readiness()
+    startup = _Startup(readiness, daemon)
+    try:
+        startup.log_handler = logs.configure(log_file, verbose.level)
+    except OSError as error:
+        startup.fail(f"cannot open log file {log_file}: {error.strerror or error}")
+    claimed: PidFile | None = None
+    if pid_file is not None:
+        try:
+            claimed = PidFile.claim(pid_file)
+        except OSError as error:
+            startup.fail(f"cannot write pid file {pid_file}: {error.strerror or error}")
+    # Built in the daemon, not before detaching: ServerFacts records the pid (admin getpid).
     config = ServerConfig(
         port=port,
         listen=listen,
@@ -266,22 +282,6 @@ def serve(
     ]:
         if hasattr(config, name):
             setattr(config, name, value)
-
-    # SIGHUP's default action is to exit. Ignore it until the server listens for it (a
-    # logrotate run during startup must not kill the server and leave its pid file).
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    readiness = detach() if daemon else Readiness()
-    startup = _Startup(readiness, daemon)
-    try:
-        startup.log_handler = logs.configure(log_file, verbose.level)
-    except OSError as error:
-        startup.fail(f"cannot open log file {log_file}: {error.strerror or error}")
-    claimed: PidFile | None = None
-    if pid_file is not None:
-        try:
-            claimed = PidFile.claim(pid_file)
-        except OSError as error:
-            startup.fail(f"cannot write pid file {pid_file}: {error.strerror or error}")
     gc_policy.install()
     try:
         trio.run(_run, config, claimed, startup)
