@@ -322,9 +322,14 @@ class _Startup:
     def crash(self, error: Exception) -> typing.NoReturn:
         """An unexpected exception, at startup or while serving: a bug."""
         log.critical("stopped by an unexpected error", exc_info=error)
-        to_stderr = self.log_handler is not None and logs.logs_to_stderr(self.log_handler)
-        if not to_stderr:
-            self._tell(f"unexpected {type(error).__name__}: {error} (traceback in the log)")
+        handler = self.log_handler
+        if handler is not None and logs.logs_to_stderr(handler):
+            raise typer.Exit(1)  # the traceback just went to stderr
+        if isinstance(handler, logs.ReopenableFileHandler):
+            where = f"traceback in {handler.baseFilename}"
+        else:
+            where = "--log-file PATH keeps its traceback"
+        self._tell(f"unexpected {type(error).__name__}: {error} ({where})")
         raise typer.Exit(1)
 
     def _tell(self, message: str) -> None:
@@ -389,7 +394,7 @@ def _log_started(server: Server, listeners: list[trio.SocketListener]) -> None:
     else:
         jobs = len(server.engine.jobs) if server.engine is not None else 0
         path = getattr(server.store, "path", config.data_dir)
-        log.log(NOTICE, "store opened: %s (%d background jobs loaded)", path, jobs)
+        log.log(NOTICE, "store opened: %s (background jobs loaded: %d)", path, jobs)
 
 
 def main() -> None:

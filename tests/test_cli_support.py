@@ -128,8 +128,9 @@ class ForegroundServer:
         cwd: Path | None = None,
         prefix: list[str] | None = None,
         env: dict[str, str] | None = None,
+        port: int | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = port or free_port()
         self.argv = [*(prefix or []), *JOBSERVER, "-L", HOST, "-p", str(self.port), *args]
         self.stderr_path = workdir / f"stderr-{self.port}.log"
         with open(self.stderr_path, "wb") as stderr:
