@@ -20,17 +20,11 @@ from .daemon import PidFile, Readiness, detach
 from .engine.handles import MAX_PREFIX_SIZE
 from .logs import NOTICE, Verbosity
 from .protocol import DEFAULT_MAX_PACKET_SIZE, MAX_ARGUMENTS_SIZE
-from .server import DEFAULT_BACKLOG, Server, ServerConfig
+from .server import DEFAULT_BACKLOG, DEFAULT_READ_TIMEOUT, Server, ServerConfig
 from .store import StoreError
 from .store.location import default_data_dir
 
 log = logging.getLogger("jobserver")
-
-DEFAULT_READ_TIMEOUT = 30.0
-"""Seconds a connection may stall in the middle of a packet before it is closed. Far longer
-than any network hiccup; short enough that a peer that sends half a header and stops (a
-port scanner, a wedged client) cannot hold its buffers for long. Idle peers between packets
-are never closed: sleeping workers are idle for hours."""
 
 DEFAULT_DATA_DIR = default_data_dir()
 """Absolute and independent of the current directory, so a restart from anywhere finds the
@@ -272,16 +266,11 @@ def serve(
         backlog=backlog,
         store=store.value,
         data_dir=data_dir,
+        max_connections=max_connections,
+        read_timeout=read_timeout,
+        memory_budget=memory_budget,
         facts=ServerFacts(verbose=verbose.value),
     )
-    # TEMPORARY until ServerConfig has these fields (the server owner is adding them).
-    for name, value in [
-        ("max_connections", max_connections),
-        ("read_timeout", read_timeout),
-        ("memory_budget", memory_budget),
-    ]:
-        if hasattr(config, name):
-            setattr(config, name, value)
     gc_policy.install()
     try:
         trio.run(_run, config, claimed, startup)
@@ -388,6 +377,13 @@ def _log_started(server: Server, listeners: list[trio.SocketListener]) -> None:
         os.getpid(),
         addresses,
         server.port,
+    )
+    log.log(
+        NOTICE,
+        "limits: %d connections, memory budget %d bytes, read timeout %s",
+        server.gate.max_connections,
+        server.budget.limit,
+        f"{config.read_timeout:g} s" if config.read_timeout else "off",
     )
     if server.store is None:
         log.log(NOTICE, "store: memory only (--store memory): background jobs are lost on exit")

@@ -190,3 +190,36 @@ def test_verbose_error_keeps_lifecycle_lines_out_of_the_log(tmp_path):
     assert server.stop() == 0
 
     assert log_lines(log_file) == []  # the level is what keeps them out: it can fail
+
+
+def test_a_limit_hit_reaches_the_log_file_at_the_default_level(tmp_path, started):
+    _, port = start_logging_server("foreground", tmp_path, started, "--max-connections", "1")
+    log_file = tmp_path / "jobserver.log"
+
+    with socket.create_connection((HOST, port), timeout=5) as admitted:
+        admitted.sendall(b"version\n")  # answered: this one holds the only slot
+        assert admitted.recv(100).startswith(b"OK")
+        with socket.create_connection((HOST, port), timeout=5) as refused:
+            try:
+                assert refused.recv(1) == b""  # closed at once, never served
+            except ConnectionResetError:
+                pass  # closed at once, too
+
+    assert "refused 1 connection" in wait_for_log(log_file, " WARNING ")
+
+
+def test_the_limits_options_reach_the_server_and_its_log(tmp_path, started):
+    limits = ["--max-connections", "7", "--memory-budget", "1000000", "--read-timeout", "0"]
+    start_logging_server("foreground", tmp_path, started, *limits)
+
+    line = wait_for_log(tmp_path / "jobserver.log", "NOTICE limits:")
+
+    assert line.endswith("limits: 7 connections, memory budget 1000000 bytes, read timeout off")
+
+
+def test_the_default_limits_are_derived_and_logged(tmp_path, started):
+    start_logging_server("foreground", tmp_path, started)
+
+    line = wait_for_log(tmp_path / "jobserver.log", "NOTICE limits:")
+
+    assert line.endswith(" s") and "read timeout 30 s" in line
