@@ -23,6 +23,11 @@ from .store import JobStore, StoreError
 
 log = logging.getLogger(__name__)
 
+IDLE_CHECK_INTERVAL = 1.0
+"""Seconds between the store's checks (`JobStore.check`) while no batch comes: a data file
+deleted while the server is idle is rewritten within about this long, not only at the next
+submit, and a disk that filled recovers without one. Each check is a stat or two."""
+
 
 class Written(NamedTuple):
     """What became of a batch: `failed` maps record ids that could not be stored to why."""
@@ -83,11 +88,17 @@ class Committer:
     def _run(self) -> None:
         while True:
             with self._condition:
-                while self._next is None and not self._stopping:
-                    self._condition.wait()
+                if self._next is None and not self._stopping:
+                    self._condition.wait(IDLE_CHECK_INTERVAL)
                 if self._next is None:
-                    return
-                batch, self._next = self._next, None
+                    if self._stopping:
+                        return
+                    batch = None
+                else:
+                    batch, self._next = self._next, None
+            if batch is None:
+                self._check_store()
+                continue
             try:
                 written = write(self._store, batch)
             except Exception as error:  # a bug of ours: refuse the batch, never hang on it
@@ -102,20 +113,34 @@ class Committer:
             except Exception:  # the serving thread is gone (shutting down); it polls anyway
                 log.debug("could not wake the serving thread", exc_info=True)
 
+    def _check_store(self) -> None:
+        try:
+            self._store.check()
+        except Exception:  # a bug of ours: the next batch is written all the same
+            log.exception("internal error checking the store")
+
 
 def write(store: JobStore, batch: Batch) -> Written:
     """Write a batch; if the store refuses it, each record in its own transaction, so one that
     cannot be stored (too big for the disk left) does not take the others' submits down with
     it. Then the removes; if they fail, the engine puts them in the next batch. A database
     locked by someone else refuses the whole batch at once: each record would wait out the
-    lock timeout again."""
+    lock timeout again; a full disk refuses the batch's records at once (the store refuses
+    each until space is back) and writes its removes, which is what frees space."""
     try:
         store.apply(batch.adds, batch.removes)
     except StoreError as failure:
+        reason = f"Job could not be stored: {failure}"
+        refused = {record.record_id: reason for record in batch.adds}
         if failure.busy:  # another process holds the lock: one by one would wait again each
             log.error("%s; %d submits refused, removes kept for later", failure, len(batch.adds))
-            reason = f"Job could not be stored: {failure}"
-            return Written(batch, {record.record_id: reason for record in batch.adds}, True)
+            return Written(batch, refused, True)
+        if failure.removes_written:
+            log.error("%s; %d submits refused", failure, len(batch.adds))
+            return Written(batch, refused, False)
+        if failure.low_space:
+            log.error("%s; %d submits refused", failure, len(batch.adds))
+            return Written(batch, refused, not _write_removes(store, batch.removes))
         log.error("%s; retrying the %d records one by one", failure, len(batch.adds))
     else:
         return Written(batch, {}, False)
@@ -127,9 +152,18 @@ def write(store: JobStore, batch: Batch) -> Written:
             failed[record.record_id] = f"Job could not be stored: {failure}"
     if failed:
         log.error("%d submits refused: they could not be stored", len(failed))
+    return Written(batch, failed, not _write_removes(store, batch.removes))
+
+
+def _write_removes(store: JobStore, removes: list[int]) -> bool:
+    """Whether the removes are written; if not, the engine puts them in the next batch."""
+    if not removes:
+        return True
     try:
-        store.apply([], batch.removes)
+        store.apply([], removes)
     except StoreError as failure:
-        log.error("%s; %d removes will be retried", failure, len(batch.removes))
-        return Written(batch, failed, True)
-    return Written(batch, failed, False)
+        if failure.removes_written:
+            return True
+        log.error("%s; %d removes will be retried", failure, len(removes))
+        return False
+    return True

@@ -1,6 +1,7 @@
 """Where background jobs are kept so they survive a crash (issue: durable background jobs).
 
-A store records a job, removes it, and loads them all at start. The engine never calls it:
+A store records a job, removes it, and loads them all at start; it is locked for one server
+and keeps working when its file is deleted or its disk fills (sqlite.py). The engine never calls it:
 it journals what must be stored (jobserver.engine.journal) and the server commits that in
 batches off the trio thread (jobserver.server). Two stores: `sqlite` (the default; stdlib
 sqlite3 in WAL mode, one database file per server port) and `memory` (nothing is kept: a
@@ -21,11 +22,27 @@ class StoreError(Exception):
     """The store cannot do what was asked; the message names the file and the problem.
 
     `busy`: someone else held the database's lock for longer than the store waits. Trying
-    again at once (say, record by record) would only wait for it again."""
+    again at once (say, record by record) would only wait for it again.
 
-    def __init__(self, message: str, *, busy: bool = False) -> None:
+    `low_space`: the disk is full; the store refuses every record until finished jobs free
+    space, so record by record would be refused too. Removes alone are still written.
+
+    `removes_written`: the records were refused but the removes of the same call were
+    written (the file went while they were committed, see SqliteStore._rewrite_after_commit);
+    they must not be written again."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        busy: bool = False,
+        low_space: bool = False,
+        removes_written: bool = False,
+    ) -> None:
         super().__init__(message)
         self.busy = busy
+        self.low_space = low_space
+        self.removes_written = removes_written
 
 
 class JobStore(Protocol):
@@ -43,6 +60,11 @@ class JobStore(Protocol):
         to disk when it returns). Raises StoreError and changes nothing on failure. Record
         ids only increase from call to call; a record is removed once (unknown ids are
         ignored)."""
+        ...
+
+    def check(self) -> None:
+        """While nothing is committed: do what each commit does besides writing (notice a
+        deleted data file, give disk space back). Logs problems; never raises."""
         ...
 
     def close(self) -> None: ...

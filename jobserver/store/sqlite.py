@@ -15,14 +15,26 @@ one is lost on restart (shared doc §3.15). Here every acknowledged job has its 
 
 A database written by the first version of this store (one `jobs` row per job) is converted
 to segments when it is opened, in one transaction.
+
+Safety (issue: hardening). The database is locked for this server alone (lock.py). Before and
+after each commit the store checks, with one stat, that its path still names the file it has
+open: a data file deleted or replaced while the server runs would otherwise take every later
+commit into a file no restart finds. When it does not, the store reads its live jobs back
+through the connection it still has on the old file and writes them, with the batch being
+committed, into a new file, so no submit is acknowledged into a deleted file. A write that
+fails for want of space releases a reserve (reserve.py) so that removes can go on, refuses
+submits meanwhile, and gives the pages of drained jobs back to the file system (VACUUM) so the
+reserve can be allocated again and submits accepted, without a restart.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from ..engine.journal import StoredJob
@@ -35,6 +47,16 @@ from .encoding import (
     unpack_record_ids,
     unpack_segment,
 )
+from .files import (
+    adopt_unfinished_rewrite,
+    journal,
+    move_aside,
+    remove_files,
+    rewrite_path,
+    sync_directory,
+)
+from .lock import StoreLock
+from .reserve import SpaceReserve
 from .segments import Segment, SegmentIndex
 
 log = logging.getLogger(__name__)
@@ -86,16 +108,41 @@ rewritten a bounded number of times."""
 MIN_COMPACTED_RECORDS = 8
 """Rows holding fewer records than this are not worth rewriting."""
 
+SPACE_TO_RESUME = 2
+"""Submits are accepted again once the free space is this many reserves: one to allocate the
+reserve again, one for jobs, so that the first commits after it do not fill the disk again at
+once."""
+
+VACUUM_SPACE_FACTOR = 2
+"""VACUUM writes every live page into the WAL before the file shrinks: it is tried only when
+the free space is this many times the live data, so it does not fill the disk itself."""
+
+VACUUM_RETRY_INTERVAL = 10.0
+"""Seconds before a VACUUM that failed is tried again (it costs as much as the live data)."""
+
 
 class SqliteStore:
     def __init__(
         self,
         path: Path,
         connection: sqlite3.Connection,
+        lock: StoreLock,
+        reserve: SpaceReserve,
         compaction_interval: float = COMPACTION_INTERVAL,
+        *,
+        low_space: bool = False,
     ) -> None:
         self.path = path
-        self._db = connection
+        self._db: sqlite3.Connection | None = connection
+        self._identity = _identity(path)
+        self._lock = lock
+        self._reserve = reserve
+        self._low_space = low_space  # submits refused until the reserve is back
+        self._next_vacuum = 0.0
+        # Segments committed into a file found deleted right after, whose rewrite failed:
+        # their submits were refused, so the next rewrite must leave them out.
+        self._dropped: set[int] = set()
+        self._last_problem = ""  # of the idle check, logged once
         self._index = SegmentIndex()
         self._compaction_interval = compaction_interval
         self._next_compaction = time.monotonic() + compaction_interval
@@ -105,50 +152,63 @@ class SqliteStore:
     def open(
         cls, data_dir: Path, path: Path, compaction_interval: float = COMPACTION_INTERVAL
     ) -> SqliteStore:
-        """Create the directory and the database if absent and check they are usable.
-        Raises StoreError naming the file and the problem (corrupt, read-only, ...)."""
+        """Create the directory and the database if absent, lock the database for this
+        process and check they are usable. Raises StoreError naming the file and the problem
+        (in use by another server, corrupt, read-only, ...)."""
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise StoreError(f"cannot create data directory {data_dir}: {error.strerror}") from None
-        _check_writable(data_dir, path)
+        lock = StoreLock.acquire(path)  # before anything reads or writes the database
         try:
-            # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE in apply). The
-            # connection is used from one worker thread at a time, never two at once.
-            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as error:
-            raise StoreError(f"cannot open job database {path}: {error}") from None
-        try:
-            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise StoreError(f"job database {path}: cannot use WAL mode (got {mode})")
-            # FULL: each commit is synced before it returns, so an acknowledged job survives
-            # a power loss as well as a crash of this process.
-            db.execute("PRAGMA synchronous = FULL")
-            problems = db.execute("PRAGMA quick_check").fetchall()
-            if problems != [("ok",)]:
-                detail = "; ".join(str(row[0]) for row in problems[:3])
-                raise StoreError(f"job database {path} is damaged: {detail}")
-            db.execute("BEGIN IMMEDIATE")
-            for statement in SCHEMA:
-                db.execute(statement)
-            _convert_first_layout(db, path)
-            db.execute("COMMIT")
-        except sqlite3.Error as error:
-            db.close()
-            raise StoreError(f"cannot use job database {path}: {error}") from None
-        except StoreError:
-            db.close()
+            _check_writable(data_dir, path)
+            try:
+                adopt_unfinished_rewrite(path)
+            except OSError as error:
+                raise StoreError(
+                    f"job database {path}: cannot put in place the new file of an interrupted "
+                    f"rewrite ({rewrite_path(path)}): {error.strerror}"
+                ) from None
+            db = _connect(path, check=True)
+        except BaseException:
+            lock.release()
             raise
-        return cls(path, db, compaction_interval)
+        reserve = SpaceReserve.beside(path)
+        low_space = not reserve.claim()
+        if low_space:
+            log.warning(
+                "no room for the %d-byte space reserve %s: submits are refused until there is",
+                reserve.size,
+                reserve.path,
+            )
+        return cls(path, db, lock, reserve, compaction_interval, low_space=low_space)
 
     # ------------------------------------------------------------------ start
 
     def load(self) -> list[StoredJob]:
         """Every stored job not finished, oldest first; also rebuilds the segment index from
         the file. A segment that cannot be ours is refused with StoreError naming it."""
-        db = self._db
+        segments, empty, orphans = self._read(self._connection())
+        index = SegmentIndex()
+        jobs: list[StoredJob] = []
+        for segment, live in segments:
+            index.add(segment)
+            jobs.extend(live)
+        # Rows no commit of ours leaves behind (the finish of a segment's last record deletes
+        # both of its rows at once), cleared all the same: an orphaned finished list must not
+        # be inherited by a later segment with the same first id.
+        if empty or orphans:
+            self._clear(empty, orphans)
+        self._index = index
+        self._sparse = []  # segments of the index just replaced
+        return jobs
+
+    def _read(
+        self, db: sqlite3.Connection, dropped: Collection[int] = ()
+    ) -> tuple[list[tuple[Segment, list[StoredJob]]], list[int], list[int]]:
+        """The segments with live records and those records; the first ids of segments with
+        none, and of finished lists with no segment. Segments starting at a `dropped` id are
+        left out. StoreError if the file cannot be read or a segment cannot be ours."""
         try:
             rows = db.execute(
                 "SELECT first_record_id, end_record_id, CAST(records AS BLOB) FROM segments "
@@ -160,30 +220,22 @@ class SqliteStore:
         except sqlite3.Error as error:
             raise StoreError(f"cannot read job database {self.path}: {error}") from None
         finished = dict(finished_rows)
-        index = SegmentIndex()
-        jobs: list[StoredJob] = []
+        segments: list[tuple[Segment, list[StoredJob]]] = []
         empty: list[int] = []
         for start, end, blob in rows:
             try:
                 segment, live = _load_segment(start, end, blob, finished.pop(start, b""))
-                if live:
-                    index.add(segment)
             except (DamagedSegment, ValueError) as error:
                 raise StoreError(
                     f"job database {self.path} is damaged: segment {start!r}: {error}"
                 ) from None
+            if start in dropped:
+                continue
             if live:
-                jobs.extend(live)
+                segments.append((segment, live))
             else:
                 empty.append(start)
-        # Rows no commit of ours leaves behind (the finish of a segment's last record deletes
-        # both of its rows at once), cleared all the same: an orphaned finished list must not
-        # be inherited by a later segment with the same first id.
-        if empty or finished:
-            self._clear(empty, list(finished))
-        self._index = index
-        self._sparse = []  # segments of the index just replaced
-        return jobs
+        return segments, empty, list(finished)
 
     @property
     def next_record_id(self) -> int:
@@ -191,7 +243,7 @@ class SqliteStore:
         return self._index.next_record_id
 
     def _clear(self, segments: list[int], finished: list[int]) -> None:
-        db = self._db
+        db = self._connection()
         try:
             db.execute("BEGIN IMMEDIATE")
             db.executemany(DELETE_SEGMENT, _rows(segments))
@@ -204,8 +256,45 @@ class SqliteStore:
     # ------------------------------------------------------------------ commits
 
     def apply(self, adds: list[StoredJob], removes: list[int]) -> None:
-        """Write `adds` as new segments, then finish `removes`, in one synced transaction.
-        The index changes only once the commit succeeded."""
+        """Write `adds` as new segments, then finish `removes`, in one synced transaction, in
+        the file the database's path names when it returns. The index changes only once the
+        commit succeeded."""
+        self._lock.check()
+        changed = self._file_changed()
+        if changed:
+            # Deleted or replaced since the last commit: this batch goes into the new file
+            # with the jobs of the old one, so none of its submits is acknowledged into a
+            # file no restart would find.
+            self._rewrite(changed, adds, removes)
+            return
+        if self._low_space:
+            self._regain_space()
+            if self._low_space and adds:
+                raise StoreError(
+                    f"job database {self.path}: no space left on its file system "
+                    f"({self._reserve.free_bytes()} bytes free); submits are refused until "
+                    "finished jobs free some",
+                    low_space=True,
+                )
+        try:
+            new = self._commit(adds, removes)
+        except sqlite3.Error as error:
+            if _is_full(error):
+                self._space_ran_out()
+            raise StoreError(
+                f"job database {self.path}: {error}",
+                busy=_is_busy(error),
+                low_space=self._low_space,
+            ) from None
+        changed = self._file_changed()
+        if changed:  # it went while this batch was being committed: the batch is in it
+            self._rewrite_after_commit(changed, new)
+        if self._low_space:
+            self._regain_space()
+
+    def _commit(self, adds: list[StoredJob], removes: list[int]) -> list[Segment]:
+        """The commit itself, into the file open now; returns the segments it added. Raises
+        sqlite3.Error with the index as it was."""
         index = self._index
         kept = len(index)
         new: list[tuple[Segment, Sequence[StoredJob]]] = []
@@ -236,9 +325,6 @@ class SqliteStore:
                 statements.append((REWRITE_SEGMENT, (pack_segment(records), segment.start)))
                 statements.append((DELETE_FINISHED, (segment.start,)))
             self._execute(statements)
-        except sqlite3.Error as error:
-            index.discard_from(kept)
-            raise StoreError(f"job database {self.path}: {error}", busy=_is_busy(error)) from None
         except BaseException:
             index.discard_from(kept)
             raise
@@ -248,12 +334,13 @@ class SqliteStore:
             index.remove(segment)
         if compacted is not None:
             compacted[0].held = len(compacted[1])
+        return [segment for segment, _ in new]
 
     def _execute(self, statements: list[tuple[str, tuple]]) -> None:
         """Run the statements as one synced transaction. A single statement runs as its own
         (autocommit) transaction: one call into SQLite instead of three, and each call is a
         point where this thread must win the GIL back from the serving thread."""
-        db = self._db
+        db = self._connection()
         if len(statements) == 1:
             db.execute(*statements[0])
             return
@@ -265,6 +352,163 @@ class SqliteStore:
         except sqlite3.Error:
             _rollback(db)
             raise
+
+    def check(self) -> None:
+        """What each commit checks, for a server with nothing to commit (called by the store
+        thread when idle): a deleted or replaced file is rewritten, a deleted lock taken
+        again, space given back. Problems are logged (once each), not raised."""
+        try:
+            self._lock.check()
+            changed = self._file_changed()
+            if changed:
+                self._rewrite(changed, [], [])
+            if self._low_space:
+                self._regain_space()
+        except StoreError as error:
+            if str(error) != self._last_problem:
+                log.error("%s", error)
+            self._last_problem = str(error)
+        else:
+            self._last_problem = ""
+
+    def _connection(self) -> sqlite3.Connection:
+        """The open connection, opened again if a rewrite could not (the new file is there)."""
+        if self._db is None:
+            self._db = _connect(self.path)
+        return self._db
+
+    # ------------------------------------------------------------------ a deleted file
+
+    def _file_changed(self) -> str | None:
+        """ "deleted" or "replaced" if the path no longer names the file open, else None. One
+        stat: cheap enough for every commit, and a commit is where it matters."""
+        try:
+            now = _identity(self.path)
+        except FileNotFoundError:
+            return "deleted"
+        except OSError:
+            return None  # cannot tell (the directory is unreadable): the commit will say
+        if now == self._identity:
+            return None
+        return "replaced"
+
+    def _rewrite(self, what: str, adds: list[StoredJob], removes: list[int]) -> None:
+        """Write the live jobs of the file open (deleted or replaced, but still readable
+        through the connection), with `adds` and without `removes`, into a new file at the
+        path, and continue with that. StoreError, with nothing changed, if the new file cannot
+        be written; a file found at the path (a replacement) is moved aside, never
+        overwritten."""
+        db = self._connection()
+        segments, _, _ = self._read(db, self._dropped)
+        finished = set(removes)
+        kept: list[tuple[Segment, list[StoredJob]]] = []
+        for segment, live in segments:
+            if finished:
+                live = [r for r in live if r.record_id not in finished]
+            if live:
+                kept.append((Segment(segment.start, segment.end, len(live), len(live)), live))
+        for chunk in _segment_chunks([r for r in adds if r.record_id not in finished]):
+            start, end = chunk[0].record_id, chunk[-1].record_id + 1
+            kept.append((Segment(start, end, len(chunk), len(chunk)), chunk))
+        temp = rewrite_path(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _write_new_database(temp, kept)
+            aside = move_aside(self.path)
+        except (OSError, sqlite3.Error) as error:
+            remove_files(temp, journal(temp))
+            detail = getattr(error, "strerror", None) or error
+            raise StoreError(
+                f"job database {self.path} was {what} while in use, and its {_count(kept)} "
+                f"jobs cannot be written to a new file: {detail}"
+            ) from None
+        # The new file is complete and synced. Closing the old connection checkpoints into
+        # the old file and deletes its -wal and -shm by name: they must be gone before the
+        # new file takes the name, or SQLite would apply the old WAL to it.
+        db.close()
+        self._db = None
+        os.replace(temp, self.path)
+        sync_directory(self.path.parent)
+        index = SegmentIndex()
+        for segment, _ in kept:
+            index.add(segment)
+        self._index, self._sparse, self._dropped = index, [], set()
+        self._identity = _identity(self.path)
+        log.warning(
+            "job database %s was %s while in use; its %d live jobs were written to a new file%s",
+            self.path,
+            what,
+            _count(kept),
+            f" (the file found in its place was moved to {aside})" if aside else "",
+        )
+        if self._reserve.held and not self._reserve.path.exists():
+            self._reserve.claim()  # the data directory was cleared, reserve and all
+        try:
+            self._db = _connect(self.path)
+        except StoreError as error:
+            # The batch is in the new file all the same: the next commit opens it again.
+            log.error("%s", error)
+
+    def _rewrite_after_commit(self, what: str, new: list[Segment]) -> None:
+        """The file went while a batch was committed into it: rewrite now (the batch is among
+        the live jobs read back). If the new file cannot be written, the batch's submits are
+        refused instead: its segments leave the index and the next rewrite leaves them out.
+        Its removes are written either way (StoreError.removes_written)."""
+        try:
+            self._rewrite(what, [], [])
+        except StoreError as error:
+            for segment in new:
+                self._index.remove(segment)
+                self._dropped.add(segment.start)
+            raise StoreError(str(error), removes_written=True) from None
+
+    # ------------------------------------------------------------------ a full disk
+
+    def _space_ran_out(self) -> None:
+        if self._reserve.held:
+            self._reserve.release()
+            log.warning(
+                "job database %s: the disk is full; released the %d-byte reserve so finished "
+                "jobs can still be removed; submits are refused until space is back",
+                self.path,
+                self._reserve.size,
+            )
+        self._low_space = True
+        self._regain_space()
+
+    def _regain_space(self) -> None:
+        """Accept submits again if the reserve can be allocated with room to spare: give the
+        WAL's space back, and the pages of drained jobs (VACUUM) when that would make the
+        room and the copy fits."""
+        db = self._connection()
+        # An emptied WAL gives its size back; it fails while the pages it holds do not fit.
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        needed = self._reserve.size * SPACE_TO_RESUME
+        free = self._reserve.free_bytes()
+        if free < needed and self._vacuum_would_make_room(db, free, needed):
+            try:
+                db.execute("VACUUM")
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as error:
+                self._next_vacuum = time.monotonic() + VACUUM_RETRY_INTERVAL
+                log.error("job database %s: cannot give space back: %s", self.path, error)
+            free = self._reserve.free_bytes()
+        if free >= needed and self._reserve.claim():
+            self._low_space = False
+            log.warning("job database %s: disk space is back; accepting submits", self.path)
+
+    def _vacuum_would_make_room(self, db: sqlite3.Connection, free: int, needed: int) -> bool:
+        if time.monotonic() < self._next_vacuum:
+            return False
+        try:
+            page_size = db.execute("PRAGMA page_size").fetchone()[0]
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+            unused = db.execute("PRAGMA freelist_count").fetchone()[0]
+        except sqlite3.Error:
+            return False
+        live = (pages - unused) * page_size
+        return free + unused * page_size >= needed and live * VACUUM_SPACE_FACTOR <= free
 
     # ------------------------------------------------------------------ compaction
 
@@ -286,12 +530,16 @@ class SqliteStore:
             if live <= 0 or not _is_sparse(segment.held, live):
                 continue  # its row goes in this commit, or it filled up: nothing to do
             try:
-                blob, finished = self._db.execute(
-                    "SELECT CAST(s.records AS BLOB), CAST(f.record_ids AS BLOB) "
-                    "FROM segments AS s LEFT JOIN finished AS f "
-                    "USING (first_record_id) WHERE s.first_record_id = ?",
-                    (segment.start,),
-                ).fetchone()
+                blob, finished = (
+                    self._connection()
+                    .execute(
+                        "SELECT CAST(s.records AS BLOB), CAST(f.record_ids AS BLOB) "
+                        "FROM segments AS s LEFT JOIN finished AS f "
+                        "USING (first_record_id) WHERE s.first_record_id = ?",
+                        (segment.start,),
+                    )
+                    .fetchone()
+                )
                 done = unpack_record_ids(finished or b"")
                 done.update(finishing)
                 records = [r for r in unpack_segment(blob) if r.record_id not in done]
@@ -310,7 +558,82 @@ class SqliteStore:
         return None
 
     def close(self) -> None:
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        self._lock.release()
+
+
+def _connect(path: Path, *, check: bool = False) -> sqlite3.Connection:
+    """A connection in WAL mode, synced at each commit. `check` (at start): check the file,
+    create the tables, convert a database of the first layout. StoreError naming the file."""
+    try:
+        # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE in apply). The
+        # connection is used from one thread at a time, never two at once.
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as error:
+        raise StoreError(f"cannot open job database {path}: {error}") from None
+    try:
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise StoreError(f"job database {path}: cannot use WAL mode (got {mode})")
+        # FULL: each commit is synced before it returns, so an acknowledged job survives
+        # a power loss as well as a crash of this process.
+        db.execute("PRAGMA synchronous = FULL")
+        if check:
+            problems = db.execute("PRAGMA quick_check").fetchall()
+            if problems != [("ok",)]:
+                detail = "; ".join(str(row[0]) for row in problems[:3])
+                raise StoreError(f"job database {path} is damaged: {detail}")
+            db.execute("BEGIN IMMEDIATE")
+            for statement in SCHEMA:
+                db.execute(statement)
+            _convert_first_layout(db, path)
+            db.execute("COMMIT")
+    except sqlite3.Error as error:
+        db.close()
+        raise StoreError(f"cannot use job database {path}: {error}") from None
+    except StoreError:
+        db.close()
+        raise
+    return db
+
+
+def _write_new_database(path: Path, segments: list[tuple[Segment, list[StoredJob]]]) -> None:
+    """A database at `path` holding `segments` (their live records only), written in one
+    transaction and synced; in rollback-journal mode, so that no -wal is left beside it when
+    it is renamed (it turns to WAL mode when opened)."""
+    remove_files(path, journal(path))  # of an earlier rewrite that failed
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("BEGIN IMMEDIATE")
+        for statement in SCHEMA:
+            db.execute(statement)
+        db.executemany(
+            INSERT_SEGMENT,
+            ((segment.start, segment.end, pack_segment(live)) for segment, live in segments),
+        )
+        db.execute("COMMIT")
+    finally:
+        db.close()
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """What tells one file from another at the same path: a deleted file's inode stays ours
+    while we hold it open, so a new file cannot reuse it."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+
+
+def _count(segments: list[tuple[Segment, list[StoredJob]]]) -> int:
+    return sum(len(live) for _, live in segments)
+
+
+def _is_full(error: sqlite3.Error) -> bool:
+    """SQLITE_FULL: SQLite's word for ENOSPC from a write."""
+    return getattr(error, "sqlite_errorname", None) == "SQLITE_FULL"
 
 
 def _is_sparse(held: int, live: int) -> bool:
