@@ -3,11 +3,16 @@
 Output formats are gearmand 1.1.20's byte for byte (tabs, `.` terminators, `\\n` versus `\\r\\n`,
 `+` for spaces in ERR texts), because `gearadmin` and monitoring scripts parse them. The few
 places where we deliberately answer differently are marked in the code and listed in the README.
+
+Names in listings come from clients (function names, unique ids, client ids) and may hold any
+byte but NUL, so they are escaped (`listed`): gearmand prints them raw, and a function named
+"x\\t0\\t0\\t0\\nfake" adds a line of its own choosing to `status`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +27,26 @@ VERSION_REPLY = f"OK jobserver-{__version__}\n".encode()
 
 _OK = b"OK\r\n"
 _LIST_END = b".\n"
+
+_UNSAFE = re.compile(rb"[\x00-\x1f\x7f\\]")
+"""Bytes escaped in listings: every ASCII control character (NUL, TAB, LF, CR, ESC ... and DEL),
+which could end a field or a line or drive a terminal, and the backslash that starts an escape,
+so an escaped name reads back as exactly one name. Other bytes, UTF-8 included, are left alone:
+they cannot break a line apart. Spaces are left alone too, even in `workers` where they also
+separate words: as with gearmand, a name with a space reads as two there, but it cannot make
+a line."""
+
+
+def _escape_byte(match: re.Match[bytes]) -> bytes:
+    return b"\\x%02x" % match[0][0]
+
+
+def listed(name: bytes) -> bytes:
+    """`name` as it appears in an admin listing: each unsafe byte written `\\xNN`
+    (`a\\tb` -> `a\\x09b`). Names without one, nearly all, come back unchanged."""
+    if _UNSAFE.search(name) is None:
+        return name
+    return _UNSAFE.sub(_escape_byte, name)
 
 
 def _err(code: str, text: str = "") -> bytes:
@@ -93,16 +118,22 @@ class AdminProtocol:
     def _workers(self, _args: list[bytes]) -> bytes:
         lines = []
         for peer in self.engine.peers.values():
-            functions = b"".join(b" " + f.name for f in reversed(peer.abilities))
-            lines.append(
-                b"%d %s %s :%s\n" % (peer.id, peer.address.encode(), peer.client_id, functions)
-            )
+            # Every CAN_DO, duplicates included, latest first, as gearmand lists them.
+            registered: list[tuple[int, bytes]] = []
+            if peer.abilities is not None:
+                for function, registration in peer.abilities.registrations.items():
+                    name = listed(function.name)
+                    registered.extend((stamp, name) for stamp in registration.stamp_list())
+            registered.sort(reverse=True)
+            functions = b"".join(b" " + name for _, name in registered)
+            client_id = listed(peer.client_id)
+            lines.append(b"%d %s %s :%s\n" % (peer.id, peer.address.encode(), client_id, functions))
         lines.append(_LIST_END)
         return b"".join(lines)
 
     def _status(self, _args: list[bytes]) -> bytes:
         lines = [
-            b"%s\t%d\t%d\t%d\n" % (f.name, f.total, f.running, f.registrations)
+            b"%s\t%d\t%d\t%d\n" % (listed(f.name), f.total, f.running, f.registrations)
             for f in self.engine.functions.values()
         ]
         lines.append(_LIST_END)
@@ -114,7 +145,9 @@ class AdminProtocol:
             high, normal, low = f.queued
             # Epoch jobs not yet due are NORMAL priority jobs waiting in the queue (§3.11).
             normal += f.waiting
-            lines.append(b"%s\t%d\t%d\t%d\t%d\n" % (f.name, high, normal, low, f.registrations))
+            lines.append(
+                b"%s\t%d\t%d\t%d\t%d\n" % (listed(f.name), high, normal, low, f.registrations)
+            )
         lines.append(_LIST_END)
         return b"".join(lines)
 
@@ -126,11 +159,11 @@ class AdminProtocol:
             lines = [
                 # The `ignore` column is always 0: cancelled and abandoned jobs are forgotten at
                 # once here rather than lingering until a worker reaps them.
-                b"%s\t%d\t0\t%d\n" % (job.handle, job.retries, int(job.background))
+                b"%s\t%d\t0\t%d\n" % (listed(job.handle), job.retries, int(job.background))
                 for job in self.engine.iter_jobs()
             ]
         elif keywords == [b"unique", b"jobs"]:
-            lines = [job.unique + b"\n" for job in self.engine.iter_jobs()]
+            lines = [listed(job.unique) + b"\n" for job in self.engine.iter_jobs()]
         else:
             return _err("UNKNOWN_SHOW_ARGUMENTS")
         lines.append(_LIST_END)
@@ -150,7 +183,7 @@ class AdminProtocol:
             return _invalid_arguments("create")
         # gearmand 1.1.x loses the name's last character unless the line ends in CRLF (§4);
         # the decoder already removed the line ending, so the name is whole either way.
-        self.engine.function(args[1])
+        self.engine.create_function(args[1])
         return _OK
 
     def _drop(self, args: list[bytes]) -> bytes:

@@ -61,7 +61,7 @@ def test_cancel_queued_bg_job_removes_it_silently():
     handle = submit(engine, client, b"fn", b"", b"x", T.SUBMIT_JOB_BG)
     assert engine.cancel_job(handle) is True
     assert replies(client) == []
-    assert engine.functions[b"fn"].total == 0
+    assert b"fn" not in engine.functions  # nothing uses it any more: forgotten
     assert grab(engine, worker(engine, "fn")) == packet(T.NO_JOB)
 
 
@@ -121,10 +121,11 @@ def test_cancelled_running_job_is_not_requeued_when_its_worker_is_lost():
     handle = submit(engine, client, b"fn", b"", b"x", T.SUBMIT_JOB_BG)
     w = worker(engine, "fn")
     grab_handle(engine, w)
+    function = engine.functions[b"fn"]
     engine.cancel_job(handle)
     engine.disconnect(w)
-    function = engine.functions[b"fn"]
-    assert (function.running, function.total, queued(engine)) == (0, 0, [0, 0, 0])
+    assert (function.running, function.total, function.queued) == (0, 0, [0, 0, 0])
+    assert b"fn" not in engine.functions
 
 
 def test_cancelled_running_job_is_dropped_not_requeued_when_its_timeout_expires():
@@ -138,7 +139,7 @@ def test_cancelled_running_job_is_dropped_not_requeued_when_its_timeout_expires(
     grab_handle(engine, w)
     engine.cancel_job(handle)
     advance(engine, 2)
-    function = engine.functions[b"fn"]
+    function = engine.functions[b"fn"]  # kept: the worker is still registered
     assert (function.running, function.total, queued(engine)) == (0, 0, [0, 0, 0])
     assert w.held == {}
     send(engine, w, T.WORK_COMPLETE, handle, b"late")
@@ -159,9 +160,10 @@ def test_cancel_waiting_epoch_job_means_it_never_runs():
     engine = new_engine()
     client = connect(engine)
     handle = submit_epoch(engine, client, "fn", START_TIME + 10)
-    assert engine.cancel_job(handle) is True
     function = engine.functions[b"fn"]
+    assert engine.cancel_job(handle) is True
     assert (function.waiting, function.total) == (0, 0)
+    assert b"fn" not in engine.functions
     w = worker(engine, "fn")
     send(engine, w, T.PRE_SLEEP)
     advance(engine, 20)
@@ -175,7 +177,7 @@ def test_cancel_waiting_epoch_job_means_it_never_runs():
 
 def test_drop_idle_function():
     engine = new_engine()
-    engine.function(b"fn")
+    engine.create_function(b"fn")
     assert engine.drop_function(b"fn") == "ok"
     assert b"fn" not in engine.functions
 
@@ -187,13 +189,14 @@ def test_drop_unknown_function_is_not_found():
 
 def test_drop_function_matches_names_case_insensitively():
     engine = new_engine()
-    engine.function(b"Resize")
+    engine.create_function(b"Resize")
     assert engine.drop_function(b"rESIZE") == "ok"
     assert engine.functions == {}
 
 
 def test_drop_function_with_registered_workers_is_busy():
     engine = new_engine()
+    engine.create_function(b"fn")  # else it is forgotten as soon as nothing uses it
     w = worker(engine, "fn")
     assert engine.drop_function(b"fn") == "busy"
     send(engine, w, T.CANT_DO, "fn")
@@ -202,6 +205,7 @@ def test_drop_function_with_registered_workers_is_busy():
 
 def test_drop_function_with_a_running_job_is_busy():
     engine = new_engine()
+    engine.create_function(b"fn")
     client = connect(engine)
     handle = submit(engine, client, b"fn", b"", b"x")
     w = worker(engine, "fn", "other")
@@ -231,6 +235,7 @@ def test_drop_function_with_a_waiting_epoch_job_is_refused():
 
 def test_drop_function_after_its_jobs_were_cancelled():
     engine = new_engine()
+    engine.create_function(b"fn")
     client = connect(engine)
     handle = submit(engine, client, b"fn", b"", b"x")
     engine.cancel_job(handle)
@@ -239,7 +244,7 @@ def test_drop_function_after_its_jobs_were_cancelled():
 
 def test_dropped_function_is_recreated_by_a_submit():
     engine = new_engine()
-    engine.function(b"fn")
+    engine.create_function(b"fn")
     engine.drop_function(b"fn")
     client = connect(engine)
     handle = submit(engine, client, b"fn", b"", b"x")

@@ -159,7 +159,8 @@ def test_res_magic_submit_creates_no_job_and_res_magic_can_do_registers_nothing(
     send(engine, peer, T.CAN_DO, "fn", magic=RES)
     assert replies(peer) == [INVALID_MAGIC, INVALID_MAGIC]
     assert engine.jobs == {}
-    assert peer.can_do == {}
+    assert peer.abilities is None
+    assert engine.functions == {}
 
 
 def bad_packet(packet_type: int, payload: bytes, magic: bytes = REQ) -> BadPacket:
@@ -197,7 +198,8 @@ def test_bad_packet_of_a_server_to_client_type_is_invalid_command():
 
 def test_pipelined_requests_are_answered_once_each_in_request_order():
     # Clients match JOB_CREATED / ERROR to their submits FIFO (§6.9); gearmand breaks this for
-    # bad epochs, long GET_STATUS* arguments and long CAN_DO_TIMEOUT values (§3.14).
+    # bad epochs and long GET_STATUS* arguments (§3.14). A CAN_DO_TIMEOUT of any value gets
+    # no reply, as from gearmand (a long one registers here; gearmand drops it silently).
     engine = new_engine()
     engine.set_max_queue(b"full", [1, 1, 1])
     peer = connect(engine)
@@ -206,7 +208,7 @@ def test_pipelined_requests_are_answered_once_each_in_request_order():
         (T.SUBMIT_JOB_EPOCH, ("fn", "", "99999999999999999999", "x")),
         (T.GET_STATUS, ("H" * 64,)),
         (T.GET_STATUS_UNIQUE, ("u" * 65,)),
-        (T.CAN_DO_TIMEOUT, ("fn", "1" * 21)),
+        (T.CAN_DO_TIMEOUT, ("fn", "1" * 21)),  # no reply
         (T.SUBMIT_JOB_BG, ("fn", "u" * 65, "x")),
         (T.SUBMIT_JOB_BG, ("full", "", "x")),
         (T.SUBMIT_JOB_BG, ("full", "", "x")),
@@ -229,7 +231,6 @@ def test_pipelined_requests_are_answered_once_each_in_request_order():
         T.ERROR,
         T.ERROR,
         T.ERROR,
-        T.ERROR,
         T.JOB_CREATED,
         T.ERROR,
         T.ERROR,
@@ -244,7 +245,6 @@ def test_pipelined_requests_are_answered_once_each_in_request_order():
         b"INVALID_ARGUMENT",
         b"ARGUMENT_TOO_LARGE",
         b"ARGUMENT_TOO_LARGE",
-        b"INVALID_ARGUMENT",
         b"ARGUMENT_TOO_LARGE",
         b"QUEUE_ERROR",
         b"UNKNOWN_OPTION",

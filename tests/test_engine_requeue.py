@@ -129,8 +129,10 @@ def test_cant_do_of_an_unregistered_function_changes_nothing():
 def test_cant_do_removes_every_duplicate_registration():
     engine = new_engine()
     w = worker(engine, "fn", "fn", "other")
+    function = engine.functions[b"fn"]
     send(engine, w, T.CANT_DO, "fn")
-    assert engine.functions[b"fn"].registrations == 0
+    assert function.registrations == 0 and function.workers == {}
+    assert b"fn" not in engine.functions  # nothing uses it any more
     assert engine.functions[b"other"].registrations == 1
     client = connect(engine)
     submit(engine, client, b"fn", b"", b"x")
@@ -198,8 +200,7 @@ def test_job_retries_n_fails_the_job_on_the_nth_lost_attempt(retries, take_back)
     assert replies(a) == [packet(T.WORK_FAIL, handle)]
     assert replies(b) == [packet(T.WORK_FAIL, handle)]
     assert handle not in engine.jobs
-    function = engine.functions[b"fn"]
-    assert (function.total, function.running, queued(engine)) == (0, 0, [0, 0, 0])
+    assert b"fn" not in engine.functions  # no job, no worker: forgotten
     assert a.listening == b.listening == set()
     assert get_status(engine, a, handle) == (b"0", b"0", b"0", b"0")
     assert grab(engine, worker(engine, "fn")) == packet(T.NO_JOB)
@@ -213,10 +214,12 @@ def test_bg_job_out_of_retries_is_dropped_silently():
     handle = submit(engine, client, b"fn", b"u", b"x", T.SUBMIT_JOB_BG)
     w = worker(engine, "fn")
     grab_handle(engine, w)
+    function = engine.functions[b"fn"]
     engine.disconnect(w)
     assert replies(client) == []
     assert handle not in engine.jobs
-    assert engine.functions[b"fn"].total == 0
+    assert function.total == 0
+    assert b"fn" not in engine.functions
 
 
 def test_failing_a_job_out_of_retries_does_not_wake_sleepers():
@@ -238,7 +241,7 @@ def test_client_disconnect_abandons_its_queued_fg_job():
     engine.disconnect(client)
     observer = connect(engine)
     assert get_status(engine, observer, handle) == (b"0", b"0", b"0", b"0")
-    assert engine.functions[b"fn"].total == 0
+    assert b"fn" not in engine.functions
     assert grab(engine, worker(engine, "fn")) == packet(T.NO_JOB)
     # Its unique no longer coalesces.
     assert submit(engine, observer, b"fn", b"u", b"x") != handle
@@ -280,11 +283,12 @@ def test_abandoned_running_job_is_not_requeued_when_its_worker_is_lost():
     handle = submit(engine, client, b"fn", b"", b"x")
     w = worker(engine, "fn")
     grab_handle(engine, w)
+    function = engine.functions[b"fn"]
     engine.disconnect(client)
     engine.disconnect(w)
     assert handle not in engine.jobs
-    function = engine.functions[b"fn"]
     assert (function.total, function.running) == (0, 0)
+    assert b"fn" not in engine.functions
 
 
 def test_client_disconnect_keeps_jobs_of_other_listeners():
@@ -329,8 +333,9 @@ def test_peer_lost_while_working_on_its_own_fg_job_leaves_nothing_behind():
     peer = worker(engine, "fn")
     handle = submit(engine, peer, b"fn", b"", b"x")
     assert grab_handle(engine, peer) == handle
+    function = engine.functions[b"fn"]
     engine.disconnect(peer)
     assert handle not in engine.jobs
-    function = engine.functions[b"fn"]
     assert (function.total, function.running, function.registrations) == (0, 0, 0)
+    assert b"fn" not in engine.functions
     assert grab(engine, worker(engine, "fn")) == packet(T.NO_JOB)

@@ -22,11 +22,9 @@ from engine_helpers import (
     worker,
 )
 
+from jobserver.engine.workers import parse_can_do_timeout
 from jobserver.protocol import PacketType as T
 
-BAD_TIMEOUT = error(
-    "INVALID_ARGUMENT", "CAN_DO_TIMEOUT timeout must be a decimal number of milliseconds"
-)
 BAD_EPOCH = error("INVALID_ARGUMENT", "Epoch must be a decimal unix time in range")
 RESULT_NOT_FOUND = error("JOB_NOT_FOUND", "Job given in work result not found")
 
@@ -108,27 +106,56 @@ def test_can_do_timeout_zero_or_negative_means_no_timeout(timeout_ms):
     assert handle in w.held
 
 
-@pytest.mark.parametrize("timeout_ms", ["1" * 21, "9" * 40])
-def test_can_do_timeout_over_20_characters_is_an_error_and_registers_nothing(timeout_ms):
-    # gearmand silently drops the registration (§3.9, §3.14); we answer ERROR.
+@pytest.mark.parametrize(
+    ("timeout_ms", "seconds"),
+    [
+        (b"\x00\x00\x75\x30", None),  # node `gearman` 2.1.0: a 4-byte binary 30000
+        (b"2.5", 1.0),  # abraxas, Perl Gearman::Worker: seconds as a decimal; 2 ms -> 1 s
+        (b"30000 ", 30.0),  # trailing space
+        (b"", None),  # empty
+        (b"  7000", 7.0),  # strtol skips leading whitespace
+        (b"+3000", 3.0),
+        (b"10s", 1.0),  # 10 ms, raised to the minimum
+        (b"abc", None),
+        (b"-5000", None),
+        (b"4000\x00junk", 4.0),
+    ],
+)
+def test_can_do_timeout_reads_leading_digits_like_gearmand_and_always_registers(
+    timeout_ms, seconds
+):
+    # gearmand parses the timeout with strtol: leading digits count, the rest is ignored, and
+    # no digits means no timeout (§3.9). The function is registered and nothing is sent back,
+    # whatever the value: answering ERROR (as we once did) left such workers without jobs.
     engine = new_engine()
-    w = connect(engine)
-    send(engine, w, T.CAN_DO_TIMEOUT, "fn", timeout_ms)
-    assert reply(w) == BAD_TIMEOUT
-    assert w.can_do == {}
-    assert engine.functions.get(b"fn") is None or engine.functions[b"fn"].registrations == 0
+    client = connect(engine)
+    handle = submit(engine, client, b"fn", b"", b"x")
+    w = timeout_worker(engine, timeout_ms)  # asserts no reply
+    assert engine.functions[b"fn"].registrations == 1
+    assert grab_handle(engine, w) == handle
+    if seconds is None:
+        assert engine.seconds_until_next_timer() is None
+    else:
+        assert engine.seconds_until_next_timer() == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("timeout_ms", ["abc", "", "10s", " 5"])
-def test_non_decimal_can_do_timeout_is_an_error_and_registers_nothing(timeout_ms):
-    # gearmand's strtol reads these as 0 and registers without a timeout (§3.9); we refuse
-    # them, so a typo cannot silently disable the timeout.
+@pytest.mark.parametrize("timeout_ms", ["1" * 21, "9" * 40, "9" * 5000])
+def test_can_do_timeout_of_many_digits_registers_with_a_timeout_nobody_reaches(timeout_ms):
+    # gearmand drops a registration whose timeout is over 20 characters, silently (§3.9): the
+    # worker then never gets a job. We register it, with the timeout clamped (as strtol clamps
+    # to LONG_MAX): 10**18 ms, some 31 million years.
     engine = new_engine()
-    w = connect(engine)
-    send(engine, w, T.CAN_DO_TIMEOUT, "fn", timeout_ms)
-    assert reply(w) == BAD_TIMEOUT
-    assert w.can_do == {}
-    assert engine.functions.get(b"fn") is None or engine.functions[b"fn"].registrations == 0
+    client = connect(engine)
+    handle = submit(engine, client, b"fn", b"", b"x")
+    w = timeout_worker(engine, timeout_ms)
+    assert grab_handle(engine, w) == handle
+    assert engine.seconds_until_next_timer() == pytest.approx(10**15)
+
+
+def test_parse_can_do_timeout_clamps_without_converting_huge_digit_strings():
+    assert parse_can_do_timeout(b"1" * 100_000) == 10**18
+    assert parse_can_do_timeout(b"999999999999999999") == 999999999999999999
+    assert parse_can_do_timeout(b"0000000000000000000000001500") == 1500
 
 
 def test_can_do_timeout_counts_as_a_registration():

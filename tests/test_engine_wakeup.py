@@ -176,8 +176,8 @@ def test_a_woken_worker_is_not_woken_again_through_its_other_functions():
     client = connect(engine)
     submit(engine, client, b"fa", b"", b"x")
     submit(engine, client, b"fb", b"", b"x")
+    submit(engine, client, b"fa", b"", b"y")
     assert replies(w) == [NOOP]
-    assert all(w not in engine.functions[name].sleepers for name in (b"fa", b"fb"))
 
 
 def test_can_do_while_sleeping_for_a_function_with_queued_work_wakes_at_once():
@@ -238,9 +238,8 @@ def test_disconnected_sleeper_is_forgotten_and_others_are_still_woken():
     gone = sleeper(engine, "fn")
     stays = sleeper(engine, "fn")
     engine.disconnect(gone)
-    assert list(engine.functions[b"fn"].sleepers) == [stays]
     client = connect(engine)
-    submit(engine, client, b"fn", b"", b"x")
+    submit(engine, client, b"fn", b"", b"x")  # the one wake-up goes to a live worker
     assert replies(stays) == [NOOP]
 
 

@@ -25,6 +25,7 @@ from .job import Job, JobState, Priority
 from .journal import Batch, Journal, StoredJob
 from .peer import MAX_CLIENT_ID_SIZE, Peer
 from .unique_index import UniqueIndex
+from .workers import COMPACT_MIN_TIMERS, WorkerRequests, timer_is_live
 
 MAX_UNIQUE_SIZE = 64
 """Longest unique id accepted; longer gets ARGUMENT_TOO_LARGE (§1, §6.10). gearmand accepts 64
@@ -37,11 +38,12 @@ at most 63 bytes; uniques at most 64 are accepted, so GET_STATUS_UNIQUE allows e
 MAX_OPTION_SIZE = 64
 """OPTION_REQ names must be shorter than this (§2 #26)."""
 
-MIN_CAN_DO_TIMEOUT_MS = 1000
-"""gearmand 1.1.19+ raises CAN_DO_TIMEOUT values of 1..999 ms to one second (§3.9)."""
-
-MAX_TIMEOUT_DIGITS = 20
-"""gearmand silently ignores longer CAN_DO_TIMEOUT values; we answer ERROR instead."""
+MAX_LISTENERS_PER_JOB = 1024
+"""Foreground submits waiting on one job (clients coalesced on its unique id, a client counted
+once per submit). Every WORK_* packet of the job is copied to each of them, so this bounds what
+one worker packet costs the server; a thousand callers coalescing on one key still fit. Past it
+the submit is answered ERROR QUEUE_ERROR (nothing else changes; the client may retry), where
+gearmand keeps accepting and the copies grow without bound."""
 
 EPOCH_RANGE = (-(2**63), 2**63 - 1)
 """SUBMIT_JOB_EPOCH times are parsed as a signed 64-bit integer, as gearmand's strtoll does."""
@@ -89,8 +91,6 @@ _NOT_FOR_SERVERS = frozenset(
 
 _SUBMIT_JOB_EPOCH = int(T.SUBMIT_JOB_EPOCH)  # plain ints on the hot path: no enum lookups
 _JOB_CREATED = int(T.JOB_CREATED)
-_NOOP = encode(T.NOOP)
-_NO_JOB = encode(T.NO_JOB)
 
 
 def parse_atoi_u32(text: bytes) -> int:
@@ -118,7 +118,11 @@ def _parse_integer(text: bytes, max_length: int) -> int | None:
     return int(text)
 
 
-class Engine:
+class Engine(WorkerRequests):
+    """The job engine. Worker-side requests (registrations, sleep, GRAB_JOB and picking a job)
+    are in workers.py; clients, results, the job lifecycle, timers, durability and admin
+    operations here."""
+
     def __init__(
         self,
         *,
@@ -141,6 +145,10 @@ class Engine:
         self.monotonic_clock = monotonic_clock
 
         self.functions: dict[bytes, Function] = {}
+        # Functions whose name is not all lowercase, by lowercased name, for `drop function`'s
+        # case-insensitive match in O(1): a Function, or a dict by name when several differ
+        # only in case. All-lowercase names are found in `functions` directly.
+        self._by_lowercase: dict[bytes, Function | dict[bytes, Function]] = {}
         self.jobs: dict[bytes, Job] = {}  # every known job by handle
         self.peers: dict[int, Peer] = {}
         self.dirty: list[Peer] = []  # peers with output, drained by the I/O layer
@@ -150,10 +158,12 @@ class Engine:
         self._by_payload: dict[tuple[bytes, bytes], Job] = {}  # unique "-" jobs (§3.2)
         self._sequence = 0
         self._timer_sequence = 0
+        self._stamp = 0  # orders CAN_DOs (for `workers`) and sleeps (for wake-up fairness)
         # (run_at unix time, tie-breaker, job) for epoch jobs not yet due.
         self._epoch_heap: list[tuple[float, int, Job]] = []
         # (monotonic deadline, tie-breaker, job, attempt) for CAN_DO_TIMEOUT assignments.
         self._timeout_heap: list[tuple[float, int, Job, int]] = []
+        self._timeout_sweep_at = COMPACT_MIN_TIMERS  # heap size that triggers a sweep
 
     # ------------------------------------------------------------------ connections
 
@@ -171,7 +181,7 @@ class Engine:
         self.peers.pop(peer.id, None)
         # Unregister first: a departing worker must not take the wake-up meant for a live one
         # when its own jobs are requeued below.
-        self._unregister_all(peer)
+        functions = self._unregister_all(peer)
         for job in list(peer.held.values()):
             self._release(job)
         for job in peer.listening:
@@ -180,6 +190,8 @@ class Engine:
             if job.listeners is None and not job.background:
                 self._abandon(job)
         peer.listening.clear()
+        for function in functions:
+            self._forget_if_unused(function)
 
     def take_dirty(self) -> list[Peer]:
         dirty = self.dirty[:]
@@ -277,7 +289,7 @@ class Engine:
         record_id = 0  # the record this submit's reply waits for; 0 = none
         job = self._find_duplicate(function_name, unique, payload)
         if job is None:
-            function = self.function(function_name)
+            function = self._function(function_name)
             if function.is_full_for(priority):
                 self._error(peer, errors.QUEUE_FULL)
                 return
@@ -287,6 +299,13 @@ class Engine:
             )
             if durable:
                 record_id = journal.add(job)  # type: ignore[union-attr]
+        elif (
+            not background
+            and job.listeners is not None
+            and len(job.listeners) >= MAX_LISTENERS_PER_JOB
+        ):
+            self._error(peer, errors.TOO_MANY_LISTENERS)
+            return
         elif journal is not None and journal.in_flight(job):
             # Its record is being committed: this reply waits for the outcome like the first.
             record_id = job.record_id
@@ -368,138 +387,8 @@ class Engine:
         """Put a job at the tail of its priority queue and wake sleeping workers (§3.4)."""
         self._sequence += 1
         job.sequence = self._sequence
-        function = job.function
-        function.enqueue(job)
-        if function.sleepers:
-            budget = self.worker_wakeup or len(function.sleepers)
-            for sleeper in list(function.sleepers)[:budget]:
-                self._wake(sleeper)
-
-    def _wake(self, peer: Peer) -> None:
-        peer.noop_sent = True
-        for function in peer.can_do:
-            function.sleepers.pop(peer, None)
-        peer.send(_NOOP)
-
-    # ------------------------------------------------------------------ workers
-
-    def _can_do(self, peer: Peer, packet_type: int, args: tuple[bytes, ...]) -> None:
-        timeout_ms = 0
-        if packet_type == T.CAN_DO_TIMEOUT:
-            parsed = _parse_integer(args[1], max_length=MAX_TIMEOUT_DIGITS)
-            if parsed is None:
-                # gearmand reads garbage as 0 (no timeout) and drops over-long values silently
-                # (§3.9, §3.14); either way the worker believes in a timeout it does not have.
-                self._error(peer, errors.BAD_TIMEOUT)
-                return
-            timeout_ms = max(parsed, MIN_CAN_DO_TIMEOUT_MS) if parsed > 0 else 0
-        function = self.function(args[0])
-        peer.abilities.append(function)
-        function.workers[peer] = function.workers.get(peer, 0) + 1
-        function.registrations += 1
-        peer.can_do[function] = timeout_ms / 1000
-        if peer.sleeping and not peer.noop_sent:
-            # A sleeping worker that takes on a function with queued work must hear about it;
-            # gearmand only checks at the next PRE_SLEEP.
-            if function.has_runnable:
-                self._wake(peer)
-            else:
-                function.sleepers[peer] = None
-
-    def _cant_do(self, peer: Peer, _type: int, args: tuple[bytes, ...]) -> None:
-        function = self.functions.get(args[0])
-        if function is None or function not in peer.can_do:
-            return
-        self._unregister(peer, function)
-        for job in [j for j in peer.held.values() if j.function is function]:
-            self._release(job)
-
-    def _reset_abilities(self, peer: Peer, _type: int, _args: tuple[bytes, ...]) -> None:
-        self._unregister_all(peer)
-        for job in list(peer.held.values()):
-            self._release(job)
-
-    def _unregister(self, peer: Peer, function: Function) -> None:
-        peer.abilities = [f for f in peer.abilities if f is not function]
-        function.registrations -= function.workers.pop(peer)
-        function.sleepers.pop(peer, None)
-        del peer.can_do[function]
-
-    def _unregister_all(self, peer: Peer) -> None:
-        for function in peer.can_do:
-            function.registrations -= function.workers.pop(peer)
-            function.sleepers.pop(peer, None)
-        peer.can_do.clear()
-        peer.abilities.clear()
-
-    def _pre_sleep(self, peer: Peer, _type: int, _args: tuple[bytes, ...]) -> None:
-        # gearmand clears the noop-sent flag only on GRAB_JOB, so a worker that answers a NOOP
-        # with PRE_SLEEP is never woken again (§3.4 rule 5, issue #343). PRE_SLEEP means "I am
-        # going to sleep now", so it re-arms the wake-up here.
-        peer.noop_sent = False
-        if any(function.has_runnable for function in peer.can_do):
-            peer.sleeping = False
-            self._wake(peer)
-            return
-        peer.sleeping = True
-        for function in peer.can_do:
-            function.sleepers[peer] = None
-
-    def _grab(self, peer: Peer, packet_type: int, _args: tuple[bytes, ...]) -> None:
-        if peer.sleeping or peer.noop_sent:
-            peer.sleeping = False
-            peer.noop_sent = False
-            for function in peer.can_do:
-                function.sleepers.pop(peer, None)
-        job = self._pick_job(peer)
-        if job is None:
-            peer.send(_NO_JOB)
-            return
-        function = job.function
-        function.pop_head(job.priority)
-        function.running += 1
-        job.state = JobState.RUNNING
-        job.worker = peer
-        job.attempt += 1
-        peer.held[job.handle] = job
-        timeout = peer.can_do[function]
-        if timeout:
-            self._timer_sequence += 1
-            deadline = self.monotonic_clock() + timeout
-            # The timer belongs to this assignment and runs until the job ends. gearmand
-            # cancels it at the worker's next PRE_SLEEP (§3.9), which a worker running several
-            # jobs at once sends while a timed job is still in flight; we do not.
-            heapq.heappush(self._timeout_heap, (deadline, self._timer_sequence, job, job.attempt))
-        if packet_type == T.GRAB_JOB:
-            peer.send(encode(T.JOB_ASSIGN, job.handle, function.name, job.payload))
-        elif packet_type == T.GRAB_JOB_ALL and job.reducer:
-            peer.send(
-                encode(
-                    T.JOB_ASSIGN_ALL,
-                    job.handle,
-                    function.name,
-                    job.unique,
-                    job.reducer,
-                    job.payload,
-                )
-            )
-        else:
-            peer.send(encode(T.JOB_ASSIGN_UNIQ, job.handle, function.name, job.unique, job.payload))
-
-    def _pick_job(self, peer: Peer) -> Job | None:
-        """The highest-priority runnable job across all the worker's functions, oldest first
-        within a priority. gearmand 1.1.x instead takes the first function (latest registered)
-        that has any job, whatever its priority (§3.3, §6.12)."""
-        for priority in (0, 1, 2):
-            best: Job | None = None
-            for function in peer.can_do:
-                if function.queued[priority]:
-                    head = function.head(priority)
-                    if head is not None and (best is None or head.sequence < best.sequence):
-                        best = head
-            if best is not None:
-                return best
-        return None
+        job.function.enqueue(job)
+        self._job_queued(job)
 
     # ------------------------------------------------------------------ work results
 
@@ -560,15 +449,24 @@ class Engine:
 
     def _finish(self, job: Job) -> None:
         """A job ended (completed, failed, or given up): forget it everywhere."""
-        worker = job.worker
-        if worker is not None:
-            del worker.held[job.handle]
-            job.function.running -= 1
-            job.worker = None
+        if job.worker is not None:
+            self._take_from_worker(job)
         if job.state != JobState.DETACHED:
             self._unindex(job)
         self._detach_listeners(job)
         job.state = JobState.GONE
+        self._forget_if_unused(job.function)
+
+    def _take_from_worker(self, job: Job) -> None:
+        worker = job.worker
+        assert worker is not None
+        del worker.held[job.handle]
+        abilities = worker.abilities
+        registration = abilities.registrations.get(job.function) if abilities else None
+        if registration is not None and registration.held:
+            registration.held.pop(job, None)
+        job.function.running -= 1
+        job.worker = None
 
     def _release(self, job: Job) -> None:
         """Take a running job back from its worker: worker lost, CANT_DO, RESET_ABILITIES or
@@ -577,11 +475,7 @@ class Engine:
         if job.state == JobState.DETACHED or not (job.background or job.listeners):
             self._finish(job)  # cancelled, or every client gave up on it: nobody wants it
             return
-        worker = job.worker
-        assert worker is not None
-        del worker.held[job.handle]
-        job.function.running -= 1
-        job.worker = None
+        self._take_from_worker(job)
         job.numerator = job.denominator = 0
         job.retries += 1
         if self.job_retries and job.retries >= self.job_retries:
@@ -590,6 +484,7 @@ class Engine:
             self._unindex(job)
             self._detach_listeners(job)
             job.state = JobState.GONE
+            self._forget_if_unused(job.function)
             return
         self._enqueue(job)
 
@@ -600,10 +495,12 @@ class Engine:
             job.function.forget_queued(job)
             self._unindex(job)
             job.state = JobState.GONE
+            self._forget_if_unused(job.function)
         elif job.state == JobState.WAITING:
             job.function.waiting -= 1
             self._unindex(job)
             job.state = JobState.GONE
+            self._forget_if_unused(job.function)
 
     def _unindex(self, job: Job) -> None:
         """The job is over for clients: forget its handle, unique and stored record."""
@@ -649,11 +546,11 @@ class Engine:
         now = self.monotonic_clock()
         timeouts = self._timeout_heap
         while timeouts and timeouts[0][0] <= now:
-            _, _, job, attempt = heapq.heappop(timeouts)
+            entry = heapq.heappop(timeouts)
             # Per assignment, not per connection: a timer whose job finished or was reassigned
             # since is stale and does nothing (gearmand's fires anyway, §3.9, issue #301).
-            if job.attempt == attempt and job.state in (JobState.RUNNING, JobState.DETACHED):
-                self._release(job)
+            if timer_is_live(entry):
+                self._release(entry[2])
 
     # ------------------------------------------------------------------ durability
 
@@ -711,6 +608,7 @@ class Engine:
                     listener.listening.discard(job)
                 job.listeners = None
             job.state = JobState.GONE
+            self._forget_if_unused(job.function)
         else:
             # A foreground job a background submit tried to take over: it stays foreground.
             job.background = False
@@ -728,7 +626,7 @@ class Engine:
         count = 0
         for stored in stored_jobs:
             job = self._create_job(
-                self.function(stored.function),
+                self._function(stored.function),
                 stored.unique,
                 stored.payload,
                 Priority(stored.priority),
@@ -744,11 +642,44 @@ class Engine:
 
     # ------------------------------------------------------------------ admin operations
 
-    def function(self, name: bytes) -> Function:
-        """The function of that name, created if new (CAN_DO, SUBMIT_*, `create function`)."""
+    def _function(self, name: bytes) -> Function:
+        """The function of that name, created if new (CAN_DO, SUBMIT_*): forgotten again once
+        nothing uses it (`_forget_if_unused`)."""
         function = self.functions.get(name)
         if function is None:
             function = self.functions[name] = Function(name)
+            lowered = name.lower()
+            if lowered != name:
+                same = self._by_lowercase.get(lowered)
+                if same is None:
+                    self._by_lowercase[lowered] = function
+                elif isinstance(same, Function):
+                    self._by_lowercase[lowered] = {same.name: same, name: function}
+                else:
+                    same[name] = function
+        return function
+
+    def _forget_if_unused(self, function: Function) -> None:
+        """Forget a function nothing uses any more (no workers, no jobs, no operator setting),
+        so names clients mention once do not stay forever; gearmand keeps every name."""
+        if function.in_use or self.functions.get(function.name) is not function:
+            return
+        name = function.name
+        del self.functions[name]
+        lowered = name.lower()
+        if lowered != name:
+            same = self._by_lowercase[lowered]
+            if isinstance(same, Function):
+                del self._by_lowercase[lowered]
+            else:
+                del same[name]
+                if len(same) == 1:
+                    self._by_lowercase[lowered] = next(iter(same.values()))
+
+    def create_function(self, name: bytes) -> Function:
+        """`create function`: the function, kept while idle until `drop function`."""
+        function = self._function(name)
+        function.explicit = True
         return function
 
     def cancel_job(self, handle: bytes) -> bool:
@@ -773,6 +704,7 @@ class Engine:
             job.state = JobState.GONE
         else:
             job.state = JobState.DETACHED
+        self._forget_if_unused(job.function)
         return True
 
     def drop_function(self, name: bytes) -> str:
@@ -785,15 +717,23 @@ class Engine:
             return "busy"
         if function.has_runnable or function.waiting or function.pending:
             return "queued"
-        del self.functions[function.name]
+        function.explicit = False
+        self._forget_if_unused(function)
         return "ok"
 
     def _function_named_casefold(self, name: bytes) -> Function | None:
+        """The function of that name, or else one whose name differs only in ASCII case."""
         function = self.functions.get(name)
         if function is not None:
             return function
         lowered = name.lower()
-        return next((f for f in self.functions.values() if f.name.lower() == lowered), None)
+        function = self.functions.get(lowered)
+        if function is not None:
+            return function
+        same = self._by_lowercase.get(lowered)
+        if same is None or isinstance(same, Function):
+            return same
+        return next(iter(same.values()))
 
     def set_max_queue(self, name: bytes, limits: Iterable[int]) -> None:
         """`maxqueue`: limits per priority (HIGH, NORMAL, LOW), <= 0 unlimited. gearmand ignores
@@ -802,7 +742,7 @@ class Engine:
         limits = [max(0, limit) for limit in limits]
         if len(limits) != len(Priority):
             raise ValueError("maxqueue needs one limit per priority (HIGH, NORMAL, LOW)")
-        self.function(name).limits = limits
+        self.create_function(name).limits = limits
 
     def iter_jobs(self) -> Iterator[Job]:
         return iter(self.jobs.values())

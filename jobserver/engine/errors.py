@@ -25,7 +25,7 @@ EXCEPTION_FOR_UNKNOWN_JOB: ErrorReply = (
 HANDLE_TOO_LARGE: ErrorReply = (b"ARGUMENT_TOO_LARGE", b"Job handle too large")
 UNIQUE_LOOKUP_TOO_LARGE: ErrorReply = (b"ARGUMENT_TOO_LARGE", b"Unique value too large")
 BAD_EPOCH: ErrorReply = (b"INVALID_ARGUMENT", b"Epoch must be a decimal unix time in range")
-BAD_TIMEOUT: ErrorReply = (
-    b"INVALID_ARGUMENT",
-    b"CAN_DO_TIMEOUT timeout must be a decimal number of milliseconds",
+TOO_MANY_LISTENERS: ErrorReply = (
+    b"QUEUE_ERROR",
+    b"Too many clients are waiting on this job",
 )

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from .function import Function
+    from .abilities import Abilities
     from .job import Job
 
 MAX_CLIENT_ID_SIZE = 127
@@ -30,7 +30,6 @@ class Peer:
         "_dirty",
         "abilities",
         "address",
-        "can_do",
         "client_id",
         "closed",
         "deferred",
@@ -40,6 +39,7 @@ class Peer:
         "listening",
         "noop_sent",
         "outbox",
+        "sleep_stamp",
         "sleeping",
         "transport",
     )
@@ -48,14 +48,14 @@ class Peer:
         self.id = peer_id
         self.address = address
         self.client_id = b"-"
-        # Registrations in the order made (duplicates kept), for `workers` and status counts.
-        self.abilities: list[Function] = []
-        # Distinct registered functions -> CAN_DO_TIMEOUT in seconds (0 = none).
-        self.can_do: dict[Function, float] = {}
+        # What it registered (CAN_DO); None until its first registration, as most
+        # connections are clients.
+        self.abilities: Abilities | None = None
         self.held: dict[bytes, Job] = {}  # jobs this worker is running, by handle
         self.listening: set[Job] = set()  # jobs this client waits on (fg submits)
         self.exceptions = exceptions  # OPTION_REQ "exceptions" (§3.8)
-        self.sleeping = False
+        self.sleeping = False  # sent PRE_SLEEP and was not woken since
+        self.sleep_stamp = 0  # when it last went to sleep (engine-wide order), for fairness
         self.noop_sent = False
         self.outbox = bytearray()
         self.deferred: deque[bytes | tuple[int, bytes]] | None = None
