@@ -131,7 +131,7 @@ def test_cant_do_removes_every_duplicate_registration():
     w = worker(engine, "fn", "fn", "other")
     function = engine.functions[b"fn"]
     send(engine, w, T.CANT_DO, "fn")
-    assert function.registrations == 0 and function.workers == {}
+    assert function.registrations == 0 and function.workers() == []
     assert b"fn" not in engine.functions  # nothing uses it any more
     assert engine.functions[b"other"].registrations == 1
     client = connect(engine)

@@ -13,7 +13,7 @@ The heaps are kept lazily, as the only thing that can move cheaply is a function
   is exact it is the oldest job overall.
 - A function entering the heap must be announced: when a function's queue of one priority goes
   from empty to non-empty, the engine calls `offer` for every registration of that function.
-  A function that emptied keeps its entry (marked in `Registration.listed`) until a pick finds
+  A function that emptied keeps its entry (marked in `Registration.flags`) until a pick finds
   it empty, so an offer never duplicates an entry.
 - Entries of registrations withdrawn since (CANT_DO) are dropped when they surface, and a heap
   holding many of them is rebuilt, so a worker cycling CAN_DO/CANT_DO cannot grow it.
@@ -41,31 +41,40 @@ STALE_HEAP_ENTRIES = 32
 """Entries a ready heap may hold beyond twice its worker's registrations before it is rebuilt:
 stale entries of withdrawn registrations surface only when they reach the top."""
 
-_BITS = (1, 2, 4)  # Registration.listed bit per priority
+_BITS = (1, 2, 4)  # Registration.flags: the ready heap of that priority has an entry
+_WITHDRAWN = 8  # Registration.flags: withdrawn (CANT_DO, ...); entries left in heaps are stale
 
 
 class Registration:
     """One worker's registration of one function (CAN_DO or CAN_DO_TIMEOUT)."""
 
-    __slots__ = ("active", "count", "function", "held", "listed", "peer", "stamps", "timeout")
+    # One is kept per worker and function (100,000 functions, 100,000 of these): few slots.
+    __slots__ = ("flags", "function", "held", "peer", "stamps", "timeout")
 
     def __init__(self, peer: Peer, function: Function, timeout: float, stamp: int) -> None:
         self.peer = peer
         self.function = function
         self.timeout = timeout  # CAN_DO_TIMEOUT in seconds; 0 = none
-        self.count = 1  # CAN_DOs made, duplicates included (bounded)
         # When each CAN_DO was made (engine-wide order), for the `workers` listing: one int, or
         # a list once there are duplicates.
         self.stamps: int | list[int] = stamp
-        self.listed = 0  # bit per priority: the worker's ready heap has an entry for this
-        self.active = True  # False once withdrawn; entries left in heaps are then stale
+        self.flags = 0  # _BITS and _WITHDRAWN
         self.held: dict[Job, None] | None = None  # this worker's running jobs of the function
+
+    @property
+    def active(self) -> bool:
+        return not self.flags & _WITHDRAWN
+
+    @property
+    def count(self) -> int:
+        """CAN_DOs made, duplicates included (bounded)."""
+        stamps = self.stamps
+        return 1 if isinstance(stamps, int) else len(stamps)
 
     def add_duplicate(self, stamp: int) -> bool:
         """Count one more CAN_DO of the same function; False past the bound (ignored)."""
         if self.count >= MAX_DUPLICATE_REGISTRATIONS:
             return False
-        self.count += 1
         stamps = self.stamps
         if isinstance(stamps, int):
             self.stamps = [stamps, stamp]
@@ -93,9 +102,9 @@ class Abilities:
         """The registration's function now has a job of `priority` whose sequence is
         `sequence` or later: make sure the heap of that priority knows it."""
         bit = _BITS[priority]
-        if registration.listed & bit:
+        if registration.flags & bit:
             return
-        registration.listed |= bit
+        registration.flags |= bit
         heap = self.ready[priority]
         heapq.heappush(heap, (sequence, id(registration), registration))
         if len(heap) > 2 * len(self.registrations) + STALE_HEAP_ENTRIES:
@@ -115,13 +124,13 @@ class Abilities:
         for priority, heap in enumerate(self.ready):
             while heap:
                 sequence, key, registration = heap[0]
-                if not registration.active:
+                if registration.flags & _WITHDRAWN:
                     heapq.heappop(heap)
                     continue
                 head = registration.function.head(priority)
                 if head is None:
                     heapq.heappop(heap)
-                    registration.listed &= ~_BITS[priority]
+                    registration.flags &= ~_BITS[priority]
                 elif head.sequence != sequence:
                     heapq.heapreplace(heap, (head.sequence, key, registration))
                 else:
@@ -129,12 +138,12 @@ class Abilities:
         return None
 
     def withdraw(self, registration: Registration) -> None:
-        registration.active = False
+        registration.flags |= _WITHDRAWN
         del self.registrations[registration.function]
 
     def clear(self) -> None:
         for registration in self.registrations.values():
-            registration.active = False
+            registration.flags |= _WITHDRAWN
         self.registrations.clear()
         for heap in self.ready:
             heap.clear()
@@ -145,9 +154,9 @@ class Abilities:
         for registration in self.registrations.values():
             head = registration.function.head(priority)
             if head is None:
-                registration.listed &= ~bit
+                registration.flags &= ~bit
             else:
-                registration.listed |= bit
+                registration.flags |= bit
                 heap.append((head.sequence, id(registration), registration))
         heapq.heapify(heap)
         self.ready[priority][:] = heap

@@ -713,7 +713,7 @@ class Engine(WorkerRequests):
         function = self._function_named_casefold(name)
         if function is None:
             return "not-found"
-        if function.workers or function.running:
+        if function.registrations or function.running:
             return "busy"
         if function.has_runnable or function.waiting or function.pending:
             return "queued"

@@ -95,8 +95,7 @@ class WorkerRequests:
             return
         registration = Registration(peer, function, timeout_ms / 1000, self._stamp)
         abilities.registrations[function] = registration
-        function.workers[peer] = registration
-        function.registrations += 1
+        function.add_worker(registration)
         if function.has_runnable:
             abilities.offer_queued(registration)
             if peer.sleeping and not peer.noop_sent:
@@ -127,9 +126,7 @@ class WorkerRequests:
     def _unregister(self, peer: Peer, registration: Registration) -> None:
         assert peer.abilities is not None
         peer.abilities.withdraw(registration)
-        function = registration.function
-        del function.workers[peer]
-        function.registrations -= registration.count
+        registration.function.remove_worker(registration)
 
     def _unregister_all(self, peer: Peer) -> list[Function]:
         """Withdraw every registration; returns the functions, for the caller to forget once
@@ -140,8 +137,7 @@ class WorkerRequests:
             return []
         functions = list(abilities.registrations)
         for function, registration in abilities.registrations.items():
-            del function.workers[peer]
-            function.registrations -= registration.count
+            function.remove_worker(registration)
         abilities.clear()
         return functions
 
@@ -176,7 +172,8 @@ class WorkerRequests:
             # The first job of this priority: every registered worker's heap must know.
             became_runnable = queued[0] + queued[1] + queued[2] == 1
             asleep = []
-            for peer, registration in function.workers.items():
+            for registration in function.workers():
+                peer = registration.peer
                 peer.abilities.offer(registration, priority, job.sequence)  # type: ignore[union-attr]
                 if became_runnable and peer.sleeping and not peer.noop_sent:
                     asleep.append(registration)
