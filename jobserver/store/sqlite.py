@@ -53,6 +53,7 @@ from .files import (
     move_aside,
     remove_files,
     rewrite_path,
+    sidecars,
     sync_directory,
 )
 from .lock import StoreLock
@@ -84,6 +85,15 @@ APPEND_FINISHED = (
     "DO UPDATE SET record_ids = CAST(record_ids || excluded.record_ids AS BLOB)"
 )
 REWRITE_SEGMENT = "UPDATE segments SET records = ? WHERE first_record_id = ?"
+
+CHECKPOINT_PAGES = 1000
+"""SQLite's own wal_autocheckpoint, kept wherever the space reserve allows it."""
+
+WAL_SHARE_OF_RESERVE = 2
+"""The WAL checkpoints once it holds 1/2 of the reserve, if that is less than CHECKPOINT_PAGES
+(a small disk). When the disk fills, the pages waiting in the WAL must still go into the
+database file, which grows by them, before the WAL can be reused; the reserve must hold them
+and leave room for the removes' own WAL frames."""
 
 BUSY_TIMEOUT_MS = 5000
 """How long a statement waits on a lock before failing. Only this server writes its file, so
@@ -160,6 +170,7 @@ class SqliteStore:
         except OSError as error:
             raise StoreError(f"cannot create data directory {data_dir}: {error.strerror}") from None
         lock = StoreLock.acquire(path)  # before anything reads or writes the database
+        reserve = SpaceReserve.beside(path)
         try:
             _check_writable(data_dir, path)
             try:
@@ -169,11 +180,10 @@ class SqliteStore:
                     f"job database {path}: cannot put in place the new file of an interrupted "
                     f"rewrite ({rewrite_path(path)}): {error.strerror}"
                 ) from None
-            db = _connect(path, check=True)
+            db = _connect(path, reserve, check=True)
         except BaseException:
             lock.release()
             raise
-        reserve = SpaceReserve.beside(path)
         low_space = not reserve.claim()
         if low_space:
             log.warning(
@@ -258,7 +268,8 @@ class SqliteStore:
     def apply(self, adds: list[StoredJob], removes: list[int]) -> None:
         """Write `adds` as new segments, then finish `removes`, in one synced transaction, in
         the file the database's path names when it returns. The index changes only once the
-        commit succeeded."""
+        commit succeeded. (On a full disk the removes go first, in a transaction of their
+        own: see StoreError.removes_written.)"""
         self._lock.check()
         changed = self._file_changed()
         if changed:
@@ -267,7 +278,11 @@ class SqliteStore:
             # file no restart would find.
             self._rewrite(changed, adds, removes)
             return
+        removes_written = False
         if self._low_space:
+            if adds and removes:  # they may free what the adds need: write them first
+                self._write([], removes, removes_written)
+                removes, removes_written = [], True
             self._regain_space()
             if self._low_space and adds:
                 raise StoreError(
@@ -275,9 +290,21 @@ class SqliteStore:
                     f"({self._reserve.free_bytes()} bytes free); submits are refused until "
                     "finished jobs free some",
                     low_space=True,
+                    removes_written=removes_written,
                 )
+        new = self._write(adds, removes, removes_written)
+        changed = self._file_changed()
+        if changed:  # it went while this batch was being committed: the batch is in it
+            self._rewrite_after_commit(changed, new)
+        if self._low_space:
+            self._regain_space()
+
+    def _write(
+        self, adds: list[StoredJob], removes: list[int], removes_written: bool
+    ) -> list[Segment]:
+        """_commit, its failure a StoreError (a full disk noted)."""
         try:
-            new = self._commit(adds, removes)
+            return self._commit(adds, removes)
         except sqlite3.Error as error:
             if _is_full(error):
                 self._space_ran_out()
@@ -285,12 +312,8 @@ class SqliteStore:
                 f"job database {self.path}: {error}",
                 busy=_is_busy(error),
                 low_space=self._low_space,
+                removes_written=removes_written,
             ) from None
-        changed = self._file_changed()
-        if changed:  # it went while this batch was being committed: the batch is in it
-            self._rewrite_after_commit(changed, new)
-        if self._low_space:
-            self._regain_space()
 
     def _commit(self, adds: list[StoredJob], removes: list[int]) -> list[Segment]:
         """The commit itself, into the file open now; returns the segments it added. Raises
@@ -374,7 +397,7 @@ class SqliteStore:
     def _connection(self) -> sqlite3.Connection:
         """The open connection, opened again if a rewrite could not (the new file is there)."""
         if self._db is None:
-            self._db = _connect(self.path)
+            self._db = _connect(self.path, self._reserve)
         return self._db
 
     # ------------------------------------------------------------------ a deleted file
@@ -422,11 +445,13 @@ class SqliteStore:
                 f"job database {self.path} was {what} while in use, and its {_count(kept)} "
                 f"jobs cannot be written to a new file: {detail}"
             ) from None
-        # The new file is complete and synced. Closing the old connection checkpoints into
-        # the old file and deletes its -wal and -shm by name: they must be gone before the
-        # new file takes the name, or SQLite would apply the old WAL to it.
+        # The new file is complete and synced. The old file's -wal and -shm must be gone
+        # before the new file takes the name, or SQLite would apply the old WAL to it. SQLite
+        # leaves them when it closes a file that was unlinked or moved (it skips the
+        # checkpoint), so they are deleted here, once the connection using them is closed.
         db.close()
         self._db = None
+        remove_files(*sidecars(self.path))
         os.replace(temp, self.path)
         sync_directory(self.path.parent)
         index = SegmentIndex()
@@ -444,7 +469,7 @@ class SqliteStore:
         if self._reserve.held and not self._reserve.path.exists():
             self._reserve.claim()  # the data directory was cleared, reserve and all
         try:
-            self._db = _connect(self.path)
+            self._db = _connect(self.path, self._reserve)
         except StoreError as error:
             # The batch is in the new file all the same: the next commit opens it again.
             log.error("%s", error)
@@ -458,7 +483,8 @@ class SqliteStore:
             self._rewrite(what, [], [])
         except StoreError as error:
             for segment in new:
-                self._index.remove(segment)
+                if segment.live:  # else all its records finished in that commit: gone already
+                    self._index.remove(segment)
                 self._dropped.add(segment.start)
             raise StoreError(str(error), removes_written=True) from None
 
@@ -564,9 +590,10 @@ class SqliteStore:
         self._lock.release()
 
 
-def _connect(path: Path, *, check: bool = False) -> sqlite3.Connection:
-    """A connection in WAL mode, synced at each commit. `check` (at start): check the file,
-    create the tables, convert a database of the first layout. StoreError naming the file."""
+def _connect(path: Path, reserve: SpaceReserve, *, check: bool = False) -> sqlite3.Connection:
+    """A connection in WAL mode, synced at each commit, checkpointing within what `reserve`
+    can hold. `check` (at start): check the file, create the tables, convert a database of
+    the first layout. StoreError naming the file."""
     try:
         # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE in apply). The
         # connection is used from one thread at a time, never two at once.
@@ -581,6 +608,14 @@ def _connect(path: Path, *, check: bool = False) -> sqlite3.Connection:
         # FULL: each commit is synced before it returns, so an acknowledged job survives
         # a power loss as well as a crash of this process.
         db.execute("PRAGMA synchronous = FULL")
+        # Debian's SQLite is built with secure_delete on: each page a finished job frees is
+        # written again, as zeros, through the WAL, so a remove costs as much I/O as the
+        # submit did, and on a full disk the removes that would free space need more of it.
+        # FAST zeroes deleted data only where that costs no extra writes.
+        db.execute("PRAGMA secure_delete = FAST")
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        pages = min(CHECKPOINT_PAGES, reserve.size // WAL_SHARE_OF_RESERVE // page_size)
+        db.execute(f"PRAGMA wal_autocheckpoint = {max(1, pages)}")
         if check:
             problems = db.execute("PRAGMA quick_check").fetchall()
             if problems != [("ok",)]:
