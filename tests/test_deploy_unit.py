@@ -3,8 +3,8 @@
 systemd is not running on a test machine, so the unit is read as text: its ExecStart, with the
 unit's paths moved under tmp_path, is what the test runs. The unit makes every path read-only
 except its state directory (ProtectSystem=strict), so the store's --data-dir must be that
-directory: the default (./jobserver-data under /, systemd's working directory) cannot be written
-there and the server would refuse to start.
+directory: the default for its unprivileged DynamicUser ($XDG_STATE_HOME/jobserver, else under
+its home) is not writable there, and the server would refuse to start.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def test_the_units_command_line_serves_and_stores_background_jobs(tmp_path):
         word = word.replace("%i", str(port)).replace(STATE, str(state))
         argv.append(word.replace(RUNTIME, str(runtime)))
     argv += ["-L", HOST]  # never listen beyond loopback in a test
-    assert "--data-dir" in argv, "without it the store would go to the working directory"
+    assert "--data-dir" in argv, "without it the store would go to the user's state directory"
     server = Server("jobserver-unit", argv, HOST, port, tmp_path)
     try:
         server.wait_ready()
