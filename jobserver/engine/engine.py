@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 
 from ..protocol import REQ, BadPacket, Packet, encode
 from ..protocol import PacketType as T
 from . import errors
+from .durability import DurableJobs
 from .errors import ErrorReply
 from .function import Function
+from .functions import FunctionTable
 from .handles import HandleGenerator
 from .job import Job, JobState, Priority
-from .journal import Batch, Journal, StoredJob
+from .journal import Journal
 from .peer import MAX_CLIENT_ID_SIZE, Peer
 from .unique_index import UniqueIndex
 from .workers import COMPACT_MIN_TIMERS, WorkerRequests, timer_is_live
@@ -118,10 +120,10 @@ def _parse_integer(text: bytes, max_length: int) -> int | None:
     return int(text)
 
 
-class Engine(WorkerRequests):
+class Engine(WorkerRequests, DurableJobs):
     """The job engine. Worker-side requests (registrations, sleep, GRAB_JOB and picking a job)
-    are in workers.py; clients, results, the job lifecycle, timers, durability and admin
-    operations here."""
+    are in workers.py, the store's reports in durability.py; connections, clients, results,
+    the job lifecycle, timers and admin operations here."""
 
     def __init__(
         self,
@@ -144,11 +146,9 @@ class Engine(WorkerRequests):
         self.wall_clock = wall_clock
         self.monotonic_clock = monotonic_clock
 
-        self.functions: dict[bytes, Function] = {}
-        # Functions whose name is not all lowercase, by lowercased name, for `drop function`'s
-        # case-insensitive match in O(1): a Function, or a dict by name when several differ
-        # only in case. All-lowercase names are found in `functions` directly.
-        self._by_lowercase: dict[bytes, Function | dict[bytes, Function]] = {}
+        self.functions = FunctionTable()
+        self._function = self.functions.get_or_create
+        self._forget_if_unused = self.functions.forget_if_unused
         self.jobs: dict[bytes, Job] = {}  # every known job by handle
         self.peers: dict[int, Peer] = {}
         self.dirty: list[Peer] = []  # peers with output, drained by the I/O layer
@@ -552,133 +552,11 @@ class Engine(WorkerRequests):
             if timer_is_live(entry):
                 self._release(entry[2])
 
-    # ------------------------------------------------------------------ durability
-
-    def commit_finished(
-        self,
-        batch: Batch,
-        error: str | None = None,
-        *,
-        failed: Mapping[int, str] | None = None,
-        removes_failed: bool = False,
-    ) -> None:
-        """The store committed `batch`, or could not: `error` for the whole batch, or `failed`
-        (record id -> why) for single records. Replies waiting for it go out: JOB_CREATED, or
-        ERROR QUEUE_ERROR for a job that was not stored (nothing was acknowledged; the
-        submitter may retry). Removes that were not committed go into the next batch."""
-        journal = self.journal
-        assert journal is not None
-        journal.decided_end = batch.end
-        refused: dict[int, bytes] = {}
-        if error is not None or failed:
-            for job, record in zip(batch.jobs, batch.adds, strict=True):
-                problem = error or (failed.get(record.record_id) if failed else None)
-                if problem is not None:
-                    refused[record.record_id] = encode(
-                        T.ERROR, b"QUEUE_ERROR", problem.encode(errors="replace")
-                    )
-                    self._not_stored(job)
-        pending, activate = JobState.PENDING, self._activate
-        for job in batch.jobs:
-            if job.state is pending:  # committed (a refused one is GONE by now)
-                job.function.pending -= 1
-                activate(job)
-        # Each holding peer once, after all of the batch's outcomes are known: a client that
-        # pipelined hundreds of submits gets their replies in one pass.
-        holding = journal.holding
-        if refused:
-            for peer in holding:
-                peer.refuse(refused)
-        for peer in list(holding):
-            if peer.release(batch.end):
-                del holding[peer]
-        if error is not None or removes_failed:
-            journal.retry_removes(batch.removes)
-
-    def _not_stored(self, job: Job) -> None:
-        if job.state == JobState.GONE:
-            return  # finished meanwhile; its remove is harmless
-        job.record_id = 0
-        if job.state == JobState.PENDING:
-            # Nobody was told of it: it never existed. Coalesced listeners got ERROR instead.
-            job.function.pending -= 1
-            self._unindex(job)
-            if job.listeners:
-                for listener in job.listeners:
-                    listener.listening.discard(job)
-                job.listeners = None
-            job.state = JobState.GONE
-            self._forget_if_unused(job.function)
-        else:
-            # A foreground job a background submit tried to take over: it stays foreground.
-            job.background = False
-            if not job.listeners:
-                self._abandon(job)
-
-    def restore(self, stored_jobs: Iterable[StoredJob], next_record_id: int = 1) -> int:
-        """Load the store's jobs at start, before any connection: fresh handles, runnable at
-        once or at their epoch time, coalescing on their unique ids as before. New records
-        get ids from `next_record_id` up (the store may know of ids above the jobs' own).
-        Returns the count."""
-        journal = self.journal
-        assert journal is not None
-        journal.next_record_id = max(journal.next_record_id, next_record_id)
-        count = 0
-        for stored in stored_jobs:
-            job = self._create_job(
-                self._function(stored.function),
-                stored.unique,
-                stored.payload,
-                Priority(stored.priority),
-                True,
-                stored.reducer,
-                stored.run_at,
-            )
-            job.record_id = stored.record_id
-            journal.next_record_id = max(journal.next_record_id, stored.record_id + 1)
-            count += 1
-        journal.decided_end = journal.next_record_id  # every record loaded is committed
-        return count
-
     # ------------------------------------------------------------------ admin operations
-
-    def _function(self, name: bytes) -> Function:
-        """The function of that name, created if new (CAN_DO, SUBMIT_*): forgotten again once
-        nothing uses it (`_forget_if_unused`)."""
-        function = self.functions.get(name)
-        if function is None:
-            function = self.functions[name] = Function(name)
-            lowered = name.lower()
-            if lowered != name:
-                same = self._by_lowercase.get(lowered)
-                if same is None:
-                    self._by_lowercase[lowered] = function
-                elif isinstance(same, Function):
-                    self._by_lowercase[lowered] = {same.name: same, name: function}
-                else:
-                    same[name] = function
-        return function
-
-    def _forget_if_unused(self, function: Function) -> None:
-        """Forget a function nothing uses any more (no workers, no jobs, no operator setting),
-        so names clients mention once do not stay forever; gearmand keeps every name."""
-        if function.in_use or self.functions.get(function.name) is not function:
-            return
-        name = function.name
-        del self.functions[name]
-        lowered = name.lower()
-        if lowered != name:
-            same = self._by_lowercase[lowered]
-            if isinstance(same, Function):
-                del self._by_lowercase[lowered]
-            else:
-                del same[name]
-                if len(same) == 1:
-                    self._by_lowercase[lowered] = next(iter(same.values()))
 
     def create_function(self, name: bytes) -> Function:
         """`create function`: the function, kept while idle until `drop function`."""
-        function = self._function(name)
+        function = self.functions.get_or_create(name)
         function.explicit = True
         return function
 
@@ -710,7 +588,7 @@ class Engine(WorkerRequests):
     def drop_function(self, name: bytes) -> str:
         """`drop function`: 'ok', 'not-found', 'busy' (workers or running jobs, as gearmand) or
         'queued'. gearmand drops a function with queued jobs and orphans them (§4); we refuse."""
-        function = self._function_named_casefold(name)
+        function = self.functions.find_ignoring_case(name)
         if function is None:
             return "not-found"
         if function.registrations or function.running:
@@ -718,22 +596,8 @@ class Engine(WorkerRequests):
         if function.has_runnable or function.waiting or function.pending:
             return "queued"
         function.explicit = False
-        self._forget_if_unused(function)
+        self.functions.forget_if_unused(function)
         return "ok"
-
-    def _function_named_casefold(self, name: bytes) -> Function | None:
-        """The function of that name, or else one whose name differs only in ASCII case."""
-        function = self.functions.get(name)
-        if function is not None:
-            return function
-        lowered = name.lower()
-        function = self.functions.get(lowered)
-        if function is not None:
-            return function
-        same = self._by_lowercase.get(lowered)
-        if same is None or isinstance(same, Function):
-            return same
-        return next(iter(same.values()))
 
     def set_max_queue(self, name: bytes, limits: Iterable[int]) -> None:
         """`maxqueue`: limits per priority (HIGH, NORMAL, LOW), <= 0 unlimited. gearmand ignores

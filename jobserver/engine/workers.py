@@ -23,6 +23,7 @@ from .job import Job, JobState
 
 if TYPE_CHECKING:
     from .function import Function
+    from .functions import FunctionTable
     from .peer import Peer
 
 MIN_CAN_DO_TIMEOUT_MS = 1000
@@ -65,7 +66,7 @@ class WorkerRequests:
     """The worker-side half of `Engine`; see the module docstring."""
 
     # Provided by Engine.
-    functions: dict[bytes, Function]
+    functions: FunctionTable
     worker_wakeup: int
     monotonic_clock: Callable[[], float]
     _timeout_heap: list[tuple[float, int, Job, int]]
