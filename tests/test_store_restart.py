@@ -29,6 +29,7 @@ from servers import admin
 from test_store_support import Packets, ServerSet, drain, queued, status
 
 from jobserver.protocol import PacketType as T
+from jobserver.store.location import default_data_dir
 
 _barriers = itertools.count(1)
 
@@ -528,8 +529,11 @@ def test_servers_sharing_a_data_directory_each_keep_their_own_jobs(server_set, d
 
 def test_a_daemon_started_with_no_store_options_keeps_background_jobs_across_kill_9(tmp_path):
     """The issue's "done when": `jobserver -d PORT` with no store options keeps background
-    jobs across kill -9 (its store is ./jobserver-data/ of the directory it was started in)."""
+    jobs across kill -9 (its store is in default_data_dir(), whatever the directory it was
+    started in). Only this port's files are removed from there afterwards (and the directory,
+    if the test made it)."""
     port = servers.free_port()
+    made_data_dir = not default_data_dir().exists()
     pid_file = tmp_path / "jobserver.pid"
     argv = [sys.executable, "-m", "jobserver", "-d", "-L", servers.HOST, str(port)]
     argv += ["--pid-file", str(pid_file)]
@@ -547,7 +551,7 @@ def test_a_daemon_started_with_no_store_options_keeps_background_jobs_across_kil
 
     try:
         pid = start_daemon()
-        assert (tmp_path / "jobserver-data" / f"jobserver-{port}.sqlite3").exists()
+        assert (default_data_dir() / f"jobserver-{port}.sqlite3").exists()
         with Packets(port) as client:
             client.submit(T.SUBMIT_JOB_HIGH_BG, b"daemon", b"survivor", b"kept")
         os.kill(pid, signal.SIGKILL)
@@ -563,3 +567,8 @@ def test_a_daemon_started_with_no_store_options_keeps_background_jobs_across_kil
             with contextlib.suppress(OSError):
                 if b"jobserver" in Path(f"/proc/{pid}/cmdline").read_bytes():
                     os.kill(pid, signal.SIGKILL)
+        for path in default_data_dir().glob(f"jobserver-{port}.*"):
+            path.unlink(missing_ok=True)
+        if made_data_dir:
+            with contextlib.suppress(OSError):  # another server put files there meanwhile
+                default_data_dir().rmdir()
