@@ -70,9 +70,7 @@ class ReopenableFileHandler(logging.FileHandler):
     def reopen(self) -> None:
         """Open the path anew and write there from now on. Raises OSError if it cannot be
         opened; the old file then stays in use, so logging never stops."""
-        stream = open(  # noqa: SIM115 - kept open as the handler's stream until the next reopen
-            self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors
-        )
+        stream = self._open()  # as the stdlib's WatchedFileHandler does when it reopens
         self.acquire()
         try:
             old, self.stream = self.stream, stream
