@@ -439,7 +439,8 @@ class SqliteStore:
             _write_new_database(temp, kept)
             aside = move_aside(self.path)
         except (OSError, sqlite3.Error) as error:
-            remove_files(temp, journal(temp))
+            with contextlib.suppress(OSError):  # what is there may be what failed
+                remove_files(temp, journal(temp))
             detail = getattr(error, "strerror", None) or error
             raise StoreError(
                 f"job database {self.path} was {what} while in use, and its {_count(kept)} "
