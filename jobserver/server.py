@@ -437,19 +437,20 @@ class Server:
                 if peer.closed:
                     continue
                 connection = peer.transport
-                try:
-                    connection.flush()
-                except Exception:
-                    self._log_internal_error(peer)
-                    self._drop(connection)
-                    continue
-                if len(connection.pending) > MAX_OUTBOX:
+                unsent = len(connection.pending) + len(peer.outbox)
+                if unsent > MAX_OUTBOX:  # checked before joining the two: no copy of either
                     log.error(
                         "closing connection from %s (fd %d): %d bytes unsent, it stopped reading",
                         peer.address,
                         peer.id,
-                        len(connection.pending),
+                        unsent,
                     )
+                    self._drop(connection)
+                    continue
+                try:
+                    connection.flush()
+                except Exception:
+                    self._log_internal_error(peer)
                     self._drop(connection)
             if budget.total > budget.limit:
                 self._enforce_budget()
