@@ -132,7 +132,11 @@ class Abilities:
                     heapq.heappop(heap)
                     registration.flags &= ~_BITS[priority]
                 elif head.sequence != sequence:
+                    # Stale (other workers took jobs): raise the key to the real head. Still on
+                    # top means exact and smallest, the common case with one function.
                     heapq.heapreplace(heap, (head.sequence, key, registration))
+                    if heap[0][2] is registration:
+                        return head
                 else:
                     return head
         return None
