@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -23,10 +24,13 @@ from .store import JobStore, StoreError
 
 log = logging.getLogger(__name__)
 
-IDLE_CHECK_INTERVAL = 1.0
-"""Seconds between the store's checks (`JobStore.check`) while no batch comes: a data file
-deleted while the server is idle is rewritten within about this long, not only at the next
-submit, and a disk that filled recovers without one. Each check is a stat or two."""
+CHECK_INTERVAL = 1.0
+"""Seconds between the store's checks (`JobStore.check`), between batches or while none
+comes: a data file deleted while the server is idle is rewritten within about this long, not
+only at the next submit, a disk that filled recovers without one, and a deleted lock file is
+taken again. Each check is a stat or two: a second apart, not once per batch, because every
+system call in this thread lets the serving thread take the GIL, and winning it back can
+cost this thread a switch interval (5 ms) per call."""
 
 
 class Written(NamedTuple):
@@ -86,18 +90,18 @@ class Committer:
         self._thread.join()
 
     def _run(self) -> None:
+        next_check = time.monotonic() + CHECK_INTERVAL
         while True:
             with self._condition:
                 if self._next is None and not self._stopping:
-                    self._condition.wait(IDLE_CHECK_INTERVAL)
-                if self._next is None:
-                    if self._stopping:
-                        return
-                    batch = None
-                else:
-                    batch, self._next = self._next, None
-            if batch is None:
+                    self._condition.wait(max(0.0, next_check - time.monotonic()))
+                if self._next is None and self._stopping:
+                    return
+                batch, self._next = self._next, None
+            if time.monotonic() >= next_check:
                 self._check_store()
+                next_check = time.monotonic() + CHECK_INTERVAL
+            if batch is None:
                 continue
             try:
                 written = write(self._store, batch)

@@ -14,14 +14,15 @@ libsqlite3 queue does: there, two background jobs with an empty unique overwrite
 one is lost on restart (shared doc §3.15). Here every acknowledged job has its own record.
 
 A database written by the first version of this store (one `jobs` row per job) is converted
-to segments when it is opened, in one transaction.
+to segments when it is opened, in one transaction (database.py).
 
-Safety (issue: hardening). The database is locked for this server alone (lock.py). Before and
-after each commit the store checks, with one stat, that its path still names the file it has
-open: a data file deleted or replaced while the server runs would otherwise take every later
-commit into a file no restart finds. When it does not, the store reads its live jobs back
-through the connection it still has on the old file and writes them, with the batch being
-committed, into a new file, so no submit is acknowledged into a deleted file. A write that
+Safety (issue: hardening). The database is locked for this server alone (lock.py). After each
+commit (and once a second when idle) the store checks, with one stat, that its path still
+names the file it has open: a data file deleted or replaced while the server runs would
+otherwise take every later commit into a file no restart finds. When it does not, the store
+reads its live jobs back through the connection it still has on the old file and writes them,
+the batch just committed included, into a new file (files.py), before the batch's submits are
+acknowledged: nothing is acknowledged into a deleted file. A write that
 fails for want of space releases a reserve (reserve.py) so that removes can go on, refuses
 submits meanwhile, and gives the pages of drained jobs back to the file system (VACUUM) so the
 reserve can be allocated again and submits accepted, without a restart.
@@ -39,9 +40,18 @@ from pathlib import Path
 
 from ..engine.journal import StoredJob
 from . import StoreError
+from .database import (
+    INSERT_SEGMENT,
+    check_writable,
+    connect,
+    segment_chunks,
+    write_new_database,
+)
+from .database import (
+    MAX_SEGMENT_RECORDS as MAX_SEGMENT_RECORDS,  # a limit of the layout, read by tests
+)
 from .encoding import (
     DamagedSegment,
-    check_record,
     pack_record_ids,
     pack_segment,
     unpack_record_ids,
@@ -62,21 +72,6 @@ from .segments import Segment, SegmentIndex
 
 log = logging.getLogger(__name__)
 
-SCHEMA = (
-    # end_record_id: one past the last record id the segment may hold, kept so that ids stay
-    # unique after a restart even when the segment's last records have finished.
-    """CREATE TABLE IF NOT EXISTS segments (
-        first_record_id INTEGER PRIMARY KEY,
-        end_record_id   INTEGER NOT NULL,
-        records         BLOB    NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS finished (
-        first_record_id INTEGER PRIMARY KEY,
-        record_ids      BLOB    NOT NULL
-    )""",
-)
-
-INSERT_SEGMENT = "INSERT INTO segments VALUES (?, ?, ?)"
 DELETE_SEGMENT = "DELETE FROM segments WHERE first_record_id = ?"
 DELETE_FINISHED = "DELETE FROM finished WHERE first_record_id = ?"
 APPEND_FINISHED = (
@@ -85,24 +80,6 @@ APPEND_FINISHED = (
     "DO UPDATE SET record_ids = CAST(record_ids || excluded.record_ids AS BLOB)"
 )
 REWRITE_SEGMENT = "UPDATE segments SET records = ? WHERE first_record_id = ?"
-
-CHECKPOINT_PAGES = 1000
-"""SQLite's own wal_autocheckpoint, kept wherever the space reserve allows it."""
-
-WAL_SHARE_OF_RESERVE = 2
-"""The WAL checkpoints once it holds 1/2 of the reserve, if that is less than CHECKPOINT_PAGES
-(a small disk). When the disk fills, the pages waiting in the WAL must still go into the
-database file, which grows by them, before the WAL can be reused; the reserve must hold them
-and leave room for the removes' own WAL frames."""
-
-BUSY_TIMEOUT_MS = 5000
-"""How long a statement waits on a lock before failing. Only this server writes its file, so
-contention means someone else opened it (a backup, an operator's sqlite3 shell)."""
-
-MAX_SEGMENT_RECORDS = 1024
-"""Records per segment row. Commits are rarely bigger (only when the disk is slow and submits
-pile up meanwhile); the cap bounds what one row holds in memory at load and what compacting
-one segment rewrites."""
 
 COMPACTION_INTERVAL = 60.0
 """Seconds between looks for sparse segments. Jobs usually finish in the order they came, so a
@@ -152,6 +129,7 @@ class SqliteStore:
         # Segments committed into a file found deleted right after, whose rewrite failed:
         # their submits were refused, so the next rewrite must leave them out.
         self._dropped: set[int] = set()
+        self._gone: str | None = None  # "deleted"/"replaced": a rewrite failed, try again
         self._last_problem = ""  # of the idle check, logged once
         self._index = SegmentIndex()
         self._compaction_interval = compaction_interval
@@ -172,7 +150,7 @@ class SqliteStore:
         lock = StoreLock.acquire(path)  # before anything reads or writes the database
         reserve = SpaceReserve.beside(path)
         try:
-            _check_writable(data_dir, path)
+            check_writable(data_dir, path)
             try:
                 adopt_unfinished_rewrite(path)
             except OSError as error:
@@ -180,7 +158,7 @@ class SqliteStore:
                     f"job database {path}: cannot put in place the new file of an interrupted "
                     f"rewrite ({rewrite_path(path)}): {error.strerror}"
                 ) from None
-            db = _connect(path, reserve, check=True)
+            db = connect(path, reserve, check=True)
         except BaseException:
             lock.release()
             raise
@@ -270,13 +248,10 @@ class SqliteStore:
         the file the database's path names when it returns. The index changes only once the
         commit succeeded. (On a full disk the removes go first, in a transaction of their
         own: see StoreError.removes_written.)"""
-        self._lock.check()
-        changed = self._file_changed()
-        if changed:
-            # Deleted or replaced since the last commit: this batch goes into the new file
-            # with the jobs of the old one, so none of its submits is acknowledged into a
-            # file no restart would find.
-            self._rewrite(changed, adds, removes)
+        if self._gone:
+            # The file went and writing the new one failed: this batch goes into the new
+            # file with the jobs of the old one, or nowhere.
+            self._rewrite(self._gone, adds, removes)
             return
         removes_written = False
         if self._low_space:
@@ -293,8 +268,12 @@ class SqliteStore:
                     removes_written=removes_written,
                 )
         new = self._write(adds, removes, removes_written)
+        # Looked at after the commit, not before: a file that went at any moment up to now
+        # took this batch with it, and is rewritten (batch included) before the batch's
+        # submits are acknowledged. One stat per commit; the lock file is looked at by
+        # `check`, once a second.
         changed = self._file_changed()
-        if changed:  # it went while this batch was being committed: the batch is in it
+        if changed:
             self._rewrite_after_commit(changed, new)
         if self._low_space:
             self._regain_space()
@@ -322,7 +301,7 @@ class SqliteStore:
         kept = len(index)
         new: list[tuple[Segment, Sequence[StoredJob]]] = []
         try:
-            for chunk in _segment_chunks(adds):
+            for chunk in segment_chunks(adds):
                 segment = Segment(
                     chunk[0].record_id, chunk[-1].record_id + 1, len(chunk), len(chunk)
                 )
@@ -377,12 +356,12 @@ class SqliteStore:
             raise
 
     def check(self) -> None:
-        """What each commit checks, for a server with nothing to commit (called by the store
-        thread when idle): a deleted or replaced file is rewritten, a deleted lock taken
-        again, space given back. Problems are logged (once each), not raised."""
+        """Called by the store thread once a second, busy or idle: a deleted lock file is
+        taken again; and, for a server with nothing to commit, a deleted or replaced file is
+        rewritten and space given back. Problems are logged (once each), not raised."""
         try:
             self._lock.check()
-            changed = self._file_changed()
+            changed = self._gone or self._file_changed()
             if changed:
                 self._rewrite(changed, [], [])
             if self._low_space:
@@ -397,7 +376,7 @@ class SqliteStore:
     def _connection(self) -> sqlite3.Connection:
         """The open connection, opened again if a rewrite could not (the new file is there)."""
         if self._db is None:
-            self._db = _connect(self.path, self._reserve)
+            self._db = connect(self.path, self._reserve)
         return self._db
 
     # ------------------------------------------------------------------ a deleted file
@@ -421,6 +400,10 @@ class SqliteStore:
         path, and continue with that. StoreError, with nothing changed, if the new file cannot
         be written; a file found at the path (a replacement) is moved aside, never
         overwritten."""
+        # Whatever deleted the file may have taken the lock file with it (a data directory
+        # emptied): the lock is taken again first, before another server can start on the
+        # new file.
+        self._lock.check()
         db = self._connection()
         segments, _, _ = self._read(db, self._dropped)
         finished = set(removes)
@@ -430,18 +413,19 @@ class SqliteStore:
                 live = [r for r in live if r.record_id not in finished]
             if live:
                 kept.append((Segment(segment.start, segment.end, len(live), len(live)), live))
-        for chunk in _segment_chunks([r for r in adds if r.record_id not in finished]):
+        for chunk in segment_chunks([r for r in adds if r.record_id not in finished]):
             start, end = chunk[0].record_id, chunk[-1].record_id + 1
             kept.append((Segment(start, end, len(chunk), len(chunk)), chunk))
         temp = rewrite_path(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _write_new_database(temp, kept)
+            write_new_database(temp, kept)
             aside = move_aside(self.path)
         except (OSError, sqlite3.Error) as error:
             with contextlib.suppress(OSError):  # what is there may be what failed
                 remove_files(temp, journal(temp))
             detail = getattr(error, "strerror", None) or error
+            self._gone = what
             raise StoreError(
                 f"job database {self.path} was {what} while in use, and its {_count(kept)} "
                 f"jobs cannot be written to a new file: {detail}"
@@ -458,7 +442,7 @@ class SqliteStore:
         index = SegmentIndex()
         for segment, _ in kept:
             index.add(segment)
-        self._index, self._sparse, self._dropped = index, [], set()
+        self._index, self._sparse, self._dropped, self._gone = index, [], set(), None
         self._identity = _identity(self.path)
         log.warning(
             "job database %s was %s while in use; its %d live jobs were written to a new file%s",
@@ -470,7 +454,7 @@ class SqliteStore:
         if self._reserve.held and not self._reserve.path.exists():
             self._reserve.claim()  # the data directory was cleared, reserve and all
         try:
-            self._db = _connect(self.path, self._reserve)
+            self._db = connect(self.path, self._reserve)
         except StoreError as error:
             # The batch is in the new file all the same: the next commit opens it again.
             log.error("%s", error)
@@ -591,71 +575,6 @@ class SqliteStore:
         self._lock.release()
 
 
-def _connect(path: Path, reserve: SpaceReserve, *, check: bool = False) -> sqlite3.Connection:
-    """A connection in WAL mode, synced at each commit, checkpointing within what `reserve`
-    can hold. `check` (at start): check the file, create the tables, convert a database of
-    the first layout. StoreError naming the file."""
-    try:
-        # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE in apply). The
-        # connection is used from one thread at a time, never two at once.
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    except sqlite3.Error as error:
-        raise StoreError(f"cannot open job database {path}: {error}") from None
-    try:
-        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise StoreError(f"job database {path}: cannot use WAL mode (got {mode})")
-        # FULL: each commit is synced before it returns, so an acknowledged job survives
-        # a power loss as well as a crash of this process.
-        db.execute("PRAGMA synchronous = FULL")
-        # Debian's SQLite is built with secure_delete on: each page a finished job frees is
-        # written again, as zeros, through the WAL, so a remove costs as much I/O as the
-        # submit did, and on a full disk the removes that would free space need more of it.
-        # FAST zeroes deleted data only where that costs no extra writes.
-        db.execute("PRAGMA secure_delete = FAST")
-        page_size = db.execute("PRAGMA page_size").fetchone()[0]
-        pages = min(CHECKPOINT_PAGES, reserve.size // WAL_SHARE_OF_RESERVE // page_size)
-        db.execute(f"PRAGMA wal_autocheckpoint = {max(1, pages)}")
-        if check:
-            problems = db.execute("PRAGMA quick_check").fetchall()
-            if problems != [("ok",)]:
-                detail = "; ".join(str(row[0]) for row in problems[:3])
-                raise StoreError(f"job database {path} is damaged: {detail}")
-            db.execute("BEGIN IMMEDIATE")
-            for statement in SCHEMA:
-                db.execute(statement)
-            _convert_first_layout(db, path)
-            db.execute("COMMIT")
-    except sqlite3.Error as error:
-        db.close()
-        raise StoreError(f"cannot use job database {path}: {error}") from None
-    except StoreError:
-        db.close()
-        raise
-    return db
-
-
-def _write_new_database(path: Path, segments: list[tuple[Segment, list[StoredJob]]]) -> None:
-    """A database at `path` holding `segments` (their live records only), written in one
-    transaction and synced; in rollback-journal mode, so that no -wal is left beside it when
-    it is renamed (it turns to WAL mode when opened)."""
-    remove_files(path, journal(path))  # of an earlier rewrite that failed
-    db = sqlite3.connect(path, isolation_level=None)
-    try:
-        db.execute("PRAGMA synchronous = FULL")
-        db.execute("BEGIN IMMEDIATE")
-        for statement in SCHEMA:
-            db.execute(statement)
-        db.executemany(
-            INSERT_SEGMENT,
-            ((segment.start, segment.end, pack_segment(live)) for segment, live in segments),
-        )
-        db.execute("COMMIT")
-    finally:
-        db.close()
-
-
 def _identity(path: Path) -> tuple[int, int]:
     """What tells one file from another at the same path: a deleted file's inode stays ours
     while we hold it open, so a new file cannot reuse it."""
@@ -694,34 +613,6 @@ def _load_segment(
     return Segment(start, end, len(records), len(live)), live
 
 
-def _convert_first_layout(db: sqlite3.Connection, path: Path) -> None:
-    """A database of the first layout (a `jobs` table, one row per job) becomes segments,
-    inside the caller's transaction, so a crash half-way leaves the old layout whole."""
-    exists = db.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'"
-    ).fetchone()
-    if not exists:
-        return
-    rows = db.execute(
-        "SELECT record_id, CAST(function AS BLOB), CAST(unique_id AS BLOB), priority, "
-        "run_at, CAST(reducer AS BLOB), CAST(payload AS BLOB) FROM jobs ORDER BY record_id"
-    ).fetchall()
-    try:
-        jobs = [check_record(row) for row in rows]
-    except DamagedSegment as error:
-        raise StoreError(f"job database {path} is damaged: {error}") from None
-    for chunk in _segment_chunks(jobs):
-        db.execute(
-            INSERT_SEGMENT, (chunk[0].record_id, chunk[-1].record_id + 1, pack_segment(chunk))
-        )
-    db.execute("DROP TABLE jobs")
-
-
-def _segment_chunks(jobs: list[StoredJob]) -> list[list[StoredJob]]:
-    """Consecutive runs of at most MAX_SEGMENT_RECORDS records: one segment row each."""
-    return [jobs[i : i + MAX_SEGMENT_RECORDS] for i in range(0, len(jobs), MAX_SEGMENT_RECORDS)]
-
-
 def _is_busy(error: sqlite3.Error) -> bool:
     name = getattr(error, "sqlite_errorname", None) or ""
     return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
@@ -734,23 +625,3 @@ def _rows(values) -> list[tuple[int]]:
 def _rollback(db: sqlite3.Connection) -> None:
     if db.in_transaction:  # SQLite may have rolled back already (disk full)
         db.execute("ROLLBACK")
-
-
-def _check_writable(data_dir: Path, path: Path) -> None:
-    """SQLite reports a read-only directory as "unable to open database file"; try a write
-    ourselves first, so the message says what is wrong (read-only file system, permission).
-    The directory must be writable too: WAL mode keeps two files beside the database."""
-    if path.exists():
-        try:
-            with path.open("r+b"):
-                pass
-        except OSError as error:
-            raise StoreError(f"cannot write job database {path}: {error.strerror}") from None
-    probe = data_dir / f".{path.name}.write-test"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise StoreError(
-            f"cannot write job database {path}: its directory is not writable: {error.strerror}"
-        ) from None
