@@ -262,18 +262,17 @@ def test_bad_epoch_gets_invalid_argument_and_creates_no_job(jobserver, connect, 
     bystander.assert_unaffected()
 
 
-def test_bad_can_do_timeout_gets_invalid_argument_and_registers_nothing(
-    jobserver, connect, bystander
-):
+def test_odd_can_do_timeouts_register_silently_as_with_gearmand(jobserver, connect, bystander):
+    # gearmand reads the timeout with strtol and always registers, with no reply (§3.9); the
+    # engine does the same (tests/test_engine_timers.py, tests/test_server_engine_limits.py).
     peer = connect(jobserver)
     for timeout in (b"abc", b"", b"1.5", b"1" * 21):
         peer.send(T.CAN_DO_TIMEOUT, b"timed", timeout)
-        text = peer.expect_error(b"INVALID_ARGUMENT")
-        assert text, f"timeout {timeout!r}: empty error text"
-    peer.submit(b"timed", b"", b"", T.SUBMIT_JOB_BG)
+    peer.echo()  # nothing came before the echo: no ERROR
+    handle = peer.submit(b"timed", b"", b"", T.SUBMIT_JOB_BG)
     peer.send(T.GRAB_JOB)
-    peer.expect(T.NO_JOB)  # not registered for "timed"
-    assert status(jobserver.address)["timed"] == (1, 0, 0)
+    peer.expect(T.JOB_ASSIGN, handle, b"timed", b"")
+    assert status(jobserver.address)["timed"] == (1, 1, 4)  # four registrations, as gearmand
     bystander.assert_unaffected()
 
 
