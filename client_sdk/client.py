@@ -1,4 +1,5 @@
-"""The asynchronous (trio) client: submit jobs to a cluster and get their results."""
+"""The asynchronous client (trio or asyncio, through anyio): submit jobs to a cluster and get
+their results."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class Client:
                 handle = await client.submit_background("resize", {"path": "b.png"})
                 print(result, await client.status(handle))
 
-        trio.run(main)
+        asyncio.run(main())  # or trio.run(main)
     """
 
     def __init__(self, servers: Iterable[ServerSpec] | str, codec: str = "msgpack") -> None:

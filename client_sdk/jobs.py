@@ -14,7 +14,8 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple, TypeVar
 
-import trio
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from jobserver.sdk.errors import GearmanError, JobTimeout
 
@@ -132,13 +133,15 @@ class JobWaiter:
         self.server = server
         self.handle = JobHandle("", server)
         self.abandoned = False  # the caller stopped waiting (timeout, cancel, error)
-        self._done = trio.Event()
+        self._done = anyio.Event()
         self._result = b""
         self._error: GearmanError | None = None
-        self._updates_in: trio.MemorySendChannel[Update] | None = None
-        self._updates_out: trio.MemoryReceiveChannel[Update] | None = None
+        self._updates_in: MemoryObjectSendStream[Update] | None = None
+        self._updates_out: MemoryObjectReceiveStream[Update] | None = None
         if streaming:
-            self._updates_in, self._updates_out = trio.open_memory_channel(STREAM_BUFFER)
+            self._updates_in, self._updates_out = anyio.create_memory_object_stream[Update](
+                STREAM_BUFFER
+            )
 
     @property
     def done(self) -> bool:
@@ -151,7 +154,7 @@ class JobWaiter:
         if self._updates_in is None or self.done:
             return
         # If the caller stopped reading updates, this one is dropped; it still gets the outcome.
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
             await self._updates_in.send(update)
 
     def complete(self, result: bytes) -> None:
@@ -178,7 +181,7 @@ class JobWaiter:
             return None
         try:
             return await self._updates_out.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
             return None
 
     def stop_updates(self) -> None:
@@ -244,11 +247,11 @@ class CallTimer:
     def __init__(self, function: str, timeout: float | None) -> None:
         self.function = function
         self.timeout = timeout
-        self.deadline = math.inf if timeout is None else trio.current_time() + timeout
+        self.deadline = math.inf if timeout is None else anyio.current_time() + timeout
         self.handle = ""
 
     async def run(self, step: Callable[[], Awaitable[T]]) -> T:
-        with trio.move_on_at(self.deadline):
+        with anyio.CancelScope(deadline=self.deadline):
             return await step()
         handle = self.handle or "(not yet accepted by a server)"
         raise JobTimeout(

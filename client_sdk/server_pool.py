@@ -14,7 +14,8 @@ import itertools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-import trio
+import anyio
+import anyio.abc
 
 from jobserver.sdk.addresses import ServerAddress
 from jobserver.sdk.backoff import Backoff
@@ -64,20 +65,20 @@ class Server:
         self.session: Session | None = None
         self.skip_until = -float("inf")
         self._backoff = Backoff(SKIP_FAILED_SERVER_INITIAL, SKIP_FAILED_SERVER_MAX)
-        self._open_lock = trio.Lock()
+        self._open_lock = anyio.Lock()
         self._failures = 0
         self._last_error: GearmanError | None = None
 
     def failed(self, error: GearmanError) -> None:
         self._failures += 1
         self._last_error = error
-        self.skip_until = trio.current_time() + self._backoff.next_delay()
+        self.skip_until = anyio.current_time() + self._backoff.next_delay()
 
     def succeeded(self) -> None:
         self._backoff.reset()
         self.skip_until = -float("inf")
 
-    async def open_session(self, nursery: trio.Nursery) -> Session:
+    async def open_session(self, nursery: anyio.abc.TaskGroup) -> Session:
         """The open session, connecting first if needed. Concurrent callers share one connect
         attempt: if it fails, they all get its error instead of each trying again."""
         if self.session is not None and not self.session.closed:
@@ -98,7 +99,7 @@ class Server:
             try:
                 await nursery.start(session.run)
             except BaseException:  # cancelled before the session took the connection over
-                with trio.CancelScope(shield=True):
+                with anyio.CancelScope(shield=True):
                     await connection.aclose()
                 raise
             self.session = session
@@ -115,7 +116,7 @@ class Server:
 class ServerPool:
     """The configured servers, their connections, and the choice between them."""
 
-    def __init__(self, addresses: Sequence[ServerAddress], nursery: trio.Nursery) -> None:
+    def __init__(self, addresses: Sequence[ServerAddress], nursery: anyio.abc.TaskGroup) -> None:
         self.servers = [Server(address) for address in addresses]
         self._by_name = {server.name: server for server in self.servers}
         self._nursery = nursery
@@ -147,7 +148,7 @@ class ServerPool:
         failed recently go last. ConnectionLost (connect refused or timed out, connection lost
         before the reply) moves on to the next server; any other error is the caller's.
         Raises NoServerAvailable naming each server's error when all fail."""
-        now = trio.current_time()
+        now = anyio.current_time()
         ready = [server for server in servers if server.skip_until <= now]
         skipped = [server for server in servers if server.skip_until > now]
         errors: list[str] = []

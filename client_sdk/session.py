@@ -14,7 +14,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-import trio
+import anyio
+import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from jobserver.protocol import Packet, PacketType, encode_request
 from jobserver.sdk.connection import ConnectionLost, ServerConnection
@@ -56,7 +58,7 @@ class Reply:
     def __init__(self, expects: int, waiter: JobWaiter | None = None) -> None:
         self.expects = expects
         self.waiter = waiter  # a foreground submit's waiter, attached on JOB_CREATED
-        self._event = trio.Event()
+        self._event = anyio.Event()
         self._packet: Packet | None = None
         self._error: GearmanError | None = None
 
@@ -91,12 +93,14 @@ class Session:
         self.reason: GearmanError | None = None
         self._connection = connection
         self._on_close = on_close
-        self._outbox_in: trio.MemorySendChannel[tuple[bytes, Reply]]
-        self._outbox_out: trio.MemoryReceiveChannel[tuple[bytes, Reply]]
-        self._outbox_in, self._outbox_out = trio.open_memory_channel(MAX_QUEUED_REQUESTS)
+        self._outbox_in: MemoryObjectSendStream[tuple[bytes, Reply]]
+        self._outbox_out: MemoryObjectReceiveStream[tuple[bytes, Reply]]
+        self._outbox_in, self._outbox_out = anyio.create_memory_object_stream[tuple[bytes, Reply]](
+            MAX_QUEUED_REQUESTS
+        )
         self._replies: deque[Reply] = deque()
         self._listeners: dict[bytes, Listeners] = {}
-        self._cancel_scope: trio.CancelScope | None = None
+        self._cancel_scope: anyio.CancelScope | None = None
 
     # --- what calls use --------------------------------------------------------------------
 
@@ -155,18 +159,20 @@ class Session:
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Read and write until the connection ends or `close` is called; then fail whatever
         is still waiting and close the socket."""
         try:
-            async with trio.open_nursery() as nursery:
+            async with anyio.create_task_group() as nursery:
                 self._cancel_scope = nursery.cancel_scope
                 nursery.start_soon(self._until_error, self._write_loop)
                 nursery.start_soon(self._until_error, self._read_loop)
                 task_status.started()
         finally:
             self._shutdown(self.reason or ClientClosed(f"{self.server}: the client was closed"))
-            with trio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
                 await self._connection.aclose()
 
     def close(self, reason: GearmanError) -> None:
@@ -187,7 +193,7 @@ class Session:
             raise self._lost()
         try:
             await self._outbox_in.send((data, reply))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             raise self._lost() from None
 
     def _lost(self) -> ConnectionLost:
@@ -209,7 +215,7 @@ class Session:
             while size < MAX_WRITE_BATCH:
                 try:
                     data, reply = self._outbox_out.receive_nowait()
-                except trio.WouldBlock:
+                except anyio.WouldBlock:
                     break
                 batch.append(data)
                 size += len(data)
@@ -306,7 +312,7 @@ class Session:
         while True:  # requests never written: not accepted anywhere, the caller may go on
             try:
                 _, reply = self._outbox_out.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
                 break
             reply.reject(ConnectionLost(str(reason)))
         self._outbox_out.close()

@@ -34,7 +34,7 @@ class JobStream:
                         print(update)  # Status(numerator=1, denominator=3), Data(...), ...
                 print(await job.result())
 
-        trio.run(main)
+        asyncio.run(main())  # or trio.run(main)
     """
 
     def __init__(

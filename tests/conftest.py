@@ -4,6 +4,9 @@
 - `start_jobserver(*args)` / `start_gearmand(*args)`: factories for servers with options.
 - `any_server`: runs the test once against jobserver and once against gearmand, so a test
   written against gearmand's behaviour proves jobserver behaves the same.
+- `anyio_backend`: the SDK tests (modules marked `pytest.mark.anyio`) run once on trio and
+  once on asyncio, since the SDKs promise both. Every other async test is a trio test
+  (pytest-trio's trio_mode), as the server is trio only.
 
 With the environment variable CI set, a skipped test fails the run, and missing gearman
 binaries are a failure rather than a skip: CI must prove interop, not silently skip it.
@@ -23,6 +26,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import servers
 
 IN_CI = bool(os.environ.get("CI"))
+
+SDK_BACKENDS = ("trio", "asyncio")
+"""The event loops the SDKs support: each anyio-marked test runs on both."""
+
+
+@pytest.fixture(params=SDK_BACKENDS)
+def anyio_backend(request) -> str:
+    return request.param
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """pytest-trio's trio_mode marks every async test `trio`; a test marked `anyio` is run by
+    anyio's plugin on the backend its `anyio_backend` parameter names, so pytest-trio must
+    leave it alone (it would run it under trio.run a second way, asyncio never)."""
+    for item in items:
+        if item.get_closest_marker("anyio") is not None:
+            item.own_markers[:] = [mark for mark in item.own_markers if mark.name != "trio"]
 
 
 def require_gearman_binaries() -> None:

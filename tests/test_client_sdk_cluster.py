@@ -6,11 +6,13 @@ is a port nothing listens on, or a server killed with SIGKILL by its pid.
 
 from __future__ import annotations
 
-import functools
 import random
 
+import anyio
+import anyio.abc
+import anyio.from_thread
+import anyio.to_thread
 import pytest
-import trio
 from test_client_sdk_support import (
     RawWorker,
     WorkerJob,
@@ -24,6 +26,8 @@ from test_client_sdk_support import (
 
 from client_sdk import Client, JobLost, JobStatus, NoServerAvailable
 from client_sdk.server_pool import rendezvous_order
+
+pytestmark = pytest.mark.anyio  # every async test runs on trio and on asyncio (conftest.py)
 
 TEST_TIMEOUT = 30
 
@@ -48,7 +52,7 @@ async def total_jobs(server, function: str) -> int:
 
 
 async def test_first_server_down_job_is_served_by_the_second(start_server):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         live = start_server()
         down = nothing_listening()
         worker = RawWorker(live, {"echo": echo})
@@ -68,21 +72,20 @@ async def _executed(worker: RawWorker, count: int) -> bool:
 async def test_server_lost_before_job_created_is_resubmitted_to_the_next(start_server):
     # A server that accepts the connection and drops it on the first request: the job was
     # never accepted there, so the caller must not notice.
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         live = start_server()
         dropped = 0
 
-        async def drop_on_first_bytes(stream: trio.SocketStream) -> None:
+        async def drop_on_first_bytes(stream: anyio.abc.SocketStream) -> None:
             nonlocal dropped
-            await stream.receive_some(1)
+            await stream.receive(1)
             dropped += 1
             await stream.aclose()
 
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(
-                functools.partial(trio.serve_tcp, drop_on_first_bytes, 0, host="127.0.0.1")
-            )
-            port = listeners[0].socket.getsockname()[1]
+        async with anyio.create_task_group() as nursery:
+            listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+            nursery.start_soon(listener.serve, drop_on_first_bytes)
+            port = listener.extra(anyio.abc.SocketAttribute.local_port)
             crashing = f"127.0.0.1:{port}"
             worker = RawWorker(live, {"echo": echo})
             async with workers_running(worker), Client([crashing, live.address]) as client:
@@ -93,15 +96,15 @@ async def test_server_lost_before_job_created_is_resubmitted_to_the_next(start_s
 
 @pytest.mark.parametrize("retry", [False, True])
 async def test_server_killed_after_job_created(start_server, retry):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         doomed, survivor = start_server(), start_server()
         names = [doomed.address, survivor.address]
         unique = unique_placed_on("work", doomed.address, names)
-        started = trio.Event()
+        started = anyio.Event()
 
         async def never_finishes(job: WorkerJob) -> None:
             started.set()
-            await trio.sleep_forever()
+            await anyio.sleep_forever()
 
         doomed_worker = RawWorker(doomed, {"work": never_finishes})
         survivor_worker = RawWorker(survivor, {"work": echo})
@@ -116,7 +119,7 @@ async def test_server_killed_after_job_created(start_server, retry):
                 except JobLost as error:
                     outcome["error"] = error
 
-            async with trio.open_nursery() as nursery:
+            async with anyio.create_task_group() as nursery:
                 nursery.start_soon(submit)
                 await started.wait()
                 session = client._pool.server(doomed.address).session
@@ -136,12 +139,12 @@ async def test_server_killed_after_job_created(start_server, retry):
 
 
 async def _tracking(session) -> bool:
-    await trio.sleep(0)
+    await anyio.sleep(0)
     return session.tracked_jobs == 1
 
 
 async def test_same_function_and_unique_always_go_to_the_same_server(start_server):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         cluster = [start_server() for _ in range(3)]
         names = [server.address for server in cluster]
         by_name = {server.address: server for server in cluster}
@@ -174,10 +177,10 @@ async def test_same_function_and_unique_always_go_to_the_same_server(start_serve
 
 
 async def test_duplicates_from_two_clients_coalesce_on_one_server(start_server):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         cluster = [start_server() for _ in range(3)]
         names = [server.address for server in cluster]
-        release = trio.Event()
+        release = anyio.Event()
 
         async def gated(job: WorkerJob) -> bytes:
             await release.wait()
@@ -194,7 +197,7 @@ async def test_duplicates_from_two_clients_coalesce_on_one_server(start_server):
             async def submit(client: Client) -> None:
                 results.append(await client.submit("once", "x", unique="shared-thing"))
 
-            async with trio.open_nursery() as nursery:
+            async with anyio.create_task_group() as nursery:
                 nursery.start_soon(submit, first)
                 await eventually(lambda: _running_somewhere(workers))
                 nursery.start_soon(submit, second)
@@ -205,12 +208,12 @@ async def test_duplicates_from_two_clients_coalesce_on_one_server(start_server):
 
 
 async def _running_somewhere(workers: list[RawWorker]) -> bool:
-    await trio.sleep(0)
+    await anyio.sleep(0)
     return any(worker.executed for worker in workers)
 
 
 async def _both_attached(*clients: Client) -> bool:
-    await trio.sleep(0)
+    await anyio.sleep(0)
     return all(
         any(server.session and server.session.tracked_jobs for server in client._pool.servers)
         for client in clients
@@ -218,7 +221,7 @@ async def _both_attached(*clients: Client) -> bool:
 
 
 async def test_jobs_without_unique_are_spread_round_robin(start_server):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         cluster = [start_server(), start_server()]
         workers = [RawWorker(server, {"echo": echo}) for server in cluster]
         async with workers_running(*workers), Client([s.address for s in cluster]) as client:
@@ -228,7 +231,7 @@ async def test_jobs_without_unique_are_spread_round_robin(start_server):
 
 
 async def test_no_server_available_names_each_server():
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         down = [nothing_listening(), nothing_listening()]
         async with Client(down) as client:
             for call in (
@@ -244,7 +247,7 @@ async def test_no_server_available_names_each_server():
 
 
 async def test_status_asks_the_server_holding_the_job(start_server):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         cluster = [start_server(), start_server()]
         names = [server.address for server in cluster]
         async with Client(names) as client:
@@ -259,7 +262,7 @@ async def test_status_asks_the_server_holding_the_job(start_server):
 
 
 async def test_a_restarted_server_gets_its_jobs_again(start_jobserver):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         first, second = start_jobserver(), start_jobserver()
         names = [first.address, second.address]
         async with Client(names) as client:

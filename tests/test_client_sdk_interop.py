@@ -6,14 +6,17 @@ these prove the client speaks the protocol as libgearman expects, against both s
 
 from __future__ import annotations
 
+import anyio
+import anyio.abc
+import anyio.from_thread
+import anyio.to_thread
 import pytest
-import trio
 from servers import GearmanCLI
 from test_client_sdk_support import eventually
 
 from client_sdk import Client, Data, JobFailed
 
-pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("gearman_tools")]
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("gearman_tools"), pytest.mark.anyio]
 
 TEST_TIMEOUT = 30
 
@@ -25,13 +28,13 @@ def gearman(any_server):
 
 
 async def start_worker(gearman: GearmanCLI, function: str, *command: str, options=()) -> None:
-    await trio.to_thread.run_sync(
+    await anyio.to_thread.run_sync(
         lambda: gearman.worker(function, *command, options=tuple(options))
     )
 
 
 async def test_foreground_job_gets_the_gearman_worker_result(gearman):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         await start_worker(gearman, "rev", "rev")
         await start_worker(gearman, "upper", "tr", "a-z", "A-Z")
         async with Client([gearman.server.address], codec="raw") as client:
@@ -42,7 +45,7 @@ async def test_foreground_job_gets_the_gearman_worker_result(gearman):
 
 
 async def test_many_concurrent_jobs_through_gearman_workers(gearman):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         for _ in range(3):
             await start_worker(gearman, "upper", "tr", "a-z", "A-Z")
         results = {}
@@ -51,7 +54,7 @@ async def test_many_concurrent_jobs_through_gearman_workers(gearman):
             async def submit(n: int) -> None:
                 results[n] = await client.submit("upper", f"job {n}")
 
-            async with trio.open_nursery() as nursery:
+            async with anyio.create_task_group() as nursery:
                 for n in range(30):
                     nursery.start_soon(submit, n)
         assert results == {n: f"JOB {n}".encode() for n in range(30)}
@@ -60,7 +63,7 @@ async def test_many_concurrent_jobs_through_gearman_workers(gearman):
 async def test_gearman_worker_line_mode_arrives_as_data_updates(gearman):
     # `gearman -w -n` sends WORK_DATA per output line (libgearman 1.1.20 resends the output so
     # far each time, see test_interop_gearman_tools) and then an empty WORK_COMPLETE.
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         await start_worker(gearman, "lines", "printf", r"a\nb\nc\n", options=("-n",))
         async with (
             Client([gearman.server.address], codec="raw") as client,
@@ -73,7 +76,7 @@ async def test_gearman_worker_line_mode_arrives_as_data_updates(gearman):
 
 
 async def test_failing_gearman_worker_raises_job_failed(gearman):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         await start_worker(gearman, "broken", "false")
         async with Client([gearman.server.address], codec="raw") as client:
             with pytest.raises(JobFailed):
@@ -82,7 +85,7 @@ async def test_failing_gearman_worker_raises_job_failed(gearman):
 
 async def test_background_job_runs_on_a_gearman_worker(gearman, tmp_path):
     log = tmp_path / "log"
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         await start_worker(gearman, "record", "sh", "-c", f"cat >> {log}")
         async with Client([gearman.server.address], codec="raw") as client:
             for n in range(3):

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import anyio
+import anyio.abc
+import anyio.from_thread
+import anyio.to_thread
 import msgpack
 import pytest
-import trio
 from test_client_sdk_support import (
     RawWorker,
     WorkerJob,
@@ -35,6 +38,8 @@ from client_sdk import (
     Status,
     Warning,
 )
+
+pytestmark = pytest.mark.anyio  # every async test runs on trio and on asyncio (conftest.py)
 
 TEST_TIMEOUT = 20
 
@@ -66,14 +71,14 @@ async def raising(job: WorkerJob) -> None:
     ],
 )
 async def test_foreground_result_round_trips_with_each_codec(any_server, codec, arg):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         worker = RawWorker(any_server, {"echo": echo})
         async with workers_running(worker), Client([any_server.address], codec=codec) as client:
             assert await client.submit("echo", arg) == arg
 
 
 async def test_raw_codec_sends_str_as_utf8_and_returns_bytes(any_server):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with (
             workers_running(RawWorker(any_server, {"echo": echo})),
             Client([any_server.address], codec="raw") as client,
@@ -84,7 +89,7 @@ async def test_raw_codec_sends_str_as_utf8_and_returns_bytes(any_server):
 
 @pytest.mark.parametrize("priority", ["high", "normal", "low"])
 async def test_foreground_job_of_each_priority_returns_its_result(any_server, priority):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with (
             workers_running(RawWorker(any_server, {"echo": echo})),
             Client([any_server.address]) as client,
@@ -93,7 +98,7 @@ async def test_foreground_job_of_each_priority_returns_its_result(any_server, pr
 
 
 async def test_background_jobs_run_by_priority_high_normal_low(any_server):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with Client([any_server.address], codec="raw") as client:
             for n in (1, 2):  # interleaved, as in shared doc §3.3
                 for priority in ("low", "normal", "high"):
@@ -116,8 +121,8 @@ async def _done(worker: RawWorker, count: int) -> bool:
 
 
 async def test_background_job_status_follows_it_from_queued_to_finished(any_server):
-    with trio.fail_after(TEST_TIMEOUT):
-        release = trio.Event()
+    with anyio.fail_after(TEST_TIMEOUT):
+        release = anyio.Event()
 
         async def slow(job: WorkerJob) -> bytes:
             await job.status(1, 4)
@@ -147,7 +152,7 @@ async def _status_if(client: Client, handle: str, **expected: object) -> JobStat
 
 
 async def test_background_job_without_unique_gets_a_generated_one(any_server):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         worker = RawWorker(any_server, {"echo": echo})
         async with workers_running(worker), Client([any_server.address]) as client:
             await client.submit_background("echo", 1)
@@ -161,7 +166,7 @@ async def test_background_job_without_unique_gets_a_generated_one(any_server):
 
 
 async def test_stream_yields_every_update_in_order_then_the_result(any_server):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with (
             workers_running(RawWorker(any_server, {"progress": progress})),
             Client([any_server.address]) as client,
@@ -181,7 +186,7 @@ async def test_stream_yields_every_update_in_order_then_the_result(any_server):
 
 
 async def test_stream_result_without_reading_updates(any_server):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with (
             workers_running(RawWorker(any_server, {"progress": progress})),
             Client([any_server.address], codec="raw") as client,
@@ -191,7 +196,7 @@ async def test_stream_result_without_reading_updates(any_server):
 
 
 async def test_plain_submit_ignores_updates_and_returns_the_result(any_server):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with (
             workers_running(RawWorker(any_server, {"progress": progress})),
             Client([any_server.address]) as client,
@@ -200,7 +205,7 @@ async def test_plain_submit_ignores_updates_and_returns_the_result(any_server):
 
 
 async def test_work_fail_raises_job_failed(any_server):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with (
             workers_running(RawWorker(any_server, {"fail": failing})),
             Client([any_server.address]) as client,
@@ -213,7 +218,7 @@ async def test_work_fail_raises_job_failed(any_server):
 
 
 async def test_work_exception_raises_job_exception_with_the_worker_text(any_server):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with (
             workers_running(RawWorker(any_server, {"raise": raising})),
             Client([any_server.address]) as client,
@@ -230,7 +235,7 @@ async def test_work_exception_raises_job_exception_with_the_worker_text(any_serv
 
 
 async def test_full_queue_raises_server_error_with_code_and_text(any_server):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with Client([any_server.address]) as client:
             await client.submit_background("limited", 1)  # creates the function
             assert await admin(any_server, "maxqueue limited 1") == b"OK\r\n"
@@ -245,7 +250,7 @@ async def test_full_queue_raises_server_error_with_code_and_text(any_server):
 
 
 async def test_timeout_raises_job_timeout_and_a_late_result_is_dropped(any_server):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with Client([any_server.address], codec="raw") as client:
             with pytest.raises(JobTimeout) as caught:
                 await client.submit("late", b"first", timeout=0.2)
@@ -264,12 +269,12 @@ async def test_timeout_raises_job_timeout_and_a_late_result_is_dropped(any_serve
 
 
 async def _no_jobs_tracked(session) -> bool:
-    await trio.sleep(0)
+    await anyio.sleep(0)
     return session.tracked_jobs == 0 and session.waiting_calls == 0
 
 
 async def test_stream_timeout_raises_job_timeout(any_server):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with Client([any_server.address]) as client:
             with pytest.raises(JobTimeout):
                 async with client.stream("nobody", 1, timeout=0.2) as job:
@@ -279,21 +284,21 @@ async def test_stream_timeout_raises_job_timeout(any_server):
 
 
 async def test_background_timeout_covers_only_the_acceptance(any_server):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with Client([any_server.address]) as client:
             handle = await client.submit_background("nobody", 1, timeout=5)
             assert (await client.status(handle)).known
 
 
 async def test_concurrent_submits_with_one_unique_run_once_and_all_get_the_result(any_server):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         results = []
         async with Client([any_server.address]) as client:
 
             async def submit(arg: str) -> None:
                 results.append(await client.submit("once", arg, unique="same"))
 
-            async with trio.open_nursery() as nursery:
+            async with anyio.create_task_group() as nursery:
                 nursery.start_soon(submit, "from the first")
                 nursery.start_soon(submit, "from the second")
                 # Both submits are attached to one queued job before a worker appears.
@@ -318,7 +323,7 @@ async def _count_is(items: list, count: int) -> bool:
 async def test_coalesced_streams_on_one_connection_each_see_every_update_once(any_server):
     # The server sends each packet once per submit on the connection (§3.2); the client must
     # hand one copy to each waiting call, not two to one.
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         seen: dict[int, list] = {}
         async with Client([any_server.address], codec="raw") as client:
 
@@ -327,7 +332,7 @@ async def test_coalesced_streams_on_one_connection_each_see_every_update_once(an
                     seen[n] = [update async for update in job]
                 seen[n].append(await job.result())
 
-            async with trio.open_nursery() as nursery:
+            async with anyio.create_task_group() as nursery:
                 nursery.start_soon(watch, 1)
                 nursery.start_soon(watch, 2)
                 await eventually(lambda: _listeners_are(any_server, b"shared", 2))
@@ -350,12 +355,12 @@ async def test_coalesced_streams_on_one_connection_each_see_every_update_once(an
 
 
 async def _all_done(seen: dict) -> bool:
-    await trio.sleep(0)
+    await anyio.sleep(0)
     return all(items and isinstance(items[-1], bytes) for items in seen.values())
 
 
 async def test_200_concurrent_submits_pipeline_over_one_connection(any_server):
-    with trio.fail_after(TEST_TIMEOUT * 2):
+    with anyio.fail_after(TEST_TIMEOUT * 2):
         workers = [RawWorker(any_server, {"echo": echo}) for _ in range(4)]
         results: dict[int, object] = {}
         async with workers_running(*workers), Client([any_server.address]) as client:
@@ -363,7 +368,7 @@ async def test_200_concurrent_submits_pipeline_over_one_connection(any_server):
             async def submit(n: int) -> None:
                 results[n] = await client.submit("echo", {"n": n, "pad": "x" * n})
 
-            async with trio.open_nursery() as nursery:
+            async with anyio.create_task_group() as nursery:
                 for n in range(200):
                     nursery.start_soon(submit, n)
             session = client._pool.servers[0].session
@@ -385,7 +390,7 @@ async def test_result_that_is_not_valid_for_the_codec_raises_payload_error(any_s
     async def garbage(job: WorkerJob) -> bytes:
         return b"\xc1 is never valid msgpack"
 
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with (
             workers_running(RawWorker(any_server, {"garbage": garbage})),
             Client([any_server.address]) as client,
@@ -398,7 +403,7 @@ async def test_result_that_is_not_valid_for_the_codec_raises_payload_error(any_s
 async def test_run_at_job_runs_once_due(any_server):
     # gearmand 1.1.x never wakes workers when an epoch job comes due (§3.11): the raw worker
     # polls there. jobserver wakes the sleeping worker itself (next test).
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         worker = RawWorker(any_server, {"later": echo})
         run_at = datetime.now(UTC) + timedelta(seconds=1.5)
         async with workers_running(worker), Client([any_server.address], codec="raw") as client:
@@ -412,7 +417,7 @@ async def test_run_at_job_runs_once_due(any_server):
 
 
 async def test_run_at_wakes_a_sleeping_worker_on_jobserver(jobserver):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         worker = RawWorker(jobserver, {"later": echo}, poll=None)  # sleeps until NOOP
         run_at = datetime.now() + timedelta(seconds=1.5)  # naive: local time
         async with workers_running(worker), Client([jobserver.address], codec="raw") as client:

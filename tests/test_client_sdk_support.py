@@ -14,8 +14,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import anyio
+import anyio.abc
+import anyio.from_thread
+import anyio.to_thread
 import servers
-import trio
 
 from jobserver.protocol import PacketType
 from jobserver.sdk.addresses import parse_address
@@ -75,7 +78,7 @@ class RawWorker:
     poll: float | None = WORKER_POLL
     executed: list[WorkerJob] = field(default_factory=list)
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
         """Register, report started once the server has processed the registrations, then
         work until cancelled or until the server goes away."""
         connection = await ServerConnection.open(parse_address(self.server.address))
@@ -101,7 +104,7 @@ class RawWorker:
                 packet = await connection.receive()
             if packet.type == T.NO_JOB:
                 await connection.send(T.PRE_SLEEP)
-                with trio.move_on_after(self.poll if self.poll is not None else float("inf")):
+                with anyio.move_on_after(self.poll if self.poll is not None else float("inf")):
                     while (await connection.receive()).type != T.NOOP:
                         pass
                 continue
@@ -117,7 +120,7 @@ class RawWorker:
 @asynccontextmanager
 async def workers_running(*workers: RawWorker) -> AsyncIterator[None]:
     """Run the workers (each registered before the body starts); stop them afterwards."""
-    async with trio.open_nursery() as nursery:
+    async with anyio.create_task_group() as nursery:
         for worker in workers:
             await nursery.start(worker.run)
         yield
@@ -126,11 +129,11 @@ async def workers_running(*workers: RawWorker) -> AsyncIterator[None]:
 
 async def server_status(server: servers.Server) -> dict[str, tuple[int, int, int]]:
     """The admin `status` table of a server, without blocking the trio loop."""
-    return await trio.to_thread.run_sync(servers.status, server.address)
+    return await anyio.to_thread.run_sync(servers.status, server.address)
 
 
 async def admin(server: servers.Server, line: str) -> bytes:
-    return await trio.to_thread.run_sync(servers.admin, server.address, line)
+    return await anyio.to_thread.run_sync(servers.admin, server.address, line)
 
 
 async def eventually(predicate: Callable[[], Awaitable[object]], interval: float = 0.02):
@@ -139,7 +142,7 @@ async def eventually(predicate: Callable[[], Awaitable[object]], interval: float
         value = await predicate()
         if value:
             return value
-        await trio.sleep(interval)
+        await anyio.sleep(interval)
 
 
 async def listeners_of_unique(server: servers.Server, unique: bytes) -> int:
@@ -152,7 +155,7 @@ async def listeners_of_unique(server: servers.Server, unique: bytes) -> int:
             assert reply_type == T.STATUS_RES_UNIQUE, (reply_type, payload)
             return int(payload.split(b"\0")[5])
 
-    return await trio.to_thread.run_sync(ask)
+    return await anyio.to_thread.run_sync(ask)
 
 
 def nothing_listening() -> str:

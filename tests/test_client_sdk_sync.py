@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import threading
 
+import anyio
+import anyio.abc
+import anyio.from_thread
+import anyio.to_thread
 import pytest
-import trio
 from test_client_sdk_support import RawWorker, WorkerJob, echo, nothing_listening, workers_running
 
 from client_sdk import (
@@ -21,6 +24,8 @@ from client_sdk import (
     Status,
     SyncClient,
 )
+
+pytestmark = pytest.mark.anyio  # every async test runs on trio and on asyncio (conftest.py)
 
 TEST_TIMEOUT = 30
 THREADS = 8
@@ -61,10 +66,10 @@ async def test_eight_threads_share_one_sync_client(any_server):
         assert errors == []
         return results
 
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         workers = [RawWorker(any_server, {"echo": echo}) for _ in range(2)]
         async with workers_running(*workers):
-            results = await trio.to_thread.run_sync(eight_threads)
+            results = await anyio.to_thread.run_sync(eight_threads)
     assert results == {
         n: [{"thread": n, "call": call} for call in range(CALLS_PER_THREAD)] for n in range(THREADS)
     }
@@ -80,9 +85,9 @@ async def test_sync_client_background_status_and_stream(any_server):
                 result = job.result()
         return handle, status, updates, result
 
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with workers_running(RawWorker(any_server, {"progress": progress})):
-            handle, status, updates, result = await trio.to_thread.run_sync(use)
+            handle, status, updates, result = await anyio.to_thread.run_sync(use)
     assert handle.server == any_server.address
     assert status == JobStatus(True, False, 0, 0)
     assert updates == [Status(1, 2), Data(b"half"), Status(2, 2)]
@@ -105,9 +110,9 @@ async def test_sync_client_raises_the_same_exceptions(any_server):
             assert client.submit("echo", "still fine") == "still fine"
         return raised
 
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with workers_running(RawWorker(any_server, {"fail": failing, "echo": echo})):
-            raised = await trio.to_thread.run_sync(use)
+            raised = await anyio.to_thread.run_sync(use)
     assert raised == [JobFailed, JobTimeout, ValueError]
 
 

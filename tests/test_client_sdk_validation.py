@@ -8,12 +8,17 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+import anyio
+import anyio.abc
+import anyio.from_thread
+import anyio.to_thread
 import pytest
-import trio
 from test_client_sdk_support import nothing_listening
 
 from client_sdk import Client, NoServerAvailable, PayloadError, SyncClient
 from client_sdk.submission import MAX_UNIQUE_SIZE
+
+pytestmark = pytest.mark.anyio  # every async test runs on trio and on asyncio (conftest.py)
 
 
 @pytest.mark.parametrize(
@@ -71,7 +76,7 @@ BAD_CALLS = [
     ids=[case[0] for case in BAD_CALLS],
 )
 async def test_bad_call_is_refused_before_sending(method, args, kwargs, error, match):
-    with trio.fail_after(10):
+    with anyio.fail_after(10):
         async with Client([nothing_listening()]) as client:
             with pytest.raises(error, match=match):
                 await getattr(client, method)(*args, **kwargs)
@@ -94,7 +99,7 @@ def test_raw_codec_refuses_non_bytes_naming_function_and_codec():
             await client.submit("thumbnail", {"not": "bytes"})
 
     with pytest.raises(PayloadError, match=r"function 'thumbnail'.*codec 'raw'"):
-        trio.run(main)
+        anyio.run(main)
 
 
 async def test_unique_of_exactly_the_limit_is_sent():

@@ -27,14 +27,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+import anyio.abc
+import anyio.from_thread
+import anyio.to_thread
 import pytest
 import servers
-import trio
 from test_client_sdk_support import eventually, kill, listeners_of_unique
 
 from client_sdk import Client, JobHandle, JobLost, NoServerAvailable, ServerError
 from client_sdk.server_pool import rendezvous_order
 from worker_sdk import Worker
+
+pytestmark = pytest.mark.anyio  # every async test runs on trio and on asyncio (conftest.py)
 
 CLEAR_ERRORS = (JobLost, NoServerAvailable, ServerError)
 """What a call may raise when its server dies under it; any other exception fails the test."""
@@ -82,12 +87,12 @@ class Gate:
     """Lets the test pause the worker's functions (jobs pile up on the servers) and resume."""
 
     def __init__(self) -> None:
-        self._open = trio.Event()
+        self._open = anyio.Event()
         self._open.set()
 
     def close(self) -> None:
         if self._open.is_set():
-            self._open = trio.Event()
+            self._open = anyio.Event()
 
     def open(self) -> None:
         self._open.set()
@@ -121,7 +126,7 @@ def make_worker(addresses: list[str], gate: Gate, executions: Executions) -> Wor
         await gate.wait()
         n = job.arg["n"]
         executions.foreground[n] += 1
-        await trio.sleep((n % 3) / 1000)  # a little work time: jobs are running when killed
+        await anyio.sleep((n % 3) / 1000)  # a little work time: jobs are running when killed
         return expected_result(n)
 
     @worker.function(RECORD)
@@ -141,7 +146,7 @@ async def wait_for_registrations(addresses: list[str], functions: list[str]) -> 
 
     async def registered() -> bool:
         for address in addresses:
-            table = await trio.to_thread.run_sync(servers.status, address)
+            table = await anyio.to_thread.run_sync(servers.status, address)
             if any(table.get(name, (0, 0, 0))[2] != 1 for name in functions):
                 return False
         return True
@@ -152,7 +157,7 @@ async def wait_for_registrations(addresses: list[str], functions: list[str]) -> 
 async def queued_jobs(address: str, functions: list[str]) -> int:
     """Jobs the server holds (queued or running) for the functions, from admin `status`."""
     try:
-        table = await trio.to_thread.run_sync(servers.status, address)
+        table = await anyio.to_thread.run_sync(servers.status, address)
     except OSError:
         return 0
     return sum(table.get(name, (0, 0, 0))[0] for name in functions)
@@ -166,9 +171,9 @@ async def pile_up_then_kill(
     gate.close()
     try:
         backlog = 0
-        with trio.move_on_after(BACKLOG_WAIT):
+        with anyio.move_on_after(BACKLOG_WAIT):
             while (backlog := await queued_jobs(server.address, functions)) < backlog_wanted:
-                await trio.sleep(0.01)
+                await anyio.sleep(0.01)
         kill(server)
     finally:
         gate.open()
@@ -192,7 +197,7 @@ class Load:
     unexpected: list[str] = field(default_factory=list)
     handles: dict[int, JobHandle] = field(default_factory=dict)  # background n -> its handle
     finished: int = 0
-    progress: trio.Event | None = None
+    progress: anyio.Event | None = None
 
     def step(self) -> None:
         self.finished += 1
@@ -201,7 +206,7 @@ class Load:
 
     async def until_finished(self, count: int) -> None:
         while self.finished < count:
-            self.progress = trio.Event()
+            self.progress = anyio.Event()
             await self.progress.wait()
 
 
@@ -210,7 +215,7 @@ async def run_calls(
 ) -> None:
     """Run the calls in order, with at most `in_flight` in progress at once and, when given,
     starting at most `per_second` of them per second (no bursts to catch up after a stall)."""
-    send, receive = trio.open_memory_channel[Callable[[], Awaitable[None]]](math.inf)
+    send, receive = anyio.create_memory_object_stream[Callable[[], Awaitable[None]]](math.inf)
     for call in calls:
         send.send_nowait(call)
     send.close()
@@ -219,12 +224,12 @@ async def run_calls(
     async def runner() -> None:
         nonlocal next_start
         async for call in receive:
-            due = max(trio.current_time(), next_start)
+            due = max(anyio.current_time(), next_start)
             next_start = due + 1 / per_second
-            await trio.sleep_until(due)
+            await anyio.sleep_until(due)
             await call()
 
-    async with trio.open_nursery() as nursery:
+    async with anyio.create_task_group() as nursery:
         for _ in range(in_flight):
             nursery.start_soon(runner)
 
@@ -301,17 +306,17 @@ async def test_cluster_survives_a_killed_and_restarted_server(start_jobserver, t
         killed_incarnations.update(
             incarnation(h) for h in load.handles.values() if h.server == doomed.address
         )
-        await trio.sleep_until(trio.current_time() + killed_at - time.monotonic() + DOWNTIME)
-        doomed = await trio.to_thread.run_sync(lambda: start_jobserver(port=doomed.port))
+        await anyio.sleep_until(anyio.current_time() + killed_at - time.monotonic() + DOWNTIME)
+        doomed = await anyio.to_thread.run_sync(lambda: start_jobserver(port=doomed.port))
         timeline["downtime_s"] = round(time.monotonic() - killed_at, 2)
         timeline["restarted_at_calls"] = load.finished
 
     try:
-        with trio.fail_after(CLUSTER_TIMEOUT):
-            async with trio.open_nursery() as nursery:
+        with anyio.fail_after(CLUSTER_TIMEOUT):
+            async with anyio.create_task_group() as nursery:
                 nursery.start_soon(worker.serve)
                 await wait_for_registrations(addresses, functions)
-                async with Client(addresses) as client, trio.open_nursery() as chaos:
+                async with Client(addresses) as client, anyio.create_task_group() as chaos:
                     chaos.start_soon(kill_then_restart)
                     await run_calls(load_calls(client, load), IN_FLIGHT, CALLS_PER_SECOND)
                 assert "restarted_at_calls" in timeline, "the load ended before the restart"
@@ -323,7 +328,7 @@ async def test_cluster_survives_a_killed_and_restarted_server(start_jobserver, t
                     for n, handle in load.handles.items()
                     if incarnation(handle) not in killed_incarnations
                 }
-                with trio.move_on_after(REJOIN_TIMEOUT):
+                with anyio.move_on_after(REJOIN_TIMEOUT):
                     await eventually(lambda: _all_ran(must_run, executions))
                 lost = sorted(n for n in must_run if executions.background[n] == 0)
 
@@ -428,7 +433,7 @@ async def _all_ran(numbers: set[int], executions: Executions) -> bool:
 async def rejoin_check(restarted: servers.Server, executions: Executions) -> None:
     """Foreground and background jobs submitted to the restarted server alone complete: the
     worker connected to it again and registered its functions without any help."""
-    with trio.fail_after(REJOIN_TIMEOUT):
+    with anyio.fail_after(REJOIN_TIMEOUT):
         async with Client([restarted.address]) as pinned:
             results: dict[int, Any] = {}
             first = FOREGROUND_JOBS + BACKGROUND_JOBS  # numbers the load never used
@@ -436,7 +441,7 @@ async def rejoin_check(restarted: servers.Server, executions: Executions) -> Non
             async def one(n: int) -> None:
                 results[n] = await pinned.submit(TRANSFORM, {"n": n})
 
-            async with trio.open_nursery() as nursery:
+            async with anyio.create_task_group() as nursery:
                 for n in range(first, first + 20):
                     nursery.start_soon(one, n)
             assert results == {n: expected_result(n) for n in range(first, first + 20)}
@@ -456,7 +461,7 @@ async def test_duplicates_coalesce_across_the_cluster(start_jobserver, first_cho
     """Three clients, each listing the servers in a different order, submit the same uniques;
     every unique runs once and every caller gets its result. With one server down, the uniques
     that hash to it all move to the same fallback, and still coalesce there."""
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         cluster = [start_jobserver() for _ in range(3)]
         addresses = [server.address for server in cluster]
         by_address = {server.address: server for server in cluster}
@@ -476,7 +481,7 @@ async def test_duplicates_coalesce_across_the_cluster(start_jobserver, first_cho
             for unique in uniques
         }
 
-        release = trio.Event()
+        release = anyio.Event()
         runs: collections.Counter[str] = collections.Counter()
         worker = Worker(addresses, concurrency=4, client_id="coalescing-worker")
 
@@ -488,7 +493,7 @@ async def test_duplicates_coalesce_across_the_cluster(start_jobserver, first_cho
 
         orders = [addresses, addresses[::-1], [addresses[1], addresses[2], addresses[0]]]
         results: dict[tuple[int, str], Any] = {}
-        async with trio.open_nursery() as nursery:
+        async with anyio.create_task_group() as nursery:
             nursery.start_soon(worker.serve)
             await wait_for_registrations(live, ["coalesced"])
             async with Client(orders[0]) as a, Client(orders[1]) as b, Client(orders[2]) as c:
@@ -498,7 +503,7 @@ async def test_duplicates_coalesce_across_the_cluster(start_jobserver, first_cho
                         "coalesced", {"from": index}, unique=unique
                     )
 
-                async with trio.open_nursery() as submits:
+                async with anyio.create_task_group() as submits:
                     for index, client in enumerate((a, b, c)):
                         for unique in uniques:
                             submits.start_soon(submit, index, client, unique)
@@ -530,7 +535,7 @@ RETRY_JOBS = 300
 
 
 async def test_retry_gives_every_foreground_job_its_result_through_a_kill(start_jobserver):
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         cluster = [start_jobserver() for _ in range(3)]
         addresses = [server.address for server in cluster]
         doomed = cluster[0]
@@ -552,10 +557,10 @@ async def test_retry_gives_every_foreground_job_its_result_through_a_kill(start_
             await load.until_finished(RETRY_JOBS // 2)
             backlog_at_kill = await pile_up_then_kill(doomed, gate, [TRANSFORM], 5)
 
-        async with trio.open_nursery() as nursery:
+        async with anyio.create_task_group() as nursery:
             nursery.start_soon(worker.serve)
             await wait_for_registrations(addresses, [TRANSFORM])
-            async with Client(addresses) as client, trio.open_nursery() as chaos:
+            async with Client(addresses) as client, anyio.create_task_group() as chaos:
                 chaos.start_soon(kill_midway)
                 await run_calls([call(n) for n in range(RETRY_JOBS)], IN_FLIGHT)
             worker.stop()

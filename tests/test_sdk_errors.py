@@ -1,16 +1,18 @@
 """Every public SDK call raises its documented exception as itself, never an ExceptionGroup
 holding it (trio >= 0.25 wraps whatever leaves a nursery; the SDKs must unwrap their own).
 
-Each check runs in a fresh `trio.run`, not inside pytest-trio's own nursery, and asserts the
-exact type, so an ExceptionGroup (which is no subclass of GearmanError) fails it.
+Each check runs in a fresh event loop (`anyio.run`, once on trio and once on asyncio: anyio
+task groups always wrap), not inside a test plugin's own one, and asserts the exact type, so an
+ExceptionGroup (which is no subclass of GearmanError) fails it.
 """
 
 from __future__ import annotations
 
 import threading
 
+import anyio
 import pytest
-import trio
+from conftest import SDK_BACKENDS
 from test_client_sdk_support import nothing_listening
 
 from client_sdk import (
@@ -28,10 +30,26 @@ NO_WORKER = "nobody-serves-this"
 SHORT_TIMEOUT = 0.3
 
 
+_backend = "trio"
+
+
+@pytest.fixture(autouse=True, params=SDK_BACKENDS)
+def backend(request) -> str:
+    """Every test here runs once per event loop the SDKs support; `run` uses it."""
+    global _backend
+    _backend = request.param
+    return request.param
+
+
+def run(main):
+    """`main()` in a fresh event loop of the test's backend."""
+    return anyio.run(main, backend=_backend)
+
+
 def raised_by(main) -> BaseException:
-    """What `trio.run(main)` raised (it must raise)."""
+    """What `run(main)` raised (it must raise)."""
     try:
-        trio.run(main)
+        run(main)
     except BaseException as error:
         return error
     raise AssertionError("expected an exception")
@@ -62,7 +80,7 @@ def test_no_server_available_is_caught_around_the_async_with_block(call):
         except NoServerAvailable as error:  # what the README says to write
             caught.append(error)
 
-    trio.run(main)
+    run(main)
     assert len(caught) == 1
 
 
@@ -112,7 +130,7 @@ def test_job_timeout_from_submit_is_caught_around_the_async_with_block(jobserver
         except JobTimeout as error:
             caught.append(error)
 
-    trio.run(main)
+    run(main)
     assert len(caught) == 1
     assert caught[0].function == NO_WORKER
 
@@ -175,12 +193,12 @@ def test_the_callers_own_exception_leaves_the_client_unchanged():
 
 def test_cancelling_the_caller_inside_the_client_is_an_ordinary_cancel():
     async def main():
-        with trio.move_on_after(0.05) as scope:
+        with anyio.move_on_after(0.05) as scope:
             async with Client([nothing_listening()]):
-                await trio.sleep_forever()
+                await anyio.sleep_forever()
         return scope.cancelled_caught
 
-    assert trio.run(main) is True
+    assert run(main) is True
 
 
 def test_worker_without_functions_raises_value_error_from_serve_and_run():

@@ -13,13 +13,18 @@ import os
 import socket
 import threading
 
+import anyio
+import anyio.abc
+import anyio.from_thread
+import anyio.to_thread
 import msgpack
 import pytest
-import trio
 from worker_sdk_helpers import TEST_TIMEOUT, Client, admin, serving, status, wait_for_workers
 
 from jobserver.protocol import PacketType as T
 from worker_sdk import Worker
+
+pytestmark = pytest.mark.anyio  # every async test runs on trio and on asyncio (conftest.py)
 
 # codec -> (argument as the client encodes it, decoded argument, result the function returns,
 #           result bytes the client must receive)
@@ -44,6 +49,7 @@ CASES = {
 async def test_async_function_gets_the_decoded_argument_and_its_result_is_encoded(
     any_server, codec
 ):
+
     wire_arg, arg, result, wire_result = CASES[codec]
     worker = Worker([any_server.address], codec=codec)
     seen = []
@@ -53,7 +59,7 @@ async def test_async_function_gets_the_decoded_argument_and_its_result_is_encode
         seen.append(job.arg)
         return result
 
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             await wait_for_workers(any_server, "convert")
             client = await Client.connect(any_server)
@@ -75,7 +81,7 @@ async def test_plain_function_runs_in_a_worker_thread_with_the_same_codec(any_se
         assert job.arg == arg
         return result
 
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             await wait_for_workers(any_server, "convert")
             client = await Client.connect(any_server)
@@ -92,7 +98,7 @@ async def test_function_codec_overrides_the_worker_codec(any_server):
     async def shout(job):
         return job.arg.upper()
 
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             await wait_for_workers(any_server, "shout")
             client = await Client.connect(any_server)
@@ -117,7 +123,7 @@ async def test_job_exposes_handle_function_unique_arg_and_payload(any_server, ki
     else:
         worker.function("inspect")(record)
 
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             await wait_for_workers(any_server, "inspect")
             client = await Client.connect(any_server)
@@ -155,7 +161,7 @@ async def test_status_data_and_warning_reach_the_foreground_client_in_order(any_
             job.status(3, 3)
             return "finished"
 
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             await wait_for_workers(any_server, "progress")
             client = await Client.connect(any_server)
@@ -191,7 +197,7 @@ async def test_exception_becomes_work_exception_then_fail_and_the_worker_keeps_s
         worker.function("double")(body)
 
     caplog.set_level(logging.DEBUG, logger="worker_sdk")
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             await wait_for_workers(any_server, "double")
             with_option = await Client.connect(any_server, exceptions=True)
@@ -230,7 +236,7 @@ async def test_undecodable_argument_fails_the_job_clearly_and_the_worker_serves_
         return "ok"
 
     good_payload = msgpack.packb(1) if codec == "msgpack" else b"1"
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             await wait_for_workers(any_server, "resize")
             client = await Client.connect(any_server, exceptions=True)
@@ -255,7 +261,7 @@ async def test_unencodable_result_fails_the_job_clearly(any_server):
     def fine(job):
         return [1, 2]
 
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             await wait_for_workers(any_server, "fine")
             client = await Client.connect(any_server, exceptions=True)
@@ -281,7 +287,7 @@ async def test_registrations_and_client_id_show_in_admin_status_and_workers(any_
     def thumb(job):
         return None
 
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             await wait_for_workers(any_server, "resize")
             await wait_for_workers(any_server, "thumb")
@@ -305,8 +311,8 @@ async def test_job_running_past_its_timeout_is_requeued_by_the_server(start_jobs
     server = start_jobserver()
     worker = Worker([server.address], concurrency=2, codec="raw")
     attempts = []
-    second_attempt_started = trio.Event()
-    release_first = trio.Event()
+    second_attempt_started = anyio.Event()
+    release_first = anyio.Event()
 
     @worker.function("slow", timeout=0.5)
     async def slow(job):
@@ -322,7 +328,7 @@ async def test_job_running_past_its_timeout_is_requeued_by_the_server(start_jobs
         return b"still serving"
 
     caplog.set_level(logging.INFO, logger="worker_sdk")
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             await wait_for_workers(server, "slow")
             client = await Client.connect(server)
@@ -330,7 +336,7 @@ async def test_job_running_past_its_timeout_is_requeued_by_the_server(start_jobs
             packets = await client.until_done(handle)
             release_first.set()
             while not [r for r in caplog.records if "JOB_NOT_FOUND" in r.getMessage()]:
-                await trio.sleep(0.02)
+                await anyio.sleep(0.02)
             after_timeout = await client.run("after")
     assert attempts == [handle.decode(), handle.decode()]
     assert [(p.type, p.args[1:]) for p in packets] == [(T.WORK_COMPLETE, (b"second",))]

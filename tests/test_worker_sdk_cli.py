@@ -9,8 +9,11 @@ import subprocess
 import sys
 import textwrap
 
+import anyio
+import anyio.abc
+import anyio.from_thread
+import anyio.to_thread
 import pytest
-import trio
 from servers import REPO_ROOT, stop_process
 from worker_sdk_helpers import (
     TEST_TIMEOUT,
@@ -39,11 +42,13 @@ TASKS = textwrap.dedent(
 
     @worker.function("cli_hang")
     async def hang(job):
-        import trio
+        import anyio
 
-        await trio.sleep_forever()
+        await anyio.sleep_forever()
     """
 )
+
+pytestmark = pytest.mark.anyio  # every async test runs on trio and on asyncio (conftest.py)
 
 
 @pytest.fixture
@@ -82,12 +87,12 @@ async def test_cli_runs_the_named_worker_on_the_given_servers_and_exits_0_on_sig
         stderr=subprocess.PIPE,
     )
     try:
-        with trio.fail_after(TEST_TIMEOUT):
+        with anyio.fail_after(TEST_TIMEOUT):
             await wait_for_workers(any_server, "cli_reverse")
             client = await Client.connect(any_server)
             done = await client.run("cli_reverse", b"from the cli")
             proc.send_signal(signum)
-            returncode = await trio.to_thread.run_sync(proc.wait, CLI_TIMEOUT)
+            returncode = await anyio.to_thread.run_sync(proc.wait, CLI_TIMEOUT)
             await wait_for_status(any_server, "cli_reverse", (0, 0, 0))
     finally:
         stop_process(proc)
@@ -109,16 +114,16 @@ async def test_cli_second_signal_cancels_the_jobs_still_running(any_server, task
         stderr=subprocess.PIPE,
     )
     try:
-        with trio.fail_after(TEST_TIMEOUT):
+        with anyio.fail_after(TEST_TIMEOUT):
             await wait_for_workers(any_server, "cli_hang")
             await submit_background(any_server, "cli_hang")
             await wait_for_status(any_server, "cli_hang", (1, 1, 1))
             proc.send_signal(signal.SIGTERM)
             # trio merges a signal repeated before it is read: wait until the first is taken.
-            while b"SIGTERM: stopping" not in await trio.to_thread.run_sync(proc.stderr.readline):
+            while b"SIGTERM: stopping" not in await anyio.to_thread.run_sync(proc.stderr.readline):
                 pass
             proc.send_signal(signal.SIGTERM)
-            returncode = await trio.to_thread.run_sync(proc.wait, CLI_TIMEOUT)
+            returncode = await anyio.to_thread.run_sync(proc.wait, CLI_TIMEOUT)
             # The job was cancelled and the disconnect gave it back to the server.
             await wait_for_status(any_server, "cli_hang", (1, 0, 0))
     finally:

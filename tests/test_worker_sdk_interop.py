@@ -5,14 +5,17 @@ streams with job.data / job.warning) is what the client prints. Against jobserve
 
 from __future__ import annotations
 
+import anyio
+import anyio.abc
+import anyio.from_thread
+import anyio.to_thread
 import pytest
-import trio
 from servers import GearmanCLI
 from worker_sdk_helpers import TEST_TIMEOUT, serving, wait_for_status, wait_for_workers
 
 from worker_sdk import Worker
 
-pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("gearman_tools")]
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("gearman_tools"), pytest.mark.anyio]
 
 
 @pytest.fixture
@@ -44,12 +47,12 @@ def raw_worker(server) -> Worker:
 
 
 async def gearman_run(gearman: GearmanCLI, *args: str, input: bytes = b""):
-    return await trio.to_thread.run_sync(lambda: gearman.run(*args, input=input))
+    return await anyio.to_thread.run_sync(lambda: gearman.run(*args, input=input))
 
 
 async def test_gearman_cli_foreground_job_gets_our_raw_result(any_server, gearman):
     worker = raw_worker(any_server)
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             await wait_for_workers(any_server, "rev")
             result = await gearman_run(gearman, "-f", "rev", input=b"hello\0world")
@@ -58,7 +61,7 @@ async def test_gearman_cli_foreground_job_gets_our_raw_result(any_server, gearma
 
 async def test_gearman_cli_unique_and_priorities_reach_the_job(any_server, gearman):
     worker = raw_worker(any_server)
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             await wait_for_workers(any_server, "rev")
             high = await gearman_run(gearman, "-I", "-u", "img-1", "-f", "rev", "high")
@@ -70,7 +73,7 @@ async def test_gearman_cli_unique_and_priorities_reach_the_job(any_server, gearm
 
 async def test_gearman_cli_prints_our_work_data_then_the_result(any_server, gearman):
     worker = raw_worker(any_server)
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             await wait_for_workers(any_server, "chunks")
             result = await gearman_run(gearman, "-f", "chunks", "x")
@@ -89,7 +92,7 @@ async def test_gearman_cli_sees_our_exception_as_a_failed_job(any_server, gearma
         # with the trailing NUL and waits forever. jobserver sends the plain WORK_FAIL.
         request.applymarker(pytest.mark.xfail(strict=True, reason="gearmand's WORK_FAIL 'H\\0'"))
     worker = raw_worker(any_server)
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             await wait_for_workers(any_server, "explode")
             result = await gearman_run(gearman, "-t", CLIENT_GIVES_UP_MS, "-f", "explode", "x")
@@ -98,7 +101,7 @@ async def test_gearman_cli_sees_our_exception_as_a_failed_job(any_server, gearma
 
 async def test_gearman_cli_background_jobs_run_on_our_worker(any_server, gearman):
     worker = raw_worker(any_server)
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             await wait_for_workers(any_server, "rev")
             for n in range(3):

@@ -13,9 +13,12 @@ import signal
 import threading
 import time
 
+import anyio
+import anyio.abc
+import anyio.from_thread
+import anyio.to_thread
 import pytest
 import servers
-import trio
 from worker_sdk_helpers import (
     TEST_TIMEOUT,
     Client,
@@ -29,6 +32,8 @@ from worker_sdk_helpers import (
 
 from jobserver.protocol import PacketType as T
 from worker_sdk import Worker, server_session
+
+pytestmark = pytest.mark.anyio  # every async test runs on trio and on asyncio (conftest.py)
 
 
 @pytest.fixture(params=["jobserver", "gearmand"])
@@ -45,8 +50,8 @@ class Overlap:
         self.running = 0
         self.peak = 0
         self.finished = 0
-        self.reached = trio.Event()
-        self.release = trio.Event()
+        self.reached = anyio.Event()
+        self.release = anyio.Event()
 
     async def hold(self, job) -> bytes:
         self.running += 1
@@ -65,7 +70,7 @@ async def test_concurrency_three_runs_three_jobs_at_once_and_never_more(any_serv
     worker = Worker([any_server.address], concurrency=3, codec="raw")
     overlap = Overlap(3)
     worker.function("hold")(overlap.hold)
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             await wait_for_workers(any_server, "hold")
             for n in range(7):
@@ -90,10 +95,10 @@ async def test_sleeping_worker_is_woken_by_noop(any_server, monkeypatch, caplog)
         return b"awake"
 
     caplog.set_level(logging.DEBUG, logger="worker_sdk")
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             while not any("asleep until a NOOP" in r.getMessage() for r in caplog.records):
-                await trio.sleep(0.02)
+                await anyio.sleep(0.02)
             client = await Client.connect(any_server)
             done = await client.run("wake")
     assert done.args[1] == b"awake"
@@ -103,14 +108,14 @@ async def test_epoch_job_coming_due_is_run_without_a_wake_up(any_server):
     """gearmand 1.1.x never wakes a sleeping worker when an epoch job comes due (§3.11): the
     worker's poll safety net (server_session.POLL_INTERVAL) grabs it anyway."""
     worker = Worker([any_server.address], codec="raw")
-    ran = trio.Event()
+    ran = anyio.Event()
 
     @worker.function("later")
     async def later(job):
         ran.set()
         return b""
 
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             await wait_for_workers(any_server, "later")
             client = await Client.connect(any_server)
@@ -125,7 +130,7 @@ async def test_concurrency_is_shared_by_all_servers(start_server):
     worker = Worker([first.address, second.address], concurrency=2, codec="raw")
     overlap = Overlap(2)
     worker.function("hold")(overlap.hold)
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             await wait_for_workers(first, "hold")
             await wait_for_workers(second, "hold")
@@ -149,7 +154,7 @@ async def test_jobs_from_every_server_are_served(start_server):
     async def whoami(job):
         return job.payload
 
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             results = []
             for server in cluster:
@@ -176,12 +181,12 @@ async def test_killed_server_is_rejoined_after_restart_while_the_others_keep_ser
         return b""
 
     caplog.set_level(logging.INFO, logger="worker_sdk")
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             await wait_for_workers(doomed, "echo")
             await wait_for_workers(steady, "echo")
             os.kill(doomed.pid, signal.SIGKILL)
-            await trio.to_thread.run_sync(doomed.proc.wait)
+            await anyio.to_thread.run_sync(doomed.proc.wait)
 
             client = await Client.connect(steady)
             during = await client.run("echo", b"while one is down")
@@ -208,7 +213,7 @@ async def test_server_down_at_start_is_joined_when_it_comes_up(start_server):
     async def echo(job):
         return job.payload
 
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             await wait_for_workers(up, "echo")
             client = await Client.connect(up)
@@ -224,7 +229,7 @@ async def test_server_down_at_start_is_joined_when_it_comes_up(start_server):
 async def test_job_whose_server_died_finishes_and_its_result_is_dropped(start_server, caplog):
     doomed, steady = start_server(), start_server()
     worker = Worker([doomed.address, steady.address], concurrency=2, codec="raw")
-    started, release = trio.Event(), trio.Event()
+    started, release = anyio.Event(), anyio.Event()
     finished = []
 
     @worker.function("long")
@@ -239,7 +244,7 @@ async def test_job_whose_server_died_finishes_and_its_result_is_dropped(start_se
         return job.payload
 
     caplog.set_level(logging.INFO, logger="worker_sdk")
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         async with serving(worker):
             await wait_for_workers(doomed, "long")
             await wait_for_workers(steady, "echo")
@@ -247,10 +252,10 @@ async def test_job_whose_server_died_finishes_and_its_result_is_dropped(start_se
             await started.wait()
             os.kill(doomed.pid, signal.SIGKILL)
             while not any("retrying in" in r.getMessage() for r in caplog.records):
-                await trio.sleep(0.02)  # the session noticed the loss
+                await anyio.sleep(0.02)  # the session noticed the loss
             release.set()
             while not any("result are dropped" in r.getMessage() for r in caplog.records):
-                await trio.sleep(0.02)
+                await anyio.sleep(0.02)
             client = await Client.connect(steady)
             still = await client.run("echo", b"still serving")
     assert len(finished) == 1
@@ -259,7 +264,7 @@ async def test_job_whose_server_died_finishes_and_its_result_is_dropped(start_se
 
 async def test_graceful_stop_finishes_the_job_in_flight_and_grabs_nothing_more(any_server, caplog):
     worker = Worker([any_server.address], concurrency=2, codec="raw")
-    started, release = trio.Event(), trio.Event()
+    started, release = anyio.Event(), anyio.Event()
     calls = []
 
     @worker.function("work")
@@ -273,9 +278,9 @@ async def test_graceful_stop_finishes_the_job_in_flight_and_grabs_nothing_more(a
         return sum("asleep until a NOOP" in r.getMessage() for r in caplog.records)
 
     caplog.set_level(logging.DEBUG, logger="worker_sdk")
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         client = await Client.connect(any_server)
-        async with trio.open_nursery() as nursery:
+        async with anyio.create_task_group() as nursery:
             nursery.start_soon(worker.serve)
             await wait_for_workers(any_server, "work")
             handle = await client.submit("work", b"first")
@@ -284,7 +289,7 @@ async def test_graceful_stop_finishes_the_job_in_flight_and_grabs_nothing_more(a
             # that GRAB must run, stop or not. Stop once it was answered (NO_JOB, then asleep).
             asleep = naps()
             while naps() == asleep:
-                await trio.sleep(0.02)
+                await anyio.sleep(0.02)
             worker.stop()
             # A free slot, a queued job, and still no GRAB: the worker is stopping.
             await submit_background(any_server, "work", b"second")
@@ -298,7 +303,7 @@ async def test_graceful_stop_finishes_the_job_in_flight_and_grabs_nothing_more(a
 
 async def test_cancelling_serve_is_a_graceful_stop(any_server):
     worker = Worker([any_server.address], codec="raw")
-    started, release = trio.Event(), trio.Event()
+    started, release = anyio.Event(), anyio.Event()
 
     @worker.function("work")
     async def work(job):
@@ -306,14 +311,14 @@ async def test_cancelling_serve_is_a_graceful_stop(any_server):
         await release.wait()
         return b"finished after cancel"
 
-    async def serve_in_own_scope(task_status=trio.TASK_STATUS_IGNORED):
-        with trio.CancelScope() as scope:
+    async def serve_in_own_scope(task_status=anyio.TASK_STATUS_IGNORED):
+        with anyio.CancelScope() as scope:
             task_status.started(scope)
             await worker.serve()
 
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         client = await Client.connect(any_server)
-        async with trio.open_nursery() as nursery:
+        async with anyio.create_task_group() as nursery:
             serve_scope = await nursery.start(serve_in_own_scope)
             await wait_for_workers(any_server, "work")
             handle = await client.submit("work")
@@ -332,7 +337,7 @@ async def test_stop_past_the_grace_period_cancels_the_job_and_the_server_requeue
     any_server, kind
 ):
     stopping = Worker([any_server.address], codec="raw", grace_period=0.2)
-    started = trio.Event()
+    started = anyio.Event()
     cancelled = []
     thread_release = threading.Event()
 
@@ -342,14 +347,14 @@ async def test_stop_past_the_grace_period_cancels_the_job_and_the_server_requeue
         async def stuck(job):
             started.set()
             try:
-                await trio.sleep_forever()
+                await anyio.sleep_forever()
             finally:
                 cancelled.append(job.handle)
     else:
 
         @stopping.function("stuck")
         def stuck_sync(job):
-            trio.from_thread.run_sync(started.set)
+            anyio.from_thread.run_sync(started.set)
             thread_release.wait(TEST_TIMEOUT)  # a thread cannot be cancelled; it is abandoned
             return b"never delivered"
 
@@ -360,9 +365,9 @@ async def test_stop_past_the_grace_period_cancels_the_job_and_the_server_requeue
         return b"done by the second worker"
 
     try:
-        with trio.fail_after(TEST_TIMEOUT):
+        with anyio.fail_after(TEST_TIMEOUT):
             client = await Client.connect(any_server)
-            async with trio.open_nursery() as nursery:
+            async with anyio.create_task_group() as nursery:
                 nursery.start_soon(stopping.serve)
                 await wait_for_workers(any_server, "stuck")
                 handle = await client.submit("stuck", b"x")
@@ -387,14 +392,14 @@ async def test_stop_from_another_thread_ends_run(any_server):
     def echo(job):
         return job.payload
 
-    with trio.fail_after(TEST_TIMEOUT):
-        async with trio.open_nursery() as nursery:
+    with anyio.fail_after(TEST_TIMEOUT):
+        async with anyio.create_task_group() as nursery:
             # run() in its own thread (its own trio run); stop() from this thread.
-            nursery.start_soon(trio.to_thread.run_sync, worker.run)
+            nursery.start_soon(anyio.to_thread.run_sync, worker.run)
             await wait_for_workers(any_server, "echo")
             client = await Client.connect(any_server)
             done = await client.run("echo", b"threaded")
-            await trio.to_thread.run_sync(worker.stop)
+            await anyio.to_thread.run_sync(worker.stop)
         await wait_for_status(any_server, "echo", (0, 0, 0))
     assert done.args[1] == b"threaded"
 
@@ -407,7 +412,7 @@ async def test_stop_requested_before_serve_makes_serve_return_at_once(jobserver)
         return None
 
     worker.stop()
-    with trio.fail_after(TEST_TIMEOUT):
+    with anyio.fail_after(TEST_TIMEOUT):
         await worker.serve()
 
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
+import anyio.abc
+import anyio.from_thread
+import anyio.to_thread
 import servers
-import trio
 from wire import Wire
 
 from jobserver.protocol import Packet
@@ -20,7 +23,7 @@ from jobserver.protocol import PacketType as T
 from worker_sdk import Worker
 
 TEST_TIMEOUT = 60
-"""Seconds any one test may take in all (trio.fail_after); generous for a loaded CI machine:
+"""Seconds any one test may take in all (anyio.fail_after); generous for a loaded CI machine:
 a test that hangs fails instead of stalling the run."""
 
 REPLY_TIMEOUT = 30.0
@@ -40,7 +43,7 @@ class Client:
 
     @classmethod
     async def connect(cls, server, *, exceptions: bool = False) -> Client:
-        wire = await trio.to_thread.run_sync(Wire.to, server)
+        wire = await anyio.to_thread.run_sync(Wire.to, server)
         client = cls(wire)
         if exceptions:
             await client.call(wire.send, T.OPTION_REQ, b"exceptions")
@@ -48,7 +51,7 @@ class Client:
         return client
 
     async def call(self, fn, *args, **kwargs):
-        return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), abandon_on_cancel=True)
+        return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs), abandon_on_cancel=True)
 
     async def submit(
         self, function: str, payload: bytes = b"", unique: str = "", kind: int = T.SUBMIT_JOB
@@ -84,36 +87,36 @@ async def submit_background(server, function: str, payload: bytes = b"", unique:
         with Wire.to(server) as wire:
             return wire.submit(function.encode(), payload, unique.encode(), T.SUBMIT_JOB_BG)
 
-    return await trio.to_thread.run_sync(submit)
+    return await anyio.to_thread.run_sync(submit)
 
 
 async def status(server) -> dict[str, tuple[int, int, int]]:
     """The admin `status` table: function -> (total, running, workers)."""
-    return await trio.to_thread.run_sync(servers.status, server.address)
+    return await anyio.to_thread.run_sync(servers.status, server.address)
 
 
 async def admin(server, line: str) -> str:
-    return (await trio.to_thread.run_sync(servers.admin, server.address, line)).decode()
+    return (await anyio.to_thread.run_sync(servers.admin, server.address, line)).decode()
 
 
 async def wait_for_workers(server, function: str, count: int = 1) -> None:
     """Until `status` shows at least `count` registrations of `function` (the caller's
     fail_after bounds the wait)."""
     while (await status(server)).get(function, (0, 0, 0))[2] < count:
-        await trio.sleep(POLL)
+        await anyio.sleep(POLL)
 
 
 async def wait_for_status(server, function: str, expected: tuple[int, int, int]) -> None:
     """Until `status` shows exactly (total, running, workers) for `function`."""
     while (await status(server)).get(function) != expected:
-        await trio.sleep(POLL)
+        await anyio.sleep(POLL)
 
 
 @asynccontextmanager
 async def serving(worker: Worker) -> AsyncIterator[Worker]:
     """Run worker.serve() in the background of the block; stop it (gracefully) at the end and
     wait until serve() has returned."""
-    async with trio.open_nursery() as nursery:
+    async with anyio.create_task_group() as nursery:
         nursery.start_soon(worker.serve)
         try:
             yield worker

@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import logging
 
-import trio
+import anyio
+import anyio.to_thread
 
 from jobserver.protocol import PacketType, encode_request
 from jobserver.sdk.errors import PayloadError
@@ -27,7 +28,7 @@ async def run_job(
     function: WorkerFunction | None,
     assignment: Assignment,
     link: ServerLink,
-    thread_limiter: trio.CapacityLimiter,
+    thread_limiter: anyio.CapacityLimiter,
 ) -> None:
     """Run one job to its outcome. Cancellation (the grace period of a stop ran out) propagates
     without sending anything: the server requeues the job when the connection closes."""
@@ -50,7 +51,7 @@ async def run_job(
         if function.is_async:
             result = await function.func(job)
         else:
-            result = await trio.to_thread.run_sync(
+            result = await anyio.to_thread.run_sync(
                 functools.partial(function.func, SyncJob(job)),
                 limiter=thread_limiter,
                 abandon_on_cancel=True,  # a thread cannot be interrupted; at the deadline we let go

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-import trio
+import anyio.from_thread
 
 from jobserver.protocol import PacketType, encode_request
 from jobserver.sdk.connection import ConnectionLost
@@ -134,12 +134,12 @@ class SyncJob:
 
     def status(self, numerator: int, denominator: int) -> None:
         """Report progress (WORK_STATUS); see Job.status."""
-        trio.from_thread.run(self._job.status, numerator, denominator)
+        anyio.from_thread.run(self._job.status, numerator, denominator)
 
     def data(self, value: Any) -> None:
         """Send a partial result (WORK_DATA); see Job.data."""
-        trio.from_thread.run(self._job.data, value)
+        anyio.from_thread.run(self._job.data, value)
 
     def warning(self, value: Any) -> None:
         """Send a warning (WORK_WARNING); see Job.warning."""
-        trio.from_thread.run(self._job.warning, value)
+        anyio.from_thread.run(self._job.warning, value)

@@ -20,7 +20,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-import trio
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from jobserver.protocol import Packet, PacketType, encode_request
 from jobserver.sdk.addresses import ServerAddress
@@ -91,12 +92,13 @@ the slot when it ends)."""
 class ServerSession:
     """Keeps one server connected and feeds its jobs to the worker until the worker stops.
 
-    Example (what Worker.serve does for each server):
-        >>> import trio
-        >>> from jobserver.sdk.addresses import parse_address
-        >>> slots, stopping = trio.CapacityLimiter(1), trio.Event()
-        >>> session = ServerSession(parse_address("127.0.0.1:4730"), [], "me", slots,
-        ...                         stopping, start_job=lambda assignment, link, slot: None)
+        Example (what Worker.serve does for each server):
+            >>> import anyio
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+            >>> from jobserver.sdk.addresses import parse_address
+            >>> slots, stopping = trio.CapacityLimiter(1), trio.Event()
+            >>> session = ServerSession(parse_address("127.0.0.1:4730"), [], "me", slots,
+            ...                         stopping, start_job=lambda assignment, link, slot: None)
     """
 
     def __init__(
@@ -104,8 +106,8 @@ class ServerSession:
         address: ServerAddress,
         functions: Sequence[WorkerFunction],
         client_id: str,
-        slots: trio.CapacityLimiter,
-        stopping: trio.Event,
+        slots: anyio.CapacityLimiter,
+        stopping: anyio.Event,
         start_job: StartJob,
     ) -> None:
         self.address = address
@@ -116,8 +118,8 @@ class ServerSession:
         self._stopping = stopping
         self._start_job = start_job
         self._backoff = Backoff()
-        self._wakeup = trio.Event()
-        self._scope: trio.CancelScope | None = None
+        self._wakeup = anyio.Event()
+        self._scope: anyio.CancelScope | None = None
         self._loss: GearmanError | None = None
 
     async def run(self) -> None:
@@ -137,7 +139,7 @@ class ServerSession:
                 try:
                     reason = await self._serve_connection(connection)
                 finally:
-                    with trio.CancelScope(shield=True):
+                    with anyio.CancelScope(shield=True):
                         await connection.aclose()
             if self._stopping.is_set():
                 return
@@ -145,15 +147,17 @@ class ServerSession:
             delay = self._backoff.next_delay()
             level = logging.WARNING if failures == 1 else logging.DEBUG
             log.log(level, "%s; retrying in %.1f s", reason, delay)
-            with trio.move_on_after(delay):
+            with anyio.move_on_after(delay):
                 await self._stopping.wait()
 
     async def _serve_connection(self, connection: ServerConnection) -> GearmanError:
         """Register, then read and grab until the connection fails; returns why it did."""
         link = ServerLink(connection)
         self._loss = None
-        reply_sender, reply_receiver = trio.open_memory_channel[Packet](1)  # one GRAB at a time
-        async with trio.open_nursery() as nursery:
+        reply_sender, reply_receiver = anyio.create_memory_object_stream[Packet](
+            1
+        )  # one GRAB at a time
+        async with anyio.create_task_group() as nursery:
             self._scope = nursery.cancel_scope
             try:
                 await connection.send_bytes(self._registration)
@@ -172,7 +176,7 @@ class ServerSession:
 
     # ------------------------------------------------------------------ reader
 
-    async def _read(self, link: ServerLink, replies: trio.MemorySendChannel[Packet]) -> None:
+    async def _read(self, link: ServerLink, replies: MemoryObjectSendStream[Packet]) -> None:
         async with replies:  # closing it tells a GRAB in flight that no reply will come
             try:
                 while True:
@@ -182,7 +186,7 @@ class ServerSession:
                 self._lost(error)
 
     def _dispatch(
-        self, link: ServerLink, packet: Packet, replies: trio.MemorySendChannel[Packet]
+        self, link: ServerLink, packet: Packet, replies: MemoryObjectSendStream[Packet]
     ) -> None:
         kind = packet.type
         if kind == PacketType.NOOP:
@@ -190,7 +194,7 @@ class ServerSession:
         elif kind in _GRAB_REPLIES:
             try:
                 replies.send_nowait(packet)
-            except trio.WouldBlock:
+            except anyio.WouldBlock:
                 log.warning("%s: ignoring %s that answers no GRAB", self.address, _name(kind))
         elif kind == PacketType.ERROR:
             self._log_error(link, packet)
@@ -222,15 +226,15 @@ class ServerSession:
     # ------------------------------------------------------------------ grabbing
 
     async def _grab_until_stopped(
-        self, link: ServerLink, replies: trio.MemoryReceiveChannel[Packet]
+        self, link: ServerLink, replies: MemoryObjectReceiveStream[Packet]
     ) -> None:
-        async with trio.open_nursery() as nursery:
+        async with anyio.create_task_group() as nursery:
             nursery.start_soon(self._grab_loop, link, replies)
             await self._stopping.wait()
             nursery.cancel_scope.cancel()  # stop grabbing; a GRAB in flight still completes
 
     async def _grab_loop(
-        self, link: ServerLink, replies: trio.MemoryReceiveChannel[Packet]
+        self, link: ServerLink, replies: MemoryObjectReceiveStream[Packet]
     ) -> None:
         while True:
             slot = object()
@@ -251,7 +255,7 @@ class ServerSession:
             await self._sleep(link)
 
     async def _grab(
-        self, link: ServerLink, replies: trio.MemoryReceiveChannel[Packet]
+        self, link: ServerLink, replies: MemoryObjectReceiveStream[Packet]
     ) -> Packet | None:
         """GRAB_JOB_UNIQ and its reply; None if the connection ended first.
 
@@ -259,14 +263,14 @@ class ServerSession:
         a job assigned to us must run (or wait for the disconnect to be requeued). Bounded by
         GRAB_REPLY_TIMEOUT and by the reader closing the channel when the connection ends.
         """
-        with trio.CancelScope(shield=True), trio.move_on_after(GRAB_REPLY_TIMEOUT) as waited:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(GRAB_REPLY_TIMEOUT) as waited:
             try:
                 await link.connection.send_bytes(_GRAB)
                 reply = await replies.receive()
             except ConnectionLost as error:
                 self._lost(error)
                 return None
-            except trio.EndOfChannel:
+            except anyio.EndOfStream:
                 return None
             self._backoff.reset()  # the server answers: a healthy connection
             return reply
@@ -278,14 +282,14 @@ class ServerSession:
 
     async def _sleep(self, link: ServerLink) -> None:
         """PRE_SLEEP, then wait for a NOOP, at most POLL_INTERVAL (§3.4, §6.5)."""
-        self._wakeup = wakeup = trio.Event()
+        self._wakeup = wakeup = anyio.Event()
         try:
             await link.connection.send_bytes(_PRE_SLEEP)
         except ConnectionLost as error:
             self._lost(error)
-            await trio.sleep_forever()  # cancelled by _lost
+            await anyio.sleep_forever()  # cancelled by _lost
         log.debug("%s: no job; asleep until a NOOP, at most %g s", link.address, POLL_INTERVAL)
-        with trio.move_on_after(POLL_INTERVAL):
+        with anyio.move_on_after(POLL_INTERVAL):
             await wakeup.wait()
 
 

@@ -12,6 +12,10 @@ from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+import anyio
+import anyio.abc
+import anyio.from_thread
+import anyio.lowlevel
 import trio
 
 from jobserver.sdk.addresses import ServerAddress, ServerSpec, parse_addresses
@@ -151,18 +155,18 @@ class Worker:
         and serve() returns once every connection is closed.
 
         Example:
-            >>> import trio
+            >>> import anyio
             >>> from worker_sdk import Worker
             >>> worker = Worker(["127.0.0.1:4730"])
             >>> @worker.function("ping")
             ... async def ping(job):
             ...     return "pong"
             >>> async def main():
-            ...     async with trio.open_nursery() as nursery:
-            ...         nursery.start_soon(worker.serve)
-            ...         await trio.sleep(60)
+            ...     async with anyio.create_task_group() as tasks:
+            ...         tasks.start_soon(worker.serve)
+            ...         await anyio.sleep(60)
             ...         worker.stop()
-            >>> # trio.run(main)
+            >>> # asyncio.run(main()) or trio.run(main)
         """
         if not self._functions:
             raise ValueError("no functions registered: decorate one with @worker.function(name)")
@@ -176,11 +180,11 @@ class Worker:
                 run.stopping.set()
         try:
             async with background_nursery() as nursery:  # run.serve()'s errors come out as is
-                finished = trio.Event()
+                finished = anyio.Event()
                 nursery.start_soon(self._stop_when_cancelled, run, finished)
                 # Cancelling serve() is a stop like any other: shielded, the run finishes its
                 # jobs within the grace period; the watcher above turns the cancel into stop().
-                with trio.CancelScope(shield=True):
+                with anyio.CancelScope(shield=True):
                     await run.serve()
                 finished.set()
         finally:
@@ -188,7 +192,7 @@ class Worker:
                 self._run = None
 
     @staticmethod
-    async def _stop_when_cancelled(run: _Run, finished: trio.Event) -> None:
+    async def _stop_when_cancelled(run: _Run, finished: anyio.Event) -> None:
         try:
             await finished.wait()
         finally:
@@ -210,7 +214,7 @@ class Worker:
         trio.run(self._serve_until_signalled)
 
     def stop(self) -> None:
-        """Stop gracefully: from trio code, from a signal handler's task or from any thread.
+        """Stop gracefully: from async code, from a signal handler's task or from any thread.
         Returns at once; serve() returns when the stop is complete. A stop requested before
         serve() starts makes it return at once.
 
@@ -238,7 +242,7 @@ class Worker:
         if threading.current_thread() is not threading.main_thread():
             await self.serve()  # signals can only be received in the main thread
             return
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with background_nursery() as nursery:
                 nursery.start_soon(self._stop_on_signals, signals)
                 await self.serve()
@@ -281,26 +285,24 @@ class _Run:
         self.functions = dict(worker._functions)
         self.by_name = {function.name_bytes: function for function in self.functions.values()}
         self.slot_count = worker.concurrency
-        self.slots = trio.CapacityLimiter(self.slot_count)
+        self.slots = anyio.CapacityLimiter(self.slot_count)
         # Plain `def` functions get their own threads, never queued behind other to_thread
         # users; the slots already bound how many run.
-        self.threads = trio.CapacityLimiter(worker.concurrency)
-        self.stopping = trio.Event()
-        self.grace = trio.CancelScope()
-        self.token = trio.lowlevel.current_trio_token()  # created inside serve()
-        self.jobs: trio.Nursery | None = None
+        self.threads = anyio.CapacityLimiter(worker.concurrency)
+        self.stopping = anyio.Event()
+        self.grace = anyio.CancelScope()
+        # Created inside serve(): the event loop a thread's stop() is handed to.
+        self.token = anyio.lowlevel.current_token()
+        self.loop_thread = threading.get_ident()
+        self.jobs: anyio.abc.TaskGroup | None = None
 
     def request_stop(self, *, now: bool) -> None:
         """Thread-safe: directly from this run's own thread, through its token otherwise."""
-        try:
-            here = trio.lowlevel.current_trio_token() is self.token
-        except RuntimeError:  # not in any trio run: a plain thread
-            here = False
-        if here:
+        if threading.get_ident() == self.loop_thread:
             self._stop(now)
             return
-        with contextlib.suppress(trio.RunFinishedError):  # serve() is over already
-            self.token.run_sync_soon(self._stop, now)
+        with contextlib.suppress(anyio.RunFinishedError):  # serve() is over already
+            anyio.from_thread.run_sync(self._stop, now, token=self.token)
 
     def _stop(self, now: bool) -> None:
         self.stopping.set()
@@ -333,7 +335,7 @@ class _Run:
 
     async def _run_jobs(self) -> None:
         """Host the jobs until a stop, then give them the grace period."""
-        async with trio.open_nursery() as jobs:
+        async with anyio.create_task_group() as jobs:
             self.jobs = jobs
             await self.stopping.wait()
             grace_period = self.worker.grace_period
@@ -341,7 +343,7 @@ class _Run:
             log.info(
                 "stopping: grabbing no more jobs; %d in flight get %g s", in_flight, grace_period
             )
-            self.grace.deadline = min(self.grace.deadline, trio.current_time() + grace_period)
+            self.grace.deadline = min(self.grace.deadline, anyio.current_time() + grace_period)
             returned = 0
             with self.grace:
                 # Every slot back means no job runs and no GRAB awaits its answer.

@@ -1,14 +1,17 @@
 """One TCP connection from an SDK to a job server, speaking packets through jobserver.protocol.
 
 Both SDKs use this and nothing else to talk to servers: connect with a timeout, TCP keepalive,
-send encoded requests (several tasks may send at once), receive decoded replies.
+send encoded requests (several tasks may send at once), receive decoded replies. It is built on
+anyio, so both SDKs run under trio and under asyncio alike (the server itself stays on trio).
+`last_received` tells how long the server has been silent, for hung-server detection.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-import trio
+import anyio
+import anyio.abc
 
 from ..protocol import RES, Decoder, Packet, ProtocolError, encode_request
 from ..tcp import enable_keepalive
@@ -32,13 +35,15 @@ class ConnectionLost(GearmanError):
 
 
 class ServerConnection:
-    def __init__(self, stream: trio.SocketStream, address: ServerAddress) -> None:
+    def __init__(self, stream: anyio.abc.SocketStream, address: ServerAddress) -> None:
         self.address = address
         self._stream = stream
         self._decoder = Decoder(accept_admin=False)
         self._pending: deque[Packet] = deque()
-        self._send_lock = trio.StrictFIFOLock()
+        self._send_lock = anyio.Lock()  # FIFO: writers go out in the order they asked
         self.closed = False
+        self.last_received = anyio.current_time()
+        """When bytes last came from the server (the event loop's clock)."""
 
     @classmethod
     async def open(
@@ -46,14 +51,17 @@ class ServerConnection:
     ) -> ServerConnection:
         """Connect, or raise ConnectionLost saying why (refused, timed out, unresolvable)."""
         try:
-            with trio.fail_after(timeout):
-                stream = await trio.open_tcp_stream(address.host, address.port)
-        except trio.TooSlowError:
+            with anyio.fail_after(timeout):
+                stream = await anyio.connect_tcp(address.host, address.port)
+        except TimeoutError:
             raise ConnectionLost(f"{address}: no answer within {timeout:g} s") from None
         except OSError as error:
             raise ConnectionLost(f"{address}: {error.strerror or error}") from None
         enable_keepalive(
-            stream.socket, idle=KEEPALIVE_IDLE, interval=KEEPALIVE_INTERVAL, count=KEEPALIVE_COUNT
+            stream.extra(anyio.abc.SocketAttribute.raw_socket),
+            idle=KEEPALIVE_IDLE,
+            interval=KEEPALIVE_INTERVAL,
+            count=KEEPALIVE_COUNT,
         )
         return cls(stream, address)
 
@@ -65,8 +73,8 @@ class ServerConnection:
             raise ConnectionLost(f"{self.address}: connection closed")
         try:
             async with self._send_lock:
-                await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+                await self._stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as error:
             self.closed = True
             raise ConnectionLost(f"{self.address}: {error or 'connection broken'}") from None
 
@@ -74,13 +82,14 @@ class ServerConnection:
         """The next packet from the server; ConnectionLost when the connection ends."""
         while not self._pending:
             try:
-                data = await self._stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+                data = await self._stream.receive(RECEIVE_SIZE)
+            except anyio.EndOfStream:
+                self.closed = True
+                raise ConnectionLost(f"{self.address}: the server closed the connection") from None
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as error:
                 self.closed = True
                 raise ConnectionLost(f"{self.address}: {error or 'connection broken'}") from None
-            if not data:
-                self.closed = True
-                raise ConnectionLost(f"{self.address}: the server closed the connection")
+            self.last_received = anyio.current_time()
             try:
                 events = self._decoder.feed(data)
             except ProtocolError as error:
@@ -95,4 +104,4 @@ class ServerConnection:
 
     async def aclose(self) -> None:
         self.closed = True
-        await trio.aclose_forcefully(self._stream)
+        await anyio.aclose_forcefully(self._stream)
