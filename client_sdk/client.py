@@ -11,16 +11,16 @@ from types import TracebackType
 from typing import Any
 
 from jobserver.sdk.addresses import ServerSpec, parse_addresses
-from jobserver.sdk.errors import JobLost, NoServerAvailable
+from jobserver.sdk.errors import JobLost, JobTimeout, NoServerAvailable
 from jobserver.sdk.payload import decode_payload, encode_payload, get_codec
 from jobserver.sdk.tasks import background_nursery
 
 from . import submission as checks
 from .jobs import CallTimer, JobHandle, JobStatus, JobWaiter
 from .server_pool import ServerPool
-from .session import Session
+from .session import UNRESPONSIVE_AFTER, Session
 from .stream import JobStream
-from .submission import Priority, Submission
+from .submission import MAX_PACKET_SIZE, Priority, Submission
 
 MAX_RESUBMITS = 2
 """How often `retry=True` resubmits a job whose server was lost after accepting it. One loss is
@@ -33,7 +33,10 @@ class Client:
 
     `servers` are "host:port" strings (or (host, port) tuples); `codec` ("msgpack", "json" or
     "raw") encodes arguments and decodes results. One connection per server is opened on first
-    use and shared, pipelined, by every concurrent call.
+    use and shared, pipelined, by every concurrent call. A server that leaves a request
+    unanswered for `unresponsive_after` seconds gets no new work until it answers again.
+    `max_packet_size` is the servers' `--max-packet-size`: a larger request raises
+    PayloadError before anything is sent.
 
     Example (with a server on 127.0.0.1:4730 and a worker for "resize")::
 
@@ -46,9 +49,21 @@ class Client:
         asyncio.run(main())  # or trio.run(main)
     """
 
-    def __init__(self, servers: Iterable[ServerSpec] | str, codec: str = "msgpack") -> None:
+    def __init__(
+        self,
+        servers: Iterable[ServerSpec] | str,
+        codec: str = "msgpack",
+        *,
+        unresponsive_after: float = UNRESPONSIVE_AFTER,
+        max_packet_size: int = MAX_PACKET_SIZE,
+    ) -> None:
         self._addresses = parse_addresses(servers)
         self._codec = get_codec(codec)
+        timeout = checks.check_timeout(unresponsive_after)
+        if not timeout:
+            raise ValueError(f"unresponsive_after must be > 0 seconds, not {unresponsive_after!r}")
+        self._unresponsive_after = timeout
+        self._max_packet_size = checks.check_max_packet_size(max_packet_size)
         self._pool: ServerPool | None = None
         self._exit_stack: AsyncExitStack | None = None
 
@@ -57,7 +72,9 @@ class Client:
             raise RuntimeError("this Client is already open")
         async with AsyncExitStack() as stack:
             nursery = await stack.enter_async_context(background_nursery())
-            self._pool = ServerPool(self._addresses, nursery)
+            self._pool = ServerPool(
+                self._addresses, nursery, unresponsive_after=self._unresponsive_after
+            )
             self._exit_stack = stack.pop_all()
         return self
 
@@ -109,6 +126,9 @@ class Client:
             timer.handle = str(waiter.handle)
             try:
                 result = await timer.run(waiter.outcome)
+            except JobTimeout:
+                session.probe()  # a timeout counts against the server until it shows life
+                raise
             except JobLost:
                 if resubmits == 0:
                     raise
@@ -152,7 +172,10 @@ class Client:
         epoch = checks.run_at_epoch(run_at, priority)
         timer = CallTimer(function, checks.check_timeout(timeout))
         payload = encode_payload(self._codec, arg, function=function)
-        job = checks.background(function, payload, unique_bytes, priority, epoch)
+        job = checks.check_size(
+            checks.background(function, payload, unique_bytes, priority, epoch),
+            self._max_packet_size,
+        )
         pool = self._require_pool()
 
         async def submit_to(session: Session) -> JobHandle:
@@ -239,7 +262,9 @@ class Client:
         unique_bytes = checks.check_unique(unique)
         priority = checks.check_priority(priority)
         payload = encode_payload(self._codec, arg, function=function)
-        return checks.foreground(function, payload, unique_bytes, priority)
+        return checks.check_size(
+            checks.foreground(function, payload, unique_bytes, priority), self._max_packet_size
+        )
 
     async def _start(self, job: Submission, *, streaming: bool) -> tuple[Session, JobWaiter]:
         """Submit a foreground job to the first server up, in the job's server order, and

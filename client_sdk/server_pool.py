@@ -5,12 +5,16 @@ of (function, unique): every client that lists the same servers picks the same o
 duplicate submits coalesce across a cluster (shared doc §3.2), and when that server is down all
 clients agree on the same fallback. Other jobs are spread round-robin. Each server has at most
 one connection (a `Session`), opened on first use and reopened after it is lost.
+
+A server whose session is unresponsive (hung: see session.py) is treated like one that just
+failed: it goes last in every order until it answers again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -21,8 +25,11 @@ from jobserver.sdk.addresses import ServerAddress
 from jobserver.sdk.backoff import Backoff
 from jobserver.sdk.connection import ConnectionLost, ServerConnection
 from jobserver.sdk.errors import GearmanError, NoServerAvailable
+from jobserver.sdk.health import ServerHealthLog
 
-from .session import ClientClosed, Session
+from .session import UNRESPONSIVE_AFTER, ClientClosed, Session
+
+log = logging.getLogger("client_sdk")
 
 SKIP_FAILED_SERVER_INITIAL = 0.5
 """After a server fails (refused, timed out, connection lost) it is tried last for about this
@@ -59,10 +66,19 @@ def rendezvous_order(function: bytes, unique: bytes, servers: Sequence[str]) -> 
 class Server:
     """One configured server: its connection (if open) and its recent failures."""
 
-    def __init__(self, address: ServerAddress) -> None:
+    def __init__(
+        self,
+        address: ServerAddress,
+        *,
+        unresponsive_after: float = UNRESPONSIVE_AFTER,
+        may_fail_over: Callable[[Server], bool] = lambda server: False,
+    ) -> None:
         self.address = address
         self.name = str(address)
         self.session: Session | None = None
+        self.health = ServerHealthLog(log, self.name)
+        self._unresponsive_after = unresponsive_after
+        self._may_fail_over = may_fail_over
         self.skip_until = -float("inf")
         self._backoff = Backoff(SKIP_FAILED_SERVER_INITIAL, SKIP_FAILED_SERVER_MAX)
         self._open_lock = anyio.Lock()
@@ -73,10 +89,31 @@ class Server:
         self._failures += 1
         self._last_error = error
         self.skip_until = anyio.current_time() + self._backoff.next_delay()
+        self.health.failed(error)
 
     def succeeded(self) -> None:
         self._backoff.reset()
         self.skip_until = -float("inf")
+        if not self.unresponsive:
+            self.health.recovered()
+
+    @property
+    def unresponsive(self) -> bool:
+        return self.session is not None and self.session.unresponsive
+
+    def usable(self, now: float) -> bool:
+        """Neither failed recently nor hung: it gets new work."""
+        return self.skip_until <= now and not self.unresponsive
+
+    def _health_changed(self, session: Session, responsive: bool) -> None:
+        if responsive:
+            self.health.recovered()
+        else:
+            self.health.failed(
+                f"no answer for {session.unresponsive_after:g} s; no new work goes to it "
+                "until it answers",
+                what="not responding",
+            )
 
     async def open_session(self, nursery: anyio.abc.TaskGroup) -> Session:
         """The open session, connecting first if needed. Concurrent callers share one connect
@@ -94,7 +131,13 @@ class Server:
             except ConnectionLost as error:
                 self.failed(error)
                 raise
-            session = Session(connection, on_close=self._session_closed)
+            session = Session(
+                connection,
+                on_close=self._session_closed,
+                unresponsive_after=self._unresponsive_after,
+                on_health=self._health_changed,
+                may_fail_over=lambda: self._may_fail_over(self),
+            )
             session.request_exceptions()
             try:
                 await nursery.start(session.run)
@@ -116,8 +159,17 @@ class Server:
 class ServerPool:
     """The configured servers, their connections, and the choice between them."""
 
-    def __init__(self, addresses: Sequence[ServerAddress], nursery: anyio.abc.TaskGroup) -> None:
-        self.servers = [Server(address) for address in addresses]
+    def __init__(
+        self,
+        addresses: Sequence[ServerAddress],
+        nursery: anyio.abc.TaskGroup,
+        *,
+        unresponsive_after: float = UNRESPONSIVE_AFTER,
+    ) -> None:
+        self.servers = [
+            Server(address, unresponsive_after=unresponsive_after, may_fail_over=self._has_other)
+            for address in addresses
+        ]
         self._by_name = {server.name: server for server in self.servers}
         self._nursery = nursery
         self._round_robin = itertools.count()
@@ -129,6 +181,11 @@ class ServerPool:
             return [self._by_name[name] for name in names]
         start = next(self._round_robin) % len(self.servers)
         return self.servers[start:] + self.servers[:start]
+
+    def _has_other(self, server: Server) -> bool:
+        """Whether another server may take work that `server` does not answer."""
+        now = anyio.current_time()
+        return any(other.usable(now) for other in self.servers if other is not server)
 
     def server(self, name: str) -> Server:
         try:
@@ -149,8 +206,8 @@ class ServerPool:
         before the reply) moves on to the next server; any other error is the caller's.
         Raises NoServerAvailable naming each server's error when all fail."""
         now = anyio.current_time()
-        ready = [server for server in servers if server.skip_until <= now]
-        skipped = [server for server in servers if server.skip_until > now]
+        ready = [server for server in servers if server.usable(now)]
+        skipped = [server for server in servers if not server.usable(now)]
         errors: list[str] = []
         for server in ready + skipped:
             try:

@@ -7,10 +7,19 @@ ECHO_RES / ERROR to that FIFO. WORK_* packets arrive unsolicited and are routed 
 waiting calls. When the connection ends, every request still waiting for its reply fails with
 ConnectionLost (the caller may submit elsewhere: the job was never accepted here), and every job
 already accepted fails with JobLost.
+
+A server can also hang without closing anything (a stopped or wedged process still accepts
+connections into its backlog and its kernel still acknowledges bytes). A watchdog task sends
+ECHO_REQ while calls wait here or after a quiet spell, and a session whose oldest request has
+had no answer for `unresponsive_after` seconds is *unresponsive*: the pool sends it no new
+work, and requests it has not answered (submits with no JOB_CREATED yet) fail with
+ServerUnresponsive, so that their callers go to another server. Jobs it already accepted keep
+waiting (or time out), as with any slow server. It is responsive again with its next answer.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -36,6 +45,21 @@ MAX_QUEUED_REQUESTS = 1024
 """Requests accepted for writing but not yet written. Beyond this, callers wait for the writer
 (back-pressure) instead of queueing without bound behind a slow or stalled server."""
 
+UNRESPONSIVE_AFTER = 2.0
+"""Default seconds a request may go unanswered before the server counts as hung. Servers answer
+SUBMIT / GET_STATUS / ECHO at once (shared doc §1), in microseconds when healthy and within
+milliseconds under load; 2 s is far beyond both, and with PROBE_INTERVAL keeps detection within
+about 3 s, so a frozen server costs a cluster seconds of calls, not the length of the freeze."""
+
+PROBE_INTERVAL = 0.5
+"""How often the watchdog checks the oldest unanswered request and, when needed, sends a probe."""
+
+IDLE_PROBE_AFTER = 5.0
+"""A connection that has heard nothing for this long is probed (ECHO_REQ) even with no call
+waiting, so a server that hung while idle is known before the next call is sent to it."""
+
+_PROBE = b"liveness"
+
 MAX_WRITE_BATCH = 256 * 1024
 """Queued requests are written together up to about this many bytes: one send for many
 pipelined submits, without building one huge buffer out of large payloads."""
@@ -50,14 +74,21 @@ class ClientClosed(ConnectionLost):
     """The client was closed while this connection still had work in progress."""
 
 
+class ServerUnresponsive(ConnectionLost):
+    """The server did not answer this request in time and other servers are available: the
+    caller goes on to the next one. (The server may still process it when it wakes up; a
+    foreground job's late result is then dropped, a background job may exist twice.)"""
+
+
 class Reply:
     """The one answer a request on this connection is owed."""
 
-    __slots__ = ("_error", "_event", "_packet", "expects", "waiter")
+    __slots__ = ("_error", "_event", "_packet", "expects", "sent_at", "waiter")
 
     def __init__(self, expects: int, waiter: JobWaiter | None = None) -> None:
         self.expects = expects
         self.waiter = waiter  # a foreground submit's waiter, attached on JOB_CREATED
+        self.sent_at = math.inf  # when the writer put it on the wire
         self._event = anyio.Event()
         self._packet: Packet | None = None
         self._error: GearmanError | None = None
@@ -65,6 +96,10 @@ class Reply:
     def resolve(self, packet: Packet) -> None:
         self._packet = packet
         self._event.set()
+
+    @property
+    def answered(self) -> bool:
+        return self._event.is_set()
 
     def reject(self, error: GearmanError) -> None:
         if not self._event.is_set():
@@ -87,9 +122,19 @@ class Session:
         self,
         connection: ServerConnection,
         on_close: Callable[[Session, GearmanError], None] | None = None,
+        *,
+        unresponsive_after: float = UNRESPONSIVE_AFTER,
+        on_health: Callable[[Session, bool], None] | None = None,
+        may_fail_over: Callable[[], bool] = lambda: False,
     ) -> None:
         self.server = str(connection.address)
         self.closed = False
+        self.unresponsive = False
+        """No answer to the oldest request for `unresponsive_after` s (see the module doc)."""
+        self.unresponsive_after = unresponsive_after
+        self._on_health = on_health
+        self._may_fail_over = may_fail_over
+        self._probe_outstanding = False
         self.reason: GearmanError | None = None
         self._connection = connection
         self._on_close = on_close
@@ -169,6 +214,7 @@ class Session:
                 self._cancel_scope = nursery.cancel_scope
                 nursery.start_soon(self._until_error, self._write_loop)
                 nursery.start_soon(self._until_error, self._read_loop)
+                nursery.start_soon(self._watchdog)
                 task_status.started()
         finally:
             self._shutdown(self.reason or ClientClosed(f"{self.server}: the client was closed"))
@@ -182,7 +228,53 @@ class Session:
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
+    def probe(self) -> None:
+        """Ask the server for a sign of life now (ECHO_REQ), e.g. after a call timed out here:
+        if no answer comes within `unresponsive_after`, the session becomes unresponsive."""
+        if self._probe_outstanding or self.closed:
+            return
+        try:
+            self._outbox_in.send_nowait((encode_request(_T.ECHO_REQ, _PROBE), Reply(_T.ECHO_RES)))
+        except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return  # a full outbox has requests of its own waiting: they serve as the probe
+        self._probe_outstanding = True
+
     # --- internals -------------------------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        """Probe when something waits here or after a quiet spell; judge the oldest request."""
+        while True:
+            await anyio.sleep(PROBE_INTERVAL)
+            now = anyio.current_time()
+            quiet = now - self._connection.last_received
+            if self._listeners or self._replies or quiet >= IDLE_PROBE_AFTER:
+                self.probe()
+            self._judge(now)
+
+    def _judge(self, now: float) -> None:
+        oldest = self._replies[0].sent_at if self._replies else math.inf
+        if now - oldest < self.unresponsive_after:
+            return
+        if not self.unresponsive:
+            self.unresponsive = True
+            if self._on_health is not None:
+                self._on_health(self, False)
+        if not self._may_fail_over():
+            return  # no better server: the requests wait here
+        reason = (
+            f"{self.server}: no answer in {now - oldest:.1f} s (unresponsive_after="
+            f"{self.unresponsive_after:g}); sent to another server"
+        )
+        for reply in self._replies:
+            if reply.expects == _T.JOB_CREATED and not reply.answered:
+                # It keeps its place in the FIFO: the server may answer it when it wakes up.
+                reply.reject(ServerUnresponsive(reason))
+
+    def _answered(self) -> None:
+        if self.unresponsive:
+            self.unresponsive = False
+            if self._on_health is not None:
+                self._on_health(self, True)
 
     async def _request(self, data: bytes, reply: Reply) -> Packet:
         await self._queue(data, reply)
@@ -211,6 +303,7 @@ class Session:
             data, reply = await self._outbox_out.receive()
             batch = [data]
             size = len(data)
+            now = reply.sent_at = anyio.current_time()
             self._replies.append(reply)
             while size < MAX_WRITE_BATCH:
                 try:
@@ -219,6 +312,7 @@ class Session:
                     break
                 batch.append(data)
                 size += len(data)
+                reply.sent_at = now
                 self._replies.append(reply)
             await self._connection.send_bytes(b"".join(batch))
 
@@ -238,6 +332,9 @@ class Session:
         if not self._replies:
             raise ProtocolViolation(f"{self.server}: {_T(packet.type).name} without a request")
         reply = self._replies.popleft()
+        self._answered()
+        if reply.expects == _T.ECHO_RES:
+            self._probe_outstanding = False
         if packet.type == _T.ERROR:
             code, text = packet.args
             reply.reject(ServerError(_text(code), _text(text)))

@@ -97,6 +97,7 @@ class JobStream:
         except JobTimeout:
             if self._session is not None and self._waiter is not None:
                 self._session.forget(self._waiter)
+                self._session.probe()  # counts against the server until it shows life
             raise
 
     def _require_started(self) -> JobWaiter:

@@ -12,8 +12,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, get_args
 
-from jobserver.protocol import PacketType, encode_request
+from jobserver.protocol import DEFAULT_MAX_PACKET_SIZE, PacketType, encode_request
+from jobserver.sdk.errors import PayloadError
 from jobserver.sdk.names import check_function_name
+
+MAX_PACKET_SIZE = DEFAULT_MAX_PACKET_SIZE
+"""The largest request a Client sends unless told otherwise: jobserver's own default
+(`--max-packet-size`). A larger one would only earn an ERROR from the server, after the
+whole payload crossed the network; the client refuses it first, naming both sizes."""
 
 MAX_UNIQUE_SIZE = 64
 """gearmand answers ARGUMENT_TOO_LARGE beyond 64 bytes and libgearman refuses them client-side
@@ -71,6 +77,28 @@ def background(
             PacketType.SUBMIT_JOB_EPOCH, name, unique, str(epoch).encode(), payload
         )
     return Submission(function, name, unique, True, packet)
+
+
+def check_size(submission: Submission, limit: int) -> Submission:
+    """PayloadError unless the encoded request fits the server's packet size limit.
+
+    >>> len(check_size(foreground("f", b"x" * 10, b"", "normal"), 64).packet)
+    25
+    """
+    size = len(submission.packet)
+    if size > limit:
+        raise PayloadError(
+            f"function {submission.function!r}: the request is {size} bytes, over the "
+            f"servers' limit of {limit} bytes (Client max_packet_size=, "
+            "jobserver --max-packet-size)"
+        )
+    return submission
+
+
+def check_max_packet_size(limit: object) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 64:
+        raise ValueError(f"max_packet_size must be an int of at least 64 bytes, not {limit!r}")
+    return limit
 
 
 def check_function(function: object) -> str:

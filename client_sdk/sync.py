@@ -21,8 +21,9 @@ from jobserver.sdk.addresses import ServerSpec
 
 from .client import Client
 from .jobs import JobHandle, JobStatus, Update
+from .session import UNRESPONSIVE_AFTER
 from .stream import JobStream
-from .submission import Priority
+from .submission import MAX_PACKET_SIZE, Priority
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -44,8 +45,21 @@ class SyncClient:
                 print(job.result())
     """
 
-    def __init__(self, servers: Iterable[ServerSpec] | str, codec: str = "msgpack") -> None:
-        self._client = Client(servers, codec)  # checks the arguments now, in the caller
+    def __init__(
+        self,
+        servers: Iterable[ServerSpec] | str,
+        codec: str = "msgpack",
+        *,
+        unresponsive_after: float = UNRESPONSIVE_AFTER,
+        max_packet_size: int = MAX_PACKET_SIZE,
+    ) -> None:
+        # The Client checks the arguments now, in the caller.
+        self._client = Client(
+            servers,
+            codec,
+            unresponsive_after=unresponsive_after,
+            max_packet_size=max_packet_size,
+        )
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+import time
 
 import anyio
 import anyio.abc
@@ -303,24 +304,28 @@ def test_default_client_id_is_hostname_and_pid():
     assert worker.client_id == f"{socket.gethostname()}-{os.getpid()}"
 
 
-async def test_job_running_past_its_timeout_is_requeued_by_the_server(start_jobserver, caplog):
+async def test_async_run_past_its_timeout_is_cancelled_and_the_retry_completes(
+    start_jobserver, caplog
+):
     """CAN_DO_TIMEOUT on our server: the job is taken back after the timeout (1 s, the server's
-    floor) and assigned again; the late result of the first attempt is refused with
-    JOB_NOT_FOUND, which the worker logs and survives. (gearmand cancels that timer at the
-    worker's next PRE_SLEEP, §3.9, so a worker with free slots never times out there.)"""
+    floor) and assigned again. The worker cancels its own run at the same deadline, so the
+    superseded run frees its slot and sends nothing: no JOB_NOT_FOUND. (gearmand cancels that
+    timer at the worker's next PRE_SLEEP, §3.9, so a worker with free slots never times out
+    there.)"""
     server = start_jobserver()
     worker = Worker([server.address], concurrency=2, codec="raw")
     attempts = []
-    second_attempt_started = anyio.Event()
-    release_first = anyio.Event()
+    cancelled = []
 
     @worker.function("slow", timeout=0.5)
     async def slow(job):
         attempts.append(job.handle)
         if len(attempts) == 1:
-            await release_first.wait()
-            return b"first"
-        second_attempt_started.set()
+            try:
+                await anyio.sleep_forever()
+            except anyio.get_cancelled_exc_class():
+                cancelled.append(job.handle)
+                raise
         return b"second"
 
     @worker.function("after")
@@ -334,10 +339,50 @@ async def test_job_running_past_its_timeout_is_requeued_by_the_server(start_jobs
             client = await Client.connect(server)
             handle = await client.submit("slow", b"x")
             packets = await client.until_done(handle)
-            release_first.set()
-            while not [r for r in caplog.records if "JOB_NOT_FOUND" in r.getMessage()]:
-                await anyio.sleep(0.02)
             after_timeout = await client.run("after")
     assert attempts == [handle.decode(), handle.decode()]
+    assert cancelled == [handle.decode()]
     assert [(p.type, p.args[1:]) for p in packets] == [(T.WORK_COMPLETE, (b"second",))]
     assert after_timeout.args[1] == b"still serving"
+    assert not [r for r in caplog.records if "JOB_NOT_FOUND" in r.getMessage()]
+
+
+async def test_plain_def_past_its_timeout_is_never_run_twice_at_once(start_jobserver, caplog):
+    """A thread cannot be stopped: the superseded run keeps its slot until it returns, its late
+    result is dropped quietly, and the server's re-assignments of the same job wait for it
+    (never two runs of one job at once); a later attempt completes the job."""
+    server = start_jobserver()
+    worker = Worker([server.address], concurrency=3, codec="raw")
+    attempts = []
+    running = []
+    most_at_once = []
+    lock = threading.Lock()
+
+    @worker.function("stuck", timeout=1)
+    def stuck(job):
+        with lock:
+            attempts.append(job.handle)
+            first = len(attempts) == 1
+            running.append(job.handle)
+            most_at_once.append(running.count(job.handle))
+        try:
+            if first:
+                time.sleep(2.5)  # past the 1 s timeout: the server hands the job out again
+                return b"late"
+            return b"in time"
+        finally:
+            with lock:
+                running.remove(job.handle)
+
+    caplog.set_level(logging.INFO, logger="worker_sdk")
+    with anyio.fail_after(TEST_TIMEOUT):
+        async with serving(worker):
+            await wait_for_workers(server, "stuck")
+            client = await Client.connect(server)
+            handle = await client.submit("stuck", b"x")
+            packets = await client.until_done(handle)
+    assert len(attempts) >= 2 and set(attempts) == {handle.decode()}
+    assert max(most_at_once) == 1
+    assert [(p.type, p.args[1:]) for p in packets] == [(T.WORK_COMPLETE, (b"in time",))]
+    assert not [r for r in caplog.records if "JOB_NOT_FOUND" in r.getMessage()]
+    assert [r for r in caplog.records if "returned late" in r.getMessage()]

@@ -1,14 +1,23 @@
 """Running one assigned job: decode the argument, call the function, report the outcome.
 
-Whatever the function does, the job ends with exactly one outcome on the connection that
+Whatever the function does, the job ends with at most one outcome on the connection that
 assigned it: WORK_COMPLETE with the encoded result, or WORK_EXCEPTION followed by WORK_FAIL.
 The worker never dies of a job.
+
+A function's `timeout` (CAN_DO_TIMEOUT) is what the server enforces: past it the server takes
+the job back and hands it out again (each time counts towards `--job-retries`, after which the
+server fails the job). The worker keeps to the same deadline, so that the superseded run does
+not go on taking a slot and its result is not sent to a server that no longer expects it:
+an `async def` run is cancelled at the deadline and its slot freed; a plain `def` run cannot be
+stopped (it is a thread), so its slot stays taken until it returns, and its late result is
+dropped without a word to the server. Nothing is sent for a timed-out run.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import anyio
 import anyio.to_thread
@@ -29,6 +38,7 @@ async def run_job(
     assignment: Assignment,
     link: ServerLink,
     thread_limiter: anyio.CapacityLimiter,
+    deadline: float = math.inf,
 ) -> None:
     """Run one job to its outcome. Cancellation (the grace period of a stop ran out) propagates
     without sending anything: the server requeues the job when the connection closes."""
@@ -49,13 +59,22 @@ async def run_job(
     log.debug("job %s (%s) from %s: started", job.handle, name, link.address)
     try:
         if function.is_async:
-            result = await function.func(job)
+            with anyio.CancelScope(deadline=deadline) as scope:
+                result = await function.func(job)
+            if scope.cancelled_caught:
+                _log_timeout(job, function, "cancelled")
+                return
         else:
             result = await anyio.to_thread.run_sync(
                 functools.partial(function.func, SyncJob(job)),
                 limiter=thread_limiter,
-                abandon_on_cancel=True,  # a thread cannot be interrupted; at the deadline we let go
+                # Only a stop's grace period cancels this: a thread cannot be interrupted, so
+                # the worker lets go of it then (the process is about to end).
+                abandon_on_cancel=True,
             )
+            if anyio.current_time() > deadline:
+                _log_timeout(job, function, "returned late; its result is dropped")
+                return
     except Exception as error:  # any failure of user code becomes WORK_EXCEPTION
         log.exception("job %s (%s) raised %s", job.handle, job.function, type(error).__name__)
         await _report_exception(job, _exception_text(error))
@@ -68,6 +87,17 @@ async def run_job(
         return
     if await job._send(PacketType.WORK_COMPLETE, data):
         log.debug("job %s (%s): completed", job.handle, name)
+
+
+def _log_timeout(job: Job, function: WorkerFunction, what: str) -> None:
+    log.warning(
+        "job %s (%s) passed its timeout of %g s: %s (the server takes the job back and may hand "
+        "it out again, up to --job-retries)",
+        job.handle,
+        function.name,
+        function.timeout,
+        what,
+    )
 
 
 def _exception_text(error: BaseException) -> bytes:

@@ -16,6 +16,11 @@ MAX_TIMEOUT_SECONDS = 365 * 24 * 3600
 than 20 digits (§3.9, §3.14); a year is far below that and far above any real job."""
 
 
+SERVER_TIMEOUT_FLOOR = 1.0
+"""Servers raise a CAN_DO_TIMEOUT below 1000 ms to 1000 ms (jobserver and gearmand alike), so a
+run is only superseded after at least this long; the worker's own deadline matches it."""
+
+
 class WorkerFunction:
     """One registered function. Created by `Worker.function`; you rarely build one yourself.
 
@@ -49,6 +54,13 @@ class WorkerFunction:
         if self.timeout is None:
             return None
         return max(1, math.ceil(self.timeout * 1000))
+
+    @property
+    def effective_timeout(self) -> float | None:
+        """Seconds after which the server takes a run back (None: never)."""
+        if self.timeout is None:
+            return None
+        return max(self.timeout, SERVER_TIMEOUT_FLOOR)
 
     def registration(self) -> bytes:
         """The encoded CAN_DO (no timeout) or CAN_DO_TIMEOUT packet for this function."""

@@ -7,8 +7,13 @@ connection:
 
 - the reader, the only task that receives: it wakes the grab loop on NOOP, hands NO_JOB and
   JOB_ASSIGN* to the GRAB waiting for them, and logs ERROR packets;
-- the grab loop: take a job slot, GRAB_JOB_UNIQ, start the assigned job (or, on NO_JOB, give
-  the slot back, PRE_SLEEP and wait for a NOOP), and again.
+- the grab loop: wait until a job slot is free, GRAB_JOB_UNIQ, and when a job is assigned take
+  a slot for it and start it (on NO_JOB: PRE_SLEEP and wait for a NOOP), and again.
+
+No slot is held while a GRAB waits for its answer: a slow or frozen server must not keep the
+slots that the healthy servers could fill (with concurrency=1 one frozen server would otherwise
+stall the whole worker). The price: two servers may assign a job at the same moment when one
+slot is free; the second job then waits for a slot (it is ours, so nobody else runs it).
 
 Jobs run in the worker's job nursery, not here, so a job outlives a connection that dies
 under it; its result is then dropped (the server has requeued the job).
@@ -28,6 +33,7 @@ from jobserver.sdk.addresses import ServerAddress
 from jobserver.sdk.backoff import Backoff
 from jobserver.sdk.connection import ConnectionLost, ServerConnection
 from jobserver.sdk.errors import GearmanError, ProtocolViolation
+from jobserver.sdk.health import ServerHealthLog
 
 from .functions import WorkerFunction
 
@@ -42,7 +48,13 @@ epoch job comes due (shared doc §3.4, §3.11, §6.5; gearmand issues #343, #101
 
 GRAB_REPLY_TIMEOUT = 30.0
 """A server answers every GRAB at once (NO_JOB or a job). One that has not answered in 30 s is
-hung: the connection is dropped and reopened, and any job it held is requeued by the server."""
+hung: the connection is dropped and reopened (with backoff), and any job it held is requeued by
+the server. Waiting costs no job slot, so this only bounds how long a wedged connection is kept."""
+
+UNRESPONSIVE_AFTER = 2.0
+"""Default seconds without an answer to a GRAB after which the server is logged as not
+responding (it gets no work meanwhile: no GRAB goes out while one waits). Servers answer a GRAB
+in microseconds; see client_sdk.session.UNRESPONSIVE_AFTER for the same choice."""
 
 _ASSIGNMENTS = frozenset(
     {PacketType.JOB_ASSIGN, PacketType.JOB_ASSIGN_UNIQ, PacketType.JOB_ASSIGN_ALL}
@@ -109,8 +121,12 @@ class ServerSession:
         slots: anyio.CapacityLimiter,
         stopping: anyio.Event,
         start_job: StartJob,
+        *,
+        unresponsive_after: float = UNRESPONSIVE_AFTER,
     ) -> None:
         self.address = address
+        self.health = ServerHealthLog(log, str(address))
+        self._unresponsive_after = unresponsive_after
         self._registration = encode_request(
             PacketType.SET_CLIENT_ID, client_id.encode(errors="replace")
         ) + b"".join(function.registration() for function in functions)
@@ -126,7 +142,6 @@ class ServerSession:
         """Serve this server until the worker stops; returns only by cancellation (the worker
         disconnects once its jobs are done) or when the worker stops while disconnected."""
         joined_before = False
-        failures = 0
         while not self._stopping.is_set():
             try:
                 connection = await ServerConnection.open(self.address)
@@ -135,7 +150,6 @@ class ServerSession:
             else:
                 log.info("%s %s", "re-joined" if joined_before else "joined", self.address)
                 joined_before = True
-                failures = 0
                 try:
                     reason = await self._serve_connection(connection)
                 finally:
@@ -143,10 +157,8 @@ class ServerSession:
                         await connection.aclose()
             if self._stopping.is_set():
                 return
-            failures += 1
             delay = self._backoff.next_delay()
-            level = logging.WARNING if failures == 1 else logging.DEBUG
-            log.log(level, "%s; retrying in %.1f s", reason, delay)
+            self.health.failed(f"{reason}; retrying in {delay:.1f} s")
             with anyio.move_on_after(delay):
                 await self._stopping.wait()
 
@@ -237,22 +249,22 @@ class ServerSession:
         self, link: ServerLink, replies: MemoryObjectReceiveStream[Packet]
     ) -> None:
         while True:
+            # Grab only when a job could start now, but hold no slot while GRAB waits.
+            probe = object()
+            await self._slots.acquire_on_behalf_of(probe)
+            self._slots.release_on_behalf_of(probe)
+            reply = await self._grab(link, replies)
+            if reply is None:
+                return  # the connection ended; the reader recorded why
+            if reply.type == PacketType.NO_JOB:
+                await self._sleep(link)
+                continue
             slot = object()
-            # Never grab a job we could not start at once: a slot first, then GRAB.
-            await self._slots.acquire_on_behalf_of(slot)
-            started = False
-            try:
-                reply = await self._grab(link, replies)
-                if reply is None:
-                    return  # the connection ended; the reader recorded why
-                if reply.type != PacketType.NO_JOB:
-                    self._start_job(Assignment.from_packet(reply), link, slot)
-                    started = True
-                    continue
-            finally:
-                if not started:
-                    self._slots.release_on_behalf_of(slot)
-            await self._sleep(link)
+            # The job is ours: wait for a slot even if the worker is stopping (it must run, or
+            # wait for the disconnect to be requeued).
+            with anyio.CancelScope(shield=True):
+                await self._slots.acquire_on_behalf_of(slot)
+            self._start_job(Assignment.from_packet(reply), link, slot)
 
     async def _grab(
         self, link: ServerLink, replies: MemoryObjectReceiveStream[Packet]
@@ -266,19 +278,32 @@ class ServerSession:
         with anyio.CancelScope(shield=True), anyio.move_on_after(GRAB_REPLY_TIMEOUT) as waited:
             try:
                 await link.connection.send_bytes(_GRAB)
+                with anyio.move_on_after(self._unresponsive_after):
+                    reply = await replies.receive()
+                    self._answered()
+                    return reply
+                self.health.failed(
+                    f"no answer to GRAB_JOB_UNIQ for {self._unresponsive_after:g} s; "
+                    "no jobs taken from it until it answers",
+                    what="not responding",
+                )
                 reply = await replies.receive()
             except ConnectionLost as error:
                 self._lost(error)
                 return None
             except anyio.EndOfStream:
                 return None
-            self._backoff.reset()  # the server answers: a healthy connection
+            self._answered()
             return reply
         assert waited.cancelled_caught
         self._lost(
             ConnectionLost(f"{link.address}: no reply to GRAB_JOB_UNIQ in {GRAB_REPLY_TIMEOUT:g} s")
         )
         return None
+
+    def _answered(self) -> None:
+        self._backoff.reset()  # the server answers: a healthy connection
+        self.health.recovered()
 
     async def _sleep(self, link: ServerLink) -> None:
         """PRE_SLEEP, then wait for a NOOP, at most POLL_INTERVAL (§3.4, §6.5)."""

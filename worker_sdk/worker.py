@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -24,7 +25,7 @@ from jobserver.sdk.tasks import background_nursery
 
 from .execution import run_job
 from .functions import WorkerFunction, check_registration
-from .server_session import Assignment, ServerLink, ServerSession
+from .server_session import UNRESPONSIVE_AFTER, Assignment, ServerLink, ServerSession
 
 log = logging.getLogger("worker_sdk")
 
@@ -33,6 +34,10 @@ DEFAULT_GRACE_PERIOD = 25.0
 the 30 s Kubernetes (terminationGracePeriodSeconds) and Docker (`stop -t` is 10 s; compose
 users raise it) give before SIGKILL is the point: finishing what can finish, then closing the
 connections cleanly so the servers requeue the rest at once instead of when keepalive notices."""
+
+MAX_RUNS_WAITED_FOR = 1_000
+"""Bound on the runs of one job a new assignment waits out in turn (each is a re-dispatch that
+found the previous run still going); far above what concurrency allows, only a loop guard."""
 
 MAX_CONCURRENCY = 10_000
 """Upper bound for concurrency=; each slot may hold a task and, for plain `def` functions, a
@@ -50,6 +55,8 @@ class Worker:
     "raw") decodes arguments and encodes results, unless a function chooses its own.
     `client_id` is what `gearadmin --workers` shows (default "<hostname>-<pid>").
     `grace_period` is how long a stop waits for jobs in flight before cancelling them.
+    `unresponsive_after`: a server that leaves a GRAB unanswered this long is logged as not
+    responding (no job slot waits on it meanwhile).
 
     Example:
         >>> from worker_sdk import Worker
@@ -69,6 +76,7 @@ class Worker:
         *,
         client_id: str | None = None,
         grace_period: float = DEFAULT_GRACE_PERIOD,
+        unresponsive_after: float = UNRESPONSIVE_AFTER,
     ) -> None:
         self.servers = servers  # the setter parses
         self.concurrency = concurrency
@@ -77,6 +85,9 @@ class Worker:
         if grace_period < 0:
             raise ValueError("grace_period must be >= 0 seconds")
         self.grace_period = float(grace_period)
+        if isinstance(unresponsive_after, bool) or not unresponsive_after > 0:
+            raise ValueError("unresponsive_after must be > 0 seconds")
+        self.unresponsive_after = float(unresponsive_after)
         self._functions: dict[str, WorkerFunction] = {}
         self._state_lock = threading.Lock()
         self._run: _Run | None = None
@@ -295,6 +306,8 @@ class _Run:
         self.token = anyio.lowlevel.current_token()
         self.loop_thread = threading.get_ident()
         self.jobs: anyio.abc.TaskGroup | None = None
+        self.running: dict[tuple[ServerAddress, bytes], anyio.Event] = {}
+        """Jobs running now, by (server, handle): a job handed out again is not run twice."""
 
     def request_stop(self, *, now: bool) -> None:
         """Thread-safe: directly from this run's own thread, through its token otherwise."""
@@ -327,6 +340,7 @@ class _Run:
                     self.slots,
                     self.stopping,
                     self.start_job,
+                    unresponsive_after=worker.unresponsive_after,
                 )
                 sessions.start_soon(session.run, name=f"worker session {address}")
             await self._run_jobs()
@@ -375,7 +389,26 @@ class _Run:
         link: ServerLink,
         slot: object,
     ) -> None:
+        assigned_at = anyio.current_time()
+        timeout = function.effective_timeout if function is not None else None
+        deadline = assigned_at + (math.inf if timeout is None else timeout)
+        key = (link.address, assignment.handle)
         try:
-            await run_job(function, assignment, link, self.threads)
+            # The server hands a job out again once its timeout passed; if our superseded run
+            # (a thread that cannot be stopped) still goes on, the new one waits for it: the
+            # same job never runs twice at once here.
+            for _ in range(MAX_RUNS_WAITED_FOR):
+                earlier = self.running.get(key)
+                if earlier is None:
+                    break
+                await earlier.wait()
+            if anyio.current_time() > deadline:
+                return  # the server already took this assignment back too: nothing to run
+            finished = self.running[key] = anyio.Event()
+            try:
+                await run_job(function, assignment, link, self.threads, deadline)
+            finally:
+                del self.running[key]
+                finished.set()
         finally:
             self.slots.release_on_behalf_of(slot)

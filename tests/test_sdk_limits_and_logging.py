@@ -1,0 +1,98 @@
+"""The client refuses a payload over the servers' packet size limit before sending it, and
+both SDKs log a server they cannot resolve or reach (WARNING, rate-limited) and its return
+(INFO)."""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import pytest
+from test_client_sdk_support import nothing_listening
+
+from client_sdk import Client, PayloadError
+from worker_sdk import Worker
+
+pytestmark = pytest.mark.anyio  # every async test runs on trio and on asyncio (conftest.py)
+
+TEST_TIMEOUT = 30.0
+
+SERVER_LIMIT = 8192
+"""The server's --max-packet-size in these tests, as in the issue's report."""
+
+UNRESOLVABLE = "nonexistent.invalid:4730"
+""".invalid never resolves (RFC 2606)."""
+
+
+async def test_oversized_payload_raises_payload_error_and_spares_other_jobs(start_jobserver):
+    server = start_jobserver("--max-packet-size", str(SERVER_LIMIT))
+    worker = Worker([server.address], codec="raw")
+    release = anyio.Event()
+
+    @worker.function("wait")
+    async def wait(job):
+        await release.wait()
+        return b"done"
+
+    with anyio.fail_after(TEST_TIMEOUT):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(worker.serve)
+            async with Client(
+                [server.address], codec="raw", max_packet_size=SERVER_LIMIT
+            ) as client:
+                results = []
+
+                async def in_flight() -> None:
+                    results.append(await client.submit("wait", b"x"))
+
+                tasks.start_soon(in_flight)
+                with pytest.raises(PayloadError) as raised:
+                    await client.submit("wait", b"y" * 20_000)
+                assert "20" in str(raised.value) and str(SERVER_LIMIT) in str(raised.value)
+                with pytest.raises(PayloadError):
+                    await client.submit_background("wait", b"y" * 20_000)
+                release.set()
+                while not results:
+                    await anyio.sleep(0.02)
+                assert results == [b"done"]
+            worker.stop()
+
+
+async def test_client_logs_an_unresolvable_server_once_and_still_serves(jobserver, caplog):
+    caplog.set_level(logging.DEBUG, logger="client_sdk")
+    with anyio.fail_after(TEST_TIMEOUT):
+        async with Client([UNRESOLVABLE, jobserver.address], codec="raw") as client:
+            for _ in range(6):  # round robin: some go to the unresolvable one first
+                await client.submit_background("nobody", b"")
+    warnings = [
+        r for r in caplog.records if r.levelno == logging.WARNING and UNRESOLVABLE in r.getMessage()
+    ]
+    assert len(warnings) == 1  # the first failure; repeats within a minute are DEBUG
+
+
+async def test_worker_logs_an_unreachable_server_and_its_return(start_jobserver, caplog):
+    port_holder = nothing_listening()
+    caplog.set_level(logging.DEBUG, logger="worker_sdk")
+    worker = Worker([UNRESOLVABLE, port_holder], codec="raw")
+
+    @worker.function("f")
+    async def f(job):
+        return b""
+
+    with anyio.fail_after(TEST_TIMEOUT):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(worker.serve)
+            messages = lambda: [r.getMessage() for r in caplog.records]  # noqa: E731
+            while not any(UNRESOLVABLE in m and "unreachable" in m for m in messages()):
+                await anyio.sleep(0.05)
+            while not any(port_holder in m and "unreachable" in m for m in messages()):
+                await anyio.sleep(0.05)
+            port = int(port_holder.rpartition(":")[2])
+            start_jobserver(port=port)  # the server comes up on the port the worker retries
+            while not any(m.startswith(f"{port_holder} is back") for m in messages()):
+                await anyio.sleep(0.05)
+            worker.stop()
+    warnings = [
+        r for r in caplog.records if r.levelno == logging.WARNING and UNRESOLVABLE in r.getMessage()
+    ]
+    assert len(warnings) == 1
