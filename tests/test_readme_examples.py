@@ -68,7 +68,7 @@ def with_addresses(code: str, addresses: list[str]) -> str:
 
 def test_the_section_has_the_issue_examples_with_substitutable_addresses():
     examples = readme_examples()
-    assert sorted(examples) == ["client.py", "sync_client.py", "tasks.py"]
+    assert sorted(examples) == ["client.py", "sync_client.py", "tasks.py", "web_app.py"]
     for name, code in examples.items():
         compile(code, name, "exec")
         # Only the two documented addresses, so that replacing them reaches every server.
@@ -94,6 +94,20 @@ def test_the_section_has_the_issue_examples_with_substitutable_addresses():
     ):
         assert snippet in client, snippet
     assert "with SyncClient(" in sync and "client.submit(" in sync
+    web = examples["web_app.py"]
+    assert "async with client:" in web and "await client.submit(" in web
+
+
+WEB_DRIVER = """
+from starlette.testclient import TestClient  # runs the app on asyncio, lifespan included
+
+import web_app
+
+with TestClient(web_app.app) as http:
+    print(http.post("/resize", json={"path": "w.png"}).json())
+"""
+"""Calls the README's web app the way an HTTP client would, with its lifespan (so its Client
+opens and closes), on asyncio."""
 
 
 @pytest.fixture
@@ -158,6 +172,9 @@ def test_readme_examples_run_as_written(two_servers, tmp_path, launch):
             assert worker.poll() is None, worker_log.read_text()
 
         assert run_script(tmp_path, "client.py") == CLIENT_OUTPUT
+
+        (tmp_path / "web_driver.py").write_text(WEB_DRIVER)
+        assert run_script(tmp_path, "web_driver.py") == ["{'ok': True, 'path': 'w.png'}"]
 
         sync_output = run_script(tmp_path, "sync_client.py")
         holder = rendezvous_order(b"resize", b"e.png", addresses)[0]
