@@ -124,10 +124,6 @@ class Connection:
             outbox.clear()
             self.budget.change(self, size)
 
-    @property
-    def unsent(self) -> int:
-        return len(self.pending)
-
     async def write_loop(self) -> None:
         """Send `pending` whenever the socket can take some. Raises OSError when the peer is
         gone; returns after `finish` once everything is sent."""

@@ -264,15 +264,17 @@ class Server:
                 self._flush()
             except Exception:
                 self._log_internal_error(peer)
-            connection.release()
             # A closed peer is never dirty again, so nothing needs its transport: drop the
             # peer <-> connection cycle, and both go by reference counting, not by a full
             # collection (which jobserver.gc_policy keeps from looking at old objects).
             peer.transport = None
-            if stopping:
-                await connection.close_gracefully()
-            else:
-                await trio.aclose_forcefully(stream)
+            try:
+                if stopping:
+                    await connection.close_gracefully()  # sends what is pending first
+                else:
+                    await trio.aclose_forcefully(stream)
+            finally:
+                connection.release()
 
     async def _write(self, connection: Connection) -> None:
         try:
