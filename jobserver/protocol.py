@@ -333,10 +333,12 @@ class Decoder:
             if len(data) <= self._skipping:
                 self._skipping -= len(data)
                 return []
-            data = memoryview(data)[self._skipping :]
+            skipped = self._skipping
             self._skipping = 0
+            self._buffer += memoryview(data)[skipped:]  # the rest, without copying it twice
+        else:
+            self._buffer += data
         buffer = self._buffer
-        buffer += data
         events: list[Event] = []
         offset = self._offset
         end = len(buffer)

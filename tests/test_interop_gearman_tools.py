@@ -108,9 +108,7 @@ def test_background_jobs_wait_for_a_worker_then_run(gearman, tmp_path):
     assert gearman.finish(worker)[0] == 0  # -c 5: exits after five jobs
     assert log_lines(log) == [f"job-{n}" for n in range(5)]
     # gearmand keeps listing "bg" with zeros; jobserver forgets a function nothing uses.
-    wait_until(
-        lambda: status(gearman.server.address) in ({"bg": (0, 0, 0)}, {}), what="drained"
-    )
+    wait_until(lambda: status(gearman.server.address) in ({"bg": (0, 0, 0)}, {}), what="drained")
 
 
 def test_background_jobs_submitted_while_a_worker_sleeps_wake_it(gearman, tmp_path):
