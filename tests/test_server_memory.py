@@ -223,6 +223,11 @@ def test_unread_output_counts_against_the_memory_budget(start_jobserver, connect
     run_a_job(server, connect)
 
 
+READ_ALL_REPLIES_WITHIN = 120.0
+"""Seconds the greedy reader may take for its ~100 MB of replies; generous on a loaded CI
+machine, but a test that hangs fails instead of stalling the run."""
+
+
 def test_pipelined_admin_commands_wait_for_their_reader_instead_of_piling_up(
     start_jobserver, connect
 ):
@@ -258,7 +263,9 @@ def test_pipelined_admin_commands_wait_for_their_reader_instead_of_piling_up(
     received = 0
     greedy.sock.settimeout(30)
     expected = one_reply * commands
+    deadline = time.monotonic() + READ_ALL_REPLIES_WITHIN
     while received < expected:
+        assert time.monotonic() < deadline, f"only {received} of {expected} bytes came"
         chunk = greedy.sock.recv(1 << 20)
         assert chunk, "closed before every reply came"
         received += len(chunk)
