@@ -10,7 +10,7 @@ import anyio
 import pytest
 from test_client_sdk_support import nothing_listening
 
-from client_sdk import Client, PayloadError
+from client_sdk import Client, PayloadError, ServerError
 from worker_sdk import Worker
 
 pytestmark = pytest.mark.anyio  # every async test runs on trio and on asyncio (conftest.py)
@@ -58,6 +58,40 @@ async def test_oversized_payload_raises_payload_error_and_spares_other_jobs(star
             worker.stop()
 
 
+async def test_a_server_refusing_one_oversized_job_fails_that_job_only(start_jobserver):
+    # The client was told a larger limit than the server's: the server answers that packet
+    # with ERROR ARGUMENT_TOO_LARGE, skips its body and goes on, so the job in flight on the
+    # same connection completes and the connection serves the next submit.
+    server = start_jobserver("--max-packet-size", str(SERVER_LIMIT))
+    worker = Worker([server.address], codec="raw")
+    release = anyio.Event()
+
+    @worker.function("wait")
+    async def wait(job):
+        await release.wait()
+        return b"done " + job.payload
+
+    with anyio.fail_after(TEST_TIMEOUT):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(worker.serve)
+            async with Client([server.address], codec="raw") as client:  # default: 64 MiB
+                results = []
+
+                async def in_flight() -> None:
+                    results.append(await client.submit("wait", b"first"))
+
+                tasks.start_soon(in_flight)
+                with pytest.raises(ServerError) as raised:
+                    await client.submit("wait", b"y" * 20_000)
+                assert raised.value.code == "ARGUMENT_TOO_LARGE"
+                release.set()
+                assert await client.submit("wait", b"after") == b"done after"
+                while not results:
+                    await anyio.sleep(0.02)
+                assert results == [b"done first"]
+            worker.stop()
+
+
 async def test_client_logs_an_unresolvable_server_once_and_still_serves(jobserver, caplog):
     caplog.set_level(logging.DEBUG, logger="client_sdk")
     with anyio.fail_after(TEST_TIMEOUT):
@@ -67,7 +101,8 @@ async def test_client_logs_an_unresolvable_server_once_and_still_serves(jobserve
     warnings = [
         r for r in caplog.records if r.levelno == logging.WARNING and UNRESOLVABLE in r.getMessage()
     ]
-    assert len(warnings) == 1  # the first failure; repeats within a minute are DEBUG
+    # the first failure; repeats within a minute are DEBUG
+    assert len(warnings) == 1, [(r.levelname, r.getMessage()) for r in caplog.records]
 
 
 async def test_worker_logs_an_unreachable_server_and_its_return(start_jobserver, caplog):
