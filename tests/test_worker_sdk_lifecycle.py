@@ -138,7 +138,9 @@ async def test_concurrency_is_shared_by_all_servers(start_server):
                 await submit_background(server, "hold")
             await overlap.reached.wait()
             running = (await status(first))["hold"][1] + (await status(second))["hold"][1]
-            assert running == 2
+            # Two run; a GRAB holds no slot, so the other server may have assigned one more
+            # that waits for a slot (server_session.py); never more than one per extra server.
+            assert 2 <= running <= 3
             overlap.release.set()
             await wait_for_status(first, "hold", (0, 0, 1))
             await wait_for_status(second, "hold", (0, 0, 1))

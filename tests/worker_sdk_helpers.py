@@ -107,8 +107,10 @@ async def wait_for_workers(server, function: str, count: int = 1) -> None:
 
 
 async def wait_for_status(server, function: str, expected: tuple[int, int, int]) -> None:
-    """Until `status` shows exactly (total, running, workers) for `function`."""
-    while (await status(server)).get(function) != expected:
+    """Until `status` shows exactly (total, running, workers) for `function`. A function
+    missing from `status` counts as (0, 0, 0): jobserver forgets a function nothing uses,
+    gearmand lists it with zeros."""
+    while (await status(server)).get(function, (0, 0, 0)) != expected:
         await anyio.sleep(POLL)
 
 
