@@ -14,10 +14,14 @@ binaries are a failure rather than a skip: CI must prove interop, not silently s
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -64,6 +68,51 @@ def require_gearman_binaries() -> None:
 def gearman_tools() -> None:
     """Depend on this in tests that run /usr/bin/gearman or /usr/bin/gearadmin."""
     require_gearman_binaries()
+
+
+NODE_DIR = Path(__file__).resolve().parent / "node"
+"""package.json and package-lock.json of the node worker libraries run as interop peers."""
+
+NPM_CI_TIMEOUT = 300.0
+
+
+def require_node_packages() -> Path:
+    """tests/node/node_modules, installed by `npm ci` from the committed package-lock.json
+    when missing or made from another lock file. Skip (locally) or fail (in CI) when node or
+    npm is missing or the install fails."""
+
+    def unavailable(reason: str) -> NoReturn:
+        if IN_CI:
+            pytest.fail(f"CI requires the node interop workers; {reason}", pytrace=False)
+        pytest.skip(reason)
+
+    missing = [tool for tool in ("node", "npm") if shutil.which(tool) is None]
+    if missing:
+        unavailable(
+            f"missing {', '.join(missing)}: install the Debian packages nodejs and npm "
+            "(scripts/test does this)"
+        )
+    modules = NODE_DIR / "node_modules"
+    stamp = modules / ".jobserver-lock-sha256"
+    lock_hash = hashlib.sha256((NODE_DIR / "package-lock.json").read_bytes()).hexdigest()
+    if stamp.is_file() and stamp.read_text().strip() == lock_hash:
+        return modules
+    argv = ["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(NODE_DIR)]
+    try:
+        result = subprocess.run(argv, capture_output=True, timeout=NPM_CI_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        unavailable(f"`{' '.join(argv)}` failed: {error}")
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr).decode(errors="replace")[-2000:]
+        unavailable(f"`{' '.join(argv)}` exited with {result.returncode}:\n{output}")
+    stamp.write_text(lock_hash + "\n")
+    return modules
+
+
+@pytest.fixture(scope="session")
+def node_packages() -> Path:
+    """Depend on this in tests that run the node workers in tests/node."""
+    return require_node_packages()
 
 
 def _server_factory(start: Callable[..., servers.Server]):
