@@ -118,8 +118,8 @@ def node_packages() -> Path:
 def _server_factory(start: Callable[..., servers.Server]):
     started: list[servers.Server] = []
 
-    def factory(*args: str, port: int | None = None) -> servers.Server:
-        server = start(*args, port=port)
+    def factory(*args: str, port: int | None = None, **options) -> servers.Server:
+        server = start(*args, port=port, **options)
         started.append(server)
         return server
 

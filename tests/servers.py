@@ -289,14 +289,21 @@ def jobserver_argv(port: int, *extra_args: str, data_dir: Path | None = None) ->
 
 
 def start_jobserver(
-    *extra_args: str, port: int | None = None, data_dir: Path | None = None
+    *extra_args: str,
+    port: int | None = None,
+    data_dir: Path | None = None,
+    prlimit: tuple[str, ...] = (),
 ) -> Server:
     """Run `python -m jobserver` in the foreground on 127.0.0.1. Its jobs are stored in
     `data_dir` if given (pass the same one to a restart to reload them), else in a fresh
-    directory of its own."""
+    directory of its own. `prlimit` options (e.g. "--as=1073741824", "--nofile=64") run it
+    under util-linux's prlimit, so resource tests stay small."""
 
     def argv(chosen: int, workdir: Path) -> list[str]:
-        return jobserver_argv(chosen, *extra_args, data_dir=data_dir or workdir / "data")
+        command = jobserver_argv(chosen, *extra_args, data_dir=data_dir or workdir / "data")
+        return (
+            [shutil.which("prlimit") or "prlimit", *prlimit, "--", *command] if prlimit else command
+        )
 
     return _start("jobserver", argv, port)
 

@@ -11,12 +11,9 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import struct
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import servers
@@ -78,28 +75,13 @@ def test_connections_past_max_connections_are_closed_at_once_and_logged_once(
 
 
 @pytest.fixture
-def start_jobserver_with_fd_limit():
-    """Start `prlimit --nofile=N python -m jobserver ...`; stopped by PID at teardown."""
-    started: list[servers.Server] = []
+def start_jobserver_with_fd_limit(start_jobserver):
+    """Start `prlimit --nofile=N python -m jobserver --store memory ...`; stopped by PID."""
 
     def start(nofile: int, *args: str) -> servers.Server:
-        port = servers.free_port()
-        workdir = Path(tempfile.mkdtemp(prefix=f"jobserver-nofile-{port}-"))
-        argv = [
-            shutil.which("prlimit") or "prlimit",
-            f"--nofile={nofile}",
-            "--",
-            *servers.jobserver_argv(port, "--store", "memory", *args),
-        ]
-        server = servers.Server("jobserver", argv, servers.HOST, port, workdir)
-        started.append(server)
-        server.wait_ready()
-        return server
+        return start_jobserver("--store", "memory", *args, prlimit=(f"--nofile={nofile}",))
 
-    yield start
-    for server in started:
-        server.stop()
-        server.remove_workdir()
+    return start
 
 
 def test_out_of_descriptors_closes_waiting_connections_without_a_traceback(

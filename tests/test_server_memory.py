@@ -8,10 +8,8 @@ jobs are answered, the offending connections are closed, and the log says why.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import struct
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,28 +38,13 @@ CHUNK = b"x" * MiB
 
 
 @pytest.fixture
-def start_capped_jobserver():
-    """Start `prlimit --as=CAP python -m jobserver ...` on a free port; stopped by PID."""
-    started: list[servers.Server] = []
+def start_capped_jobserver(start_jobserver):
+    """Start `prlimit --as=CAP python -m jobserver --store memory ...`; stopped by PID."""
 
     def start(*args: str) -> servers.Server:
-        port = servers.free_port()
-        workdir = Path(tempfile.mkdtemp(prefix=f"jobserver-capped-{port}-"))
-        argv = [
-            shutil.which("prlimit") or "prlimit",
-            f"--as={CAP}",
-            "--",
-            *servers.jobserver_argv(port, "--store", "memory", *args),
-        ]
-        server = servers.Server("jobserver", argv, servers.HOST, port, workdir)
-        started.append(server)
-        server.wait_ready()
-        return server
+        return start_jobserver("--store", "memory", *args, prlimit=(f"--as={CAP}",))
 
-    yield start
-    for server in started:
-        server.stop()
-        server.remove_workdir()
+    return start
 
 
 def memory_mib(server: servers.Server) -> tuple[int, int]:
