@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import signal
@@ -21,7 +20,8 @@ from .engine.handles import MAX_PREFIX_SIZE
 from .logs import NOTICE, Verbosity
 from .protocol import DEFAULT_MAX_PACKET_SIZE, MAX_ARGUMENTS_SIZE
 from .server import DEFAULT_BACKLOG, DEFAULT_READ_TIMEOUT, Server, ServerConfig
-from .store import StoreError
+from .store import STORE_KINDS, StoreError, is_postgresql_uri
+from .store.lease import DEFAULT_LEASE, MIN_LEASE
 from .store.location import default_data_dir
 
 log = logging.getLogger("jobserver")
@@ -31,9 +31,14 @@ DEFAULT_DATA_DIR = default_data_dir()
 same jobs (the old ./jobserver-data default did not); see jobserver/store/location.py."""
 
 
-class StoreKind(enum.StrEnum):
-    sqlite = "sqlite"
-    memory = "memory"
+def _check_store(store: str) -> str:
+    if store.lower() in STORE_KINDS:
+        return store.lower()
+    if is_postgresql_uri(store):
+        return store
+    raise typer.BadParameter(
+        f"{store!r} is not one of {', '.join(STORE_KINDS)} nor a postgresql:// URI"
+    )
 
 
 def _check_prefix(prefix: str | None) -> str | None:
@@ -171,14 +176,37 @@ def serve(
         ),
     ] = True,
     store: Annotated[
-        StoreKind,
+        str,
         typer.Option(
             "--store",
-            case_sensitive=False,
+            callback=_check_store,
             help="Where background jobs are kept: 'sqlite' (a database in --data-dir; jobs "
-            "survive crashes and restarts) or 'memory' (lost on restart).",
+            "survive crashes and restarts), 'memory' (lost on restart), or a "
+            "postgresql://user:password@host:port/database URI: one database shared by "
+            "every server of a cluster, where a live server takes over the jobs of one that "
+            "died (see --node-id, --lease).",
         ),
-    ] = StoreKind.sqlite,
+    ] = "sqlite",
+    node_id: Annotated[
+        str | None,
+        typer.Option(
+            "--node-id",
+            help="With a postgresql store: this server's name in the cluster, unique and "
+            "stable across restarts (a restarted server gets back the jobs no peer took "
+            "over). Default: <hostname>:<port>.",
+            show_default=False,
+        ),
+    ] = None,
+    lease: Annotated[
+        float,
+        typer.Option(
+            "--lease",
+            min=MIN_LEASE,
+            help="With a postgresql store: seconds after a server stops renewing its lease "
+            "(it died, froze or lost the database) before a peer takes its jobs over. It "
+            "stops handing them out after half of that.",
+        ),
+    ] = DEFAULT_LEASE,
     data_dir: Annotated[
         Path,
         typer.Option(
@@ -264,7 +292,9 @@ def serve(
         max_packet_size=max_packet_size,
         keepalive=keepalive,
         backlog=backlog,
-        store=store.value,
+        store=store,
+        node_id=node_id,
+        lease=lease,
         data_dir=data_dir,
         max_connections=max_connections,
         read_timeout=read_timeout,

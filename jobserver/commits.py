@@ -30,7 +30,8 @@ comes: a data file deleted while the server is idle is rewritten within about th
 only at the next submit, a disk that filled recovers without one, and a deleted lock file is
 taken again. Each check is a stat or two: a second apart, not once per batch, because every
 system call in this thread lets the serving thread take the GIL, and winning it back can
-cost this thread a switch interval (5 ms) per call."""
+cost this thread a switch interval (5 ms) per call. A shared store renews its lease in its
+check and says how often that must be (`check_interval`, see store/postgresql.py)."""
 
 
 class Written(NamedTuple):
@@ -52,6 +53,7 @@ class Committer:
         self._written: Written | None = None
         self._busy = False  # a batch is handed over and its result not yet taken
         self._stopping = False
+        self._check_interval: float = getattr(store, "check_interval", CHECK_INTERVAL)
         self._thread = threading.Thread(target=self._run, name="jobserver-store", daemon=True)
         self._thread.start()
 
@@ -90,7 +92,7 @@ class Committer:
         self._thread.join()
 
     def _run(self) -> None:
-        next_check = time.monotonic() + CHECK_INTERVAL
+        next_check = time.monotonic() + self._check_interval
         while True:
             with self._condition:
                 if self._next is None and not self._stopping:
@@ -100,7 +102,7 @@ class Committer:
                 batch, self._next = self._next, None
             if time.monotonic() >= next_check:
                 self._check_store()
-                next_check = time.monotonic() + CHECK_INTERVAL
+                next_check = time.monotonic() + self._check_interval
             if batch is None:
                 continue
             try:

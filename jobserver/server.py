@@ -33,6 +33,8 @@ from .engine import Engine
 from .engine.handles import default_prefix
 from .listener import ConnectionGate, default_max_connections
 from .memory_budget import MemoryBudget, default_memory_budget
+from .ownership import WATCH_INTERVAL as OWNERSHIP_WATCH_INTERVAL
+from .ownership import Ownership
 from .protocol import (
     DEFAULT_MAX_PACKET_SIZE,
     AdminLine,
@@ -125,7 +127,9 @@ class ServerConfig:
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
     keepalive: bool = True
     backlog: int = DEFAULT_BACKLOG
-    store: str = "sqlite"  # or "memory"
+    store: str = "sqlite"  # or "memory", or a postgresql:// URI (a cluster's shared store)
+    node_id: str | None = None  # with postgresql: this server's name; None: <hostname>:<port>
+    lease: float | None = None  # with postgresql: seconds; None: store/postgresql.DEFAULT_LEASE
     data_dir: Path = field(default_factory=default_data_dir)
     facts: ServerFacts = field(default_factory=ServerFacts)
     max_connections: int | None = None  # None: RLIMIT_NOFILE less a reserve (listener.py)
@@ -143,6 +147,7 @@ class Server:
         self._timer_changed = trio.lowlevel.ParkingLot()
         self._timer_due: float | None = None
         self._committer: Committer | None = None
+        self._ownership: Ownership | None = None  # with a shared store: its lease
         self._commit_wakeup = trio.lowlevel.ParkingLot()
         self._removes_due: float | None = None  # when removes waiting for company must go
         self.budget = MemoryBudget(
@@ -160,14 +165,14 @@ class Server:
         anything, so the CLI can report it plainly."""
         config = self.config
         if config.port:  # a bad database should fail before we take the port
-            self.store = open_store(config.store, config.data_dir, config.port)
+            self.store = self._open_store(config.port)
         try:
             listeners = await trio.open_tcp_listeners(
                 config.port, host=config.listen, backlog=config.backlog
             )
             self.port = listeners[0].socket.getsockname()[1]
             if not config.port:
-                self.store = open_store(config.store, config.data_dir, self.port)
+                self.store = self._open_store(self.port)
         except BaseException:
             self.close_store()
             raise
@@ -185,11 +190,20 @@ class Server:
             stored = self.store.load()
             count = self.engine.restore(stored, self.store.next_record_id)
             log.info("loaded %d stored jobs from %s", count, getattr(self.store, "path", "?"))
+            lease = getattr(self.store, "lease", None)
+            if lease is not None:
+                self._ownership = Ownership(self.engine, lease)
         self.admin = AdminProtocol(self.engine, config.facts)
         for listener in listeners:
             address = listener.socket.getsockname()
             log.info("listening on %s port %d", address[0], address[1])
         return listeners
+
+    def _open_store(self, port: int) -> JobStore | None:
+        config = self.config
+        return open_store(
+            config.store, config.data_dir, port, node_id=config.node_id, lease=config.lease
+        )
 
     def close_store(self) -> None:
         if self.store is not None:
@@ -220,6 +234,8 @@ class Server:
                 nursery.start_soon(self._run_timers)
                 if self._committer is not None:
                     nursery.start_soon(self._pace_commits)
+                if self._ownership is not None:
+                    nursery.start_soon(self._watch_ownership)
                 for listener in listeners:
                     nursery.start_soon(self.gate.serve, listener, self._serve_connection, nursery)
                 task_status.started(listeners)
@@ -367,6 +383,8 @@ class Server:
         admin = self.admin
         assert engine is not None and admin is not None
         peer = connection.peer
+        if self._ownership is not None and self._ownership.check():
+            self._flush()  # before this read's GRAB_JOBs, which may not get held jobs
         room = OUTBOX_HIGH_WATER - len(connection.pending)
         turn = 0
         for event in events:
@@ -549,6 +567,18 @@ class Server:
             )
         if engine.journal.has_work:
             write(self.store, engine.journal.take_batch())  # type: ignore[arg-type]
+
+    async def _watch_ownership(self) -> None:
+        """A shared store's lease, for an idle server (ownership.py)."""
+        ownership = self._ownership
+        assert ownership is not None
+        while True:
+            await trio.sleep(OWNERSHIP_WATCH_INTERVAL)
+            try:
+                if ownership.check():
+                    self._flush()
+            except Exception:
+                await self._internal_error("the lease watch")
 
     # ------------------------------------------------------------------ timers
 

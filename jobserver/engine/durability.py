@@ -1,6 +1,10 @@
 """Durable background jobs: what the store reports back to the engine (commit outcomes) and
 the jobs it loads at start. The records themselves are collected in journal.py.
 
+With a store shared by a cluster (postgresql), a server owns its durable jobs only while its
+lease holds, so four more operations: hold them while the lease is in doubt, release them when
+it is renewed, drop the ones a peer has taken over, and adopt the jobs of a dead peer.
+
 Part of `Engine` (a mixin), like workers.py.
 """
 
@@ -30,6 +34,12 @@ class DurableJobs:
     _unindex: Callable[[Job], None]
     _abandon: Callable[[Job], None]
     _create_job: Callable[..., Job]
+    _find_duplicate: Callable[[bytes, bytes, bytes], Job | None]
+    _notify: Callable[[Job, bytes], None]
+    _detach_listeners: Callable[[Job], None]
+    jobs: dict[bytes, Job]
+    durable_on_hold: bool
+    _on_hold: list[Job]
 
     def commit_finished(
         self,
@@ -115,4 +125,105 @@ class DurableJobs:
             journal.next_record_id = max(journal.next_record_id, stored.record_id + 1)
             count += 1
         journal.decided_end = journal.next_record_id  # every record loaded is committed
+        return count
+
+    # ------------------------------------------------------------------ a shared store's lease
+
+    def hold_durable(self) -> int:
+        """The lease was not renewed in time, so a peer may soon take these jobs over: keep every
+        queued durable job (and every one that becomes runnable) out of workers' reach until
+        `release_held` or `drop_durable`. Held jobs stay known: GET_STATUS answers for them,
+        submits coalesce onto them, `status` counts them as queued. Returns how many."""
+        self.durable_on_hold = True
+        queued = JobState.QUEUED
+        count = 0
+        for job in self.jobs.values():
+            if job.record_id and job.state is queued:
+                job.function.forget_queued(job)
+                self._hold(job)
+                count += 1
+        return count
+
+    def _hold(self, job: Job) -> None:
+        job.state = JobState.PENDING  # not runnable, counted as queued; a stale queue entry
+        job.function.pending += 1
+        self._on_hold.append(job)
+
+    def release_held(self) -> int:
+        """The lease was renewed under the same term: the held jobs are still ours. They go back
+        to their queues in the order they were held. Returns how many."""
+        self.durable_on_hold = False
+        held, self._on_hold = self._on_hold, []
+        pending, count = JobState.PENDING, 0
+        for job in held:
+            if job.state is pending:  # not cancelled or dropped meanwhile
+                job.function.pending -= 1
+                self._activate(job)
+                count += 1
+        return count
+
+    def drop_durable(self, below: int) -> int:
+        """Every record with an id below `below` (adopted ones, with negative ids, included)
+        now belongs to another server, which runs its job: forget those jobs here without
+        writing their removes. Foreground clients waiting on one get WORK_FAIL. A running one
+        finishes here (at least once: it may run twice); given back by its worker, it is
+        requeued only for its foreground clients, never as durable. Returns how many."""
+        running = (JobState.RUNNING, JobState.DETACHED)
+        count = 0
+        for job in list(self.jobs.values()):
+            record_id = job.record_id
+            if not record_id or record_id >= below:
+                continue
+            count += 1
+            job.record_id = 0  # no remove: the record is not ours to delete
+            if job.state in running:
+                job.background = False
+                continue
+            if job.listeners:
+                self._notify(job, encode(T.WORK_FAIL, job.handle))
+            self._detach_listeners(job)
+            self._unindex(job)
+            function = job.function
+            if job.state is JobState.QUEUED:
+                function.forget_queued(job)
+            elif job.state is JobState.WAITING:
+                function.waiting -= 1  # its epoch-heap entry is skipped once it is not WAITING
+            elif job.state is JobState.PENDING:
+                function.pending -= 1
+            job.state = JobState.GONE
+            self._forget_if_unused(function)
+        return count
+
+    def adopt(self, stored_jobs: Iterable[StoredJob]) -> int:
+        """Jobs taken over from a dead peer (their records are ours now, with ids the store
+        chose: negative, so they never meet the journal's). Queued like restored jobs, with
+        fresh handles. A job whose (function, unique) is already known here is the same job
+        submitted to both servers: the known job stands for both, taking the record if it had
+        none, else the adopted record is removed. Returns how many new jobs were queued."""
+        journal = self.journal
+        assert journal is not None
+        count = 0
+        for stored in stored_jobs:
+            known = self._find_duplicate(stored.function, stored.unique, stored.payload)
+            if known is not None:
+                if known.record_id:
+                    journal.remove(stored.record_id)
+                else:
+                    known.record_id = stored.record_id
+                    known.background = True
+                continue
+            job = self._create_job(
+                self._function(stored.function),
+                stored.unique,
+                stored.payload,
+                Priority(stored.priority),
+                True,
+                stored.reducer,
+                stored.run_at,
+                True,  # pending: activated below, once it has its record (on hold, it is held)
+            )
+            job.record_id = stored.record_id
+            job.function.pending -= 1
+            self._activate(job)
+            count += 1
         return count

@@ -154,6 +154,10 @@ class Engine(WorkerRequests, DurableJobs):
         self.dirty: list[Peer] = []  # peers with output, drained by the I/O layer
         # With a store: background jobs to record before they are acknowledged.
         self.journal: Journal | None = Journal() if durable else None
+        # A shared store's lease lapsed (durability.py, `hold_durable`): durable jobs that
+        # become runnable wait in `_on_hold` instead of a queue, out of workers' reach.
+        self.durable_on_hold = False
+        self._on_hold: list[Job] = []
         self._uniques = UniqueIndex()
         self._by_payload: dict[tuple[bytes, bytes], Job] = {}  # unique "-" jobs (§3.2)
         self._sequence = 0
@@ -385,6 +389,9 @@ class Engine(WorkerRequests, DurableJobs):
 
     def _enqueue(self, job: Job) -> None:
         """Put a job at the tail of its priority queue and wake sleeping workers (§3.4)."""
+        if self.durable_on_hold and job.record_id:
+            self._hold(job)
+            return
         self._sequence += 1
         job.sequence = self._sequence
         job.function.enqueue(job)

@@ -5,17 +5,25 @@ and keeps working when its file is deleted or its disk fills (sqlite.py). The en
 it journals what must be stored (jobserver.engine.journal) and the server commits that in
 batches off the trio thread (jobserver.server). Two stores: `sqlite` (the default; stdlib
 sqlite3 in WAL mode, one database file per server port) and `memory` (nothing is kept: a
-restart loses queued jobs, as with gearmand's builtin queue).
+restart loses queued jobs, as with gearmand's builtin queue). A third, for clusters:
+`postgresql://...`, one database shared by every server, with takeover when a server dies
+(postgresql.py).
 """
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Protocol
 
 from ..engine.journal import StoredJob
 
 STORE_KINDS = ("sqlite", "memory")
+POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")  # libpq's URI forms
+
+
+def is_postgresql_uri(text: str) -> bool:
+    return text.startswith(POSTGRESQL_SCHEMES)
 
 
 class StoreError(Exception):
@@ -75,13 +83,31 @@ def database_path(data_dir: Path, port: int) -> Path:
     return data_dir / f"jobserver-{port}.sqlite3"
 
 
-def open_store(kind: str, data_dir: Path, port: int) -> JobStore | None:
-    """The store of that kind, ready to load; None for `memory` (nothing to keep).
-    Raises StoreError naming the file and the problem."""
+def open_store(
+    kind: str,
+    data_dir: Path,
+    port: int,
+    *,
+    node_id: str | None = None,
+    lease: float | None = None,
+) -> JobStore | None:
+    """The store of that kind, ready to load; None for `memory` (nothing to keep). `kind` may
+    be a postgresql:// URI: the store shared by a cluster, where this server is `node_id`
+    (default <hostname>:<port>) holding a lease of `lease` seconds. Raises StoreError naming
+    the file or database and the problem."""
     if kind == "memory":
         return None
+    if is_postgresql_uri(kind):
+        from .lease import DEFAULT_LEASE
+        from .postgresql import PostgresStore  # imports psycopg: only for clusters
+
+        node = node_id or f"{socket.gethostname()}:{port}"
+        return PostgresStore.open(kind, node, DEFAULT_LEASE if lease is None else lease)
     if kind != "sqlite":
-        raise StoreError(f"unknown store {kind!r}; choose one of {', '.join(STORE_KINDS)}")
+        raise StoreError(
+            f"unknown store {kind!r}; choose one of {', '.join(STORE_KINDS)} "
+            "or a postgresql:// URI"
+        )
     from .sqlite import SqliteStore
 
     return SqliteStore.open(data_dir, database_path(data_dir, port))

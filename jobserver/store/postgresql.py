@@ -1,0 +1,258 @@
+"""The shared store of a cluster: durable background jobs in one PostgreSQL database that every
+server of the cluster points at (`--store postgresql://...`, issue 12).
+
+Each server keeps its own queue in memory for dispatch, as with sqlite; the database is the
+durable copy, written in batches from the store's thread (jobserver/commits.py), one statement
+and one commit per batch. What sqlite cannot give: when a server dies, its jobs are not lost
+with its disk nor stranded while it is down. Every server holds a lease on its jobs, renewed
+about every second and timed by the database's clock alone; a live peer that finds a lease
+expired takes that server's jobs over, in one transaction that also bumps its term (the fencing
+token). Every write a server makes carries its node id and term, so a server that was frozen
+or cut off writes nothing once it has been taken over; and it stops handing out its jobs well
+before its lease can expire (lease.py). The contract is at least once: a job a dead server had
+handed to a worker runs again on its new owner.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import psycopg
+
+from ..engine.journal import StoredJob
+from . import StoreError
+from . import pg_schema as sql
+from .lease import DEFAULT_LEASE, MIN_LEASE, Adopted, Fenced, Lease
+from .pg_connection import PgConnection, Unavailable, redact
+
+log = logging.getLogger(__name__)
+
+RENEWALS_PER_LEASE = 4
+RENEW_INTERVAL_MAX = 1.0
+"""The lease is renewed every lease/4 seconds, at most every second: several renewals fit in
+the trusted half of a lease (lease.py), so one slow or lost one does not put the jobs on hold."""
+
+class PostgresStore:
+    """The JobStore interface (see __init__.py), plus a lease: see the module docstring."""
+
+    def __init__(self, connection: PgConnection, node_id: str, lease: Lease) -> None:
+        self._db = connection
+        self.node_id = node_id
+        self.lease = lease
+        self.path = connection.description  # how the server's log names the store
+        self.check_interval = min(RENEW_INTERVAL_MAX, lease.seconds / RENEWALS_PER_LEASE)
+        self._term = 0
+        self._next_record_id = 1
+        self._record_ids_end = 1  # one past every record id ever handed to apply
+        self._joined = False
+
+    @classmethod
+    def open(cls, uri: str, node_id: str, lease_seconds: float = DEFAULT_LEASE) -> PostgresStore:
+        """Connect and create or migrate the schema. Raises StoreError naming the database
+        (password left out) and the cause."""
+        if lease_seconds < MIN_LEASE:
+            raise StoreError(f"--lease {lease_seconds:g}: at least {MIN_LEASE:g} s")
+        connection = PgConnection(uri, f"jobserver {node_id}"[:63])
+        try:
+            connection.connect_now()
+            with connection.call() as db:
+                _migrate(db)
+        except StoreError:
+            connection.close()
+            raise
+        except Unavailable as problem:
+            connection.close()
+            raise StoreError(str(problem)) from None
+        except psycopg.Error as problem:
+            connection.close()
+            text = redact(str(problem).strip().replace("\n", " "), uri)
+            raise StoreError(f"database {connection.description}: {text}") from None
+        return cls(connection, node_id, Lease(lease_seconds))
+
+    # ------------------------------------------------------------------ JobStore
+
+    @property
+    def next_record_id(self) -> int:
+        return self._next_record_id
+
+    def load(self) -> list[StoredJob]:
+        """Join the cluster under a new term and return this node's jobs, oldest first.
+        Jobs a peer took over while this node was down are the peer's and are not loaded."""
+        sent_at = time.monotonic()
+        try:
+            with self._db.call() as db, db.transaction():
+                self._term = self._join(db)
+                rows = db.execute(sql.LOAD, (self.node_id,)).fetchall()
+        except (Unavailable, psycopg.Error) as problem:
+            raise StoreError(self._describe_failure(problem)) from None
+        self.lease.renewed(sent_at)
+        jobs = [StoredJob(*row) for row in rows]
+        highest = max((job.record_id for job in jobs), default=0)
+        self._next_record_id = self._record_ids_end = max(1, highest + 1)
+        log.info("joined the cluster as %s, term %d", self.node_id, self._term)
+        return jobs
+
+    def apply(self, adds: list[StoredJob], removes: list[int]) -> None:
+        if adds:
+            self._record_ids_end = max(self._record_ids_end, adds[-1].record_id + 1)
+        added_ids = {job.record_id for job in adds}
+        if added_ids and removes:
+            # Added and removed in one batch (the job finished before its batch was taken):
+            # neither is written. The statement's DELETE could not see the INSERT's row anyway.
+            cancelled = added_ids.intersection(removes)
+            if cancelled:
+                adds = [job for job in adds if job.record_id not in cancelled]
+                removes = [record_id for record_id in removes if record_id not in cancelled]
+        if not adds and not removes:
+            return
+        parameters = {
+            "lease": self.lease.seconds,
+            "node": self.node_id,
+            "ids": [job.record_id for job in adds],
+            "functions": [job.function for job in adds],
+            "uniques": [job.unique for job in adds],
+            "priorities": [int(job.priority) for job in adds],  # IntEnum: psycopg sends names
+            "run_ats": [job.run_at for job in adds],
+            "reducers": [job.reducer for job in adds],
+            "payloads": [job.payload for job in adds],
+            "removes": removes,
+        }
+        size = sum(len(job.payload) for job in adds)
+        for attempt in (1, 2):
+            sent_at = time.monotonic()
+            parameters["term"] = self._term
+            try:
+                with self._db.call(size) as db:
+                    row = db.execute(sql.APPLY, parameters).fetchone()
+            except Unavailable as problem:
+                raise StoreError(str(problem), busy=True) from None
+            except psycopg.Error as problem:
+                raise StoreError(self._describe_failure(problem)) from None
+            assert row is not None
+            if row[0]:
+                self.lease.renewed(sent_at)
+                return
+            if attempt == 1:  # fenced: the jobs recorded so far are a peer's now
+                below = adds[0].record_id if adds else self._record_ids_end
+                self._rejoin_after_fencing(below)
+        raise StoreError(f"database {self.path}: fenced again right after joining anew")
+
+    def check(self) -> None:
+        """Renew the lease, and take over peers whose lease has expired. Logs problems."""
+        sent_at = time.monotonic()
+        try:
+            with self._db.call() as db:
+                adopted = self._renew_and_take_over(db)
+        except Unavailable as problem:
+            log.error("%s; the lease is not renewed", problem)
+            return
+        except psycopg.Error as problem:
+            log.error("%s; trying again in %.1f s", self._describe_failure(problem),
+                      self.check_interval)
+            return
+        except _FencedError:
+            try:
+                self._rejoin_after_fencing(self._record_ids_end)
+            except (StoreError, psycopg.Error) as problem:
+                log.error("could not join again after being taken over: %s", problem)
+            return
+        if adopted is not None:
+            self.lease.news.append(adopted)
+        self.lease.renewed(sent_at)
+
+    def close(self) -> None:
+        """A clean stop: end the lease now, so that peers take the jobs over at once."""
+        self.lease.distrust()
+        if self._term:
+            try:
+                with self._db.call() as db:
+                    db.execute(sql.RELEASE, {"node": self.node_id, "term": self._term})
+            except (Unavailable, psycopg.Error) as problem:
+                log.warning("could not end the lease at stop (%s); peers wait for it", problem)
+        self._db.close()
+
+    # ------------------------------------------------------------------ leases
+
+    def _join(self, db: psycopg.Connection) -> int:
+        row = db.execute(sql.JOIN, {"node": self.node_id, "lease": self.lease.seconds}).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def _rejoin_after_fencing(self, below: int) -> None:
+        """A peer took this node's jobs over: join again under a new term. Every record below
+        `below` is the peer's now; the serving thread drops those jobs (Fenced)."""
+        old_term = self._term
+        sent_at = time.monotonic()
+        try:
+            with self._db.call() as db:
+                self._term = self._join(db)
+        except Unavailable as problem:
+            raise StoreError(str(problem), busy=True) from None
+        except psycopg.Error as problem:
+            raise StoreError(self._describe_failure(problem)) from None
+        log.error(
+            "node %s was taken over by a peer (term %d): its jobs recorded so far run there; "
+            "joined again as term %d",
+            self.node_id,
+            old_term,
+            self._term,
+        )
+        self.lease.news.append(Fenced(below, old_term, self._term))
+        self.lease.renewed(sent_at)  # after the news: the serving thread reads trust first
+
+    def _renew_and_take_over(self, db: psycopg.Connection) -> Adopted | None:
+        parameters = {"node": self.node_id, "term": self._term, "lease": self.lease.seconds}
+        # A peer's lease may look expired only because this server could not see it renewed
+        # (it was cut off itself, or the database restarted): take nobody over until this
+        # server has been connected for a whole lease, so every live peer has renewed since.
+        may_take_over = time.monotonic() >= self._db.connected_at + self.lease.seconds
+        with db.transaction():
+            if db.execute(sql.RENEW, parameters).fetchone() is None:
+                raise _FencedError
+            if not may_take_over:
+                return None
+            dead = db.execute(sql.TAKE_OVER_NODES, parameters).fetchall()
+            if not dead:
+                return None
+            parameters["dead"] = [node for node, _term in dead]
+            rows = db.execute(sql.TAKE_OVER_JOBS, parameters).fetchall()
+        rows.sort()  # by seq: the order they were first recorded
+        jobs = [StoredJob(*row[1:]) for row in rows]
+        for node, term in dead:
+            log.warning(
+                "took over node %s (lease expired; fenced at term %d): %d jobs in all",
+                node,
+                term,
+                len(jobs),
+            )
+        return Adopted([(node, term) for node, term in dead], jobs)
+
+    def _describe_failure(self, problem: Exception) -> str:
+        text = str(problem).strip().replace("\n", " ") or type(problem).__name__
+        if isinstance(problem, Unavailable):
+            return text
+        return f"database {self.path}: {redact(text, self._db.uri)}"
+
+
+class _FencedError(Exception):
+    """The renewal found another term: a peer has taken this node's jobs over."""
+
+
+def _migrate(db: psycopg.Connection) -> None:
+    """Create the schema, or bring it up to SCHEMA_VERSION, once, whoever starts first."""
+    with db.transaction():
+        db.execute("SELECT pg_advisory_xact_lock(%s)", (sql.SCHEMA_LOCK,))
+        db.execute(sql.CREATE_VERSION_TABLE)
+        row = db.execute(sql.READ_VERSION).fetchone()
+        version = row[0] if row and row[0] is not None else 0
+        if version > sql.SCHEMA_VERSION:
+            raise StoreError(
+                f"schema version {version} is newer than this jobserver's "
+                f"({sql.SCHEMA_VERSION}); upgrade jobserver"
+            )
+        for number, statements in sql.MIGRATIONS:
+            if number > version:
+                db.execute(statements)
+                db.execute(sql.WRITE_VERSION, (number,))
+                log.info("database schema migrated to version %d", number)
