@@ -7,6 +7,8 @@
 - `anyio_backend`: the SDK tests (modules marked `pytest.mark.anyio`) run once on trio and
   once on asyncio, since the SDKs promise both. Every other async test is a trio test
   (pytest-trio's trio_mode), as the server is trio only.
+- `pg_cluster` / `pg_database`: a private PostgreSQL cluster for the session
+  (tests/pg_cluster.py) and the URI of a new database for one test.
 
 With the environment variable CI set, a skipped test fails the run, and missing gearman
 binaries are a failure rather than a skip: CI must prove interop, not silently skip it.
@@ -14,8 +16,10 @@ binaries are a failure rather than a skip: CI must prove interop, not silently s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,11 +27,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
+import psycopg
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import servers
+from pg_cluster import MAX_NAME_BYTES, PgCluster, PgClusterError, PostgresNotInstalled
 
 IN_CI = bool(os.environ.get("CI"))
 
@@ -200,3 +206,44 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             reporter.write_line(line, red=True)
     if session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# --- PostgreSQL: a private cluster for the session, a fresh database per test ----------------
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgCluster]:
+    """One PostgreSQL cluster (tests/pg_cluster.py) for the whole session, stopped by PID at
+    the end. Missing PostgreSQL binaries fail the test, locally too: the store's tests are
+    required and a skip would hide them (scripts/test installs Debian's `postgresql`)."""
+    try:
+        cluster = PgCluster.start(tmp_path_factory.mktemp("pg_cluster"))
+    except PostgresNotInstalled as error:
+        pytest.fail(str(error), pytrace=False)
+    yield cluster
+    cluster.remove_files()
+
+
+def pg_database_name(nodeid: str, test_name: str) -> str:
+    """A valid, unique database name for one test: its name in lower-case letters, digits
+    and underscores, cut short, plus a hash of its node id (the same test name recurs across
+    modules and parameters)."""
+    readable = re.sub(r"[^a-z0-9_]+", "_", test_name.lower()).strip("_")
+    digest = hashlib.sha256(nodeid.encode()).hexdigest()[:10]
+    return f"{readable[: MAX_NAME_BYTES - len(digest) - 1]}_{digest}"
+
+
+@pytest.fixture
+def pg_database(pg_cluster: PgCluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    """The postgresql:// URI of a new empty database of this test's own, dropped afterwards.
+    A test may stop or kill the session's cluster: the next one finds it started again."""
+    if not pg_cluster.running:
+        pg_cluster.start_again()
+    name = pg_database_name(request.node.nodeid, request.node.name)
+    uri = pg_cluster.create_database(name)
+    yield uri
+    # A test that left the cluster down or broken must not fail after the fact; the name is
+    # this test's own, and create_database drops a leftover on the next run.
+    with contextlib.suppress(PgClusterError, psycopg.Error):
+        if pg_cluster.running:
+            pg_cluster.drop_database(name)
