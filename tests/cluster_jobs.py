@@ -16,6 +16,10 @@ from wire import Wire
 
 from jobserver.protocol import PacketType as T
 
+SUBMIT_DEADLINE = 30.0
+"""Seconds a submit may wait for its reply: with the database unreachable, the store tries a
+statement for up to 5 s and a new connection for up to 5 s before it refuses the batch."""
+
 DRAIN_IDLE_PAUSE = 0.02
 """Seconds a worker waits after every server said NO_JOB before asking again."""
 
@@ -35,7 +39,7 @@ def try_submit_background(server, function: bytes, payload: bytes) -> tuple[str,
     """One background submit on a fresh connection: ("created", handle), ("error", code and
     text) or ("down", why): the server could not be reached or closed on us."""
     try:
-        with Wire.to(server, timeout=10) as wire:
+        with Wire.to(server, timeout=SUBMIT_DEADLINE) as wire:
             wire.send(T.SUBMIT_JOB_BG, function, b"u-" + payload, payload)
             packet = wire.read_packet()
     except (OSError, ConnectionError) as error:

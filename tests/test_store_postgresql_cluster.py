@@ -27,8 +27,8 @@ from wire import Wire
 from jobserver.protocol import PacketType as T
 
 LEASE = 2
-"""Seconds; the minimum is 1. A peer may take over only after it has been connected a lease,
-and checks every lease/4 s."""
+"""Seconds; the minimum is 1. A peer checks every lease/4 s, and takes over only once it has
+been connected for a lease plus 2 s (every peer's longest reconnect backoff)."""
 
 TAKEOVER_DEADLINE = LEASE * 2 + 15
 """Seconds a takeover may take before the test fails: the design says lease plus about a

@@ -41,9 +41,10 @@ WATCHDOG_TICK = 0.25
 """How often the watchdog looks at the deadline: a hung call is cut at most this late."""
 
 RECONNECT_FIRST_DELAY = 0.2
-RECONNECT_MAX_DELAY = 5.0
-"""Backoff between attempts to connect again: from 0.2 s, doubling, at most 5 s, so a restarted
-database is found again within seconds while a dead one costs one attempt per 5 s."""
+RECONNECT_MAX_DELAY = 2.0
+"""Backoff between attempts to connect again: from 0.2 s, doubling, at most 2 s, so a restarted
+database is found again within 2 s by every server (a peer may take over only once each has
+had that long to come back, see postgresql.py), while a dead one costs one attempt per 2 s."""
 
 LOCK_TIMEOUT_MS = 2000
 """A statement waits this long for a row lock, then fails and is tried again later: takeover

@@ -24,7 +24,7 @@ from ..engine.journal import StoredJob
 from . import StoreError
 from . import pg_schema as sql
 from .lease import DEFAULT_LEASE, MIN_LEASE, Adopted, Fenced, Lease
-from .pg_connection import PgConnection, Unavailable, redact
+from .pg_connection import RECONNECT_MAX_DELAY, PgConnection, Unavailable, redact
 
 log = logging.getLogger(__name__)
 
@@ -203,10 +203,12 @@ class PostgresStore:
 
     def _renew_and_take_over(self, db: psycopg.Connection) -> Adopted | None:
         parameters = {"node": self.node_id, "term": self._term, "lease": self.lease.seconds}
-        # A peer's lease may look expired only because this server could not see it renewed
-        # (it was cut off itself, or the database restarted): take nobody over until this
-        # server has been connected for a whole lease, so every live peer has renewed since.
-        may_take_over = time.monotonic() >= self._db.connected_at + self.lease.seconds
+        # A peer's lease may look expired only because the database was down for everyone (or
+        # restarted): take nobody over until this server has been connected for a lease plus
+        # the longest reconnect backoff, so that every live peer has connected and renewed.
+        may_take_over = time.monotonic() >= (
+            self._db.connected_at + self.lease.seconds + RECONNECT_MAX_DELAY
+        )
         with db.transaction():
             if db.execute(sql.RENEW, parameters).fetchone() is None:
                 raise _FencedError
