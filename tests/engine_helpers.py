@@ -16,6 +16,7 @@ import itertools
 from typing import Any
 
 from jobserver.engine import Engine, Peer
+from jobserver.engine.journal import Batch
 from jobserver.protocol import REQ, RES, Decoder, Packet
 from jobserver.protocol import PacketType as T
 
@@ -164,3 +165,16 @@ def get_status(engine: Engine, peer: Peer, handle: bytes) -> tuple[bytes, ...]:
 def queued(engine: Engine, function: bytes | str = b"fn") -> list[int]:
     """Live queued jobs per priority [HIGH, NORMAL, LOW] of a function."""
     return list(engine.functions[_as_bytes(function)].queued)
+
+
+def durable_engine(**options: Any) -> Engine:
+    """An engine with a journal, as with a store: background jobs wait for `commit`."""
+    return new_engine(durable=True, **options)
+
+
+def commit(engine: Engine, error: str | None = None) -> Batch:
+    """Take everything journalled as one batch and report it committed (or failed)."""
+    assert engine.journal is not None
+    batch = engine.journal.take_batch()
+    engine.commit_finished(batch, error)
+    return batch

@@ -15,7 +15,9 @@ import pytest
 from engine_helpers import (
     START_TIME,
     advance,
+    commit,
     connect,
+    durable_engine,
     get_status,
     grab,
     grab_handle,
@@ -29,22 +31,11 @@ from engine_helpers import (
 
 from jobserver.admin import AdminProtocol, ServerFacts
 from jobserver.engine import Engine, JobState, Peer
-from jobserver.engine.journal import Batch, StoredJob
+from jobserver.engine.journal import StoredJob
 from jobserver.protocol import PacketType as T
 
 UNKNOWN = (b"0", b"0", b"0", b"0")
 QUEUED_HERE = (b"1", b"0", b"0", b"0")  # known, not running
-
-
-def durable_engine(**options) -> Engine:
-    return new_engine(durable=True, **options)
-
-
-def commit(engine: Engine, error: str | None = None) -> Batch:
-    """Take everything journalled as one batch and report it committed (or failed)."""
-    batch = engine.journal.take_batch()
-    engine.commit_finished(batch, error)
-    return batch
 
 
 def durable_jobs(engine: Engine, client: Peer, *uniques: bytes, kind=T.SUBMIT_JOB_BG):

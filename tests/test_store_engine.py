@@ -13,7 +13,9 @@ import pytest
 from engine_helpers import (
     START_TIME,
     advance,
+    commit,
     connect,
+    durable_engine,
     get_status,
     grab,
     new_engine,
@@ -30,17 +32,6 @@ from jobserver.protocol import PacketType as T
 from jobserver.store import StoreError, database_path, open_store
 
 STORE_ERROR = "Job could not be stored: job database /x/jobserver-1.sqlite3: disk is full"
-
-
-def durable_engine(**options) -> Engine:
-    return new_engine(durable=True, **options)
-
-
-def commit(engine: Engine, error: str | None = None) -> Batch:
-    """Take everything journalled as one batch and report it committed (or failed)."""
-    batch = engine.journal.take_batch()
-    engine.commit_finished(batch, error)
-    return batch
 
 
 def queue_error(text: str = STORE_ERROR):

@@ -182,3 +182,24 @@ def test_a_cleanly_stopped_server_hands_its_jobs_over_at_once(started, pg_databa
     with Worker([b], b"f") as worker:
         worker.run_until(ran_all(jobs), timeout=TAKEOVER_DEADLINE)
     assert max(worker.runs.values()) == 1
+
+
+def test_a_second_server_with_the_same_node_id_supersedes_the_first(started, pg_database):
+    """Two servers started as the same node (a misconfiguration, or a restart while the old
+    process still runs): the newer one owns the node's jobs; the older one stores nothing
+    more and hands none of them out, instead of the two fencing each other in turn."""
+    old = started("a")
+    jobs = payloads(20)
+    submit_background(old, b"f", jobs)
+    new = started("a")
+    assert status(new.address)["f"][0] == 20  # loaded as the node's jobs
+    with Wire.to(old) as client:
+        client.send(T.SUBMIT_JOB_BG, b"f", b"", b"refused")
+        text = client.expect_error(b"QUEUE_ERROR")
+    assert b"node id a was joined by another server" in text
+    assert "node ids must be unique" in old.stderr_text()
+    with Worker([old], b"f") as on_old:
+        on_old.expect_no_job(0.5)
+    with Worker([new], b"f") as on_new:
+        on_new.run_until(ran_all(jobs), timeout=30)
+    assert max(on_new.runs.values()) == 1

@@ -136,16 +136,15 @@ class DurableJobs:
         submits coalesce onto them, `status` counts them as queued. Returns how many."""
         self.durable_on_hold = True
         queued = JobState.QUEUED
-        count = 0
-        for job in self.jobs.values():
-            if job.record_id and job.state is queued:
-                job.function.forget_queued(job)
-                self._hold(job)
-                count += 1
-        return count
+        jobs = [job for job in self.jobs.values() if job.record_id and job.state is queued]
+        jobs.sort(key=_queue_order)  # released in the order they were queued
+        for job in jobs:
+            job.function.forget_queued(job)
+            self._hold(job)
+        return len(jobs)
 
     def _hold(self, job: Job) -> None:
-        job.state = JobState.PENDING  # not runnable, counted as queued; a stale queue entry
+        job.state = JobState.HELD  # not runnable, counted as queued; a stale queue entry
         job.function.pending += 1
         self._on_hold.append(job)
 
@@ -154,9 +153,9 @@ class DurableJobs:
         to their queues in the order they were held. Returns how many."""
         self.durable_on_hold = False
         held, self._on_hold = self._on_hold, []
-        pending, count = JobState.PENDING, 0
+        count = 0
         for job in held:
-            if job.state is pending:  # not cancelled or dropped meanwhile
+            if job.state is JobState.HELD:  # not cancelled or dropped meanwhile
                 job.function.pending -= 1
                 self._activate(job)
                 count += 1
@@ -188,7 +187,7 @@ class DurableJobs:
                 function.forget_queued(job)
             elif job.state is JobState.WAITING:
                 function.waiting -= 1  # its epoch-heap entry is skipped once it is not WAITING
-            elif job.state is JobState.PENDING:
+            elif job.state is JobState.HELD:
                 function.pending -= 1
             job.state = JobState.GONE
             self._forget_if_unused(function)
@@ -211,6 +210,9 @@ class DurableJobs:
                 else:
                     known.record_id = stored.record_id
                     known.background = True
+                    if self.durable_on_hold and known.state is JobState.QUEUED:
+                        known.function.forget_queued(known)
+                        self._hold(known)
                 continue
             job = self._create_job(
                 self._function(stored.function),
@@ -227,3 +229,7 @@ class DurableJobs:
             self._activate(job)
             count += 1
         return count
+
+
+def _queue_order(job: Job) -> int:
+    return job.sequence

@@ -318,6 +318,9 @@ class Engine(WorkerRequests, DurableJobs):
             # survive a crash, so it is recorded before this submit is acknowledged.
             job.background = True
             record_id = journal.add(job)
+            if self.durable_on_hold and job.state is JobState.QUEUED:
+                job.function.forget_queued(job)
+                self._hold(job)
         elif background:
             job.background = True
         if not background:
@@ -508,6 +511,11 @@ class Engine(WorkerRequests, DurableJobs):
             self._unindex(job)
             job.state = JobState.GONE
             self._forget_if_unused(job.function)
+        elif job.state == JobState.HELD:  # a foreground job whose record was refused
+            job.function.pending -= 1
+            self._unindex(job)
+            job.state = JobState.GONE
+            self._forget_if_unused(job.function)
 
     def _unindex(self, job: Job) -> None:
         """The job is over for clients: forget its handle, unique and stored record."""
@@ -584,7 +592,7 @@ class Engine(WorkerRequests, DurableJobs):
         elif job.state == JobState.WAITING:
             job.function.waiting -= 1
             job.state = JobState.GONE
-        elif job.state == JobState.PENDING:
+        elif job.state == JobState.PENDING or job.state == JobState.HELD:
             job.function.pending -= 1
             job.state = JobState.GONE
         else:

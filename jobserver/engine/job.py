@@ -23,6 +23,7 @@ class JobState(enum.IntEnum):
     DETACHED = 3  # still held by a worker, but cancelled or abandoned: results go nowhere
     GONE = 4  # finished or removed; a stale queue entry for it is skipped
     PENDING = 5  # a new durable job whose record is not committed yet; not runnable
+    HELD = 6  # a durable job kept from workers while a shared store's lease is in doubt
 
 
 class Job:

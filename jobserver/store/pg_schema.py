@@ -114,10 +114,17 @@ its row; the second re-checks `lease_expires < now()` after the first committed 
 A node that renewed meanwhile no longer matches either."""
 
 TAKE_OVER_JOBS = f"""
-    UPDATE jobserver_jobs SET owner = %(node)s, record_id = -seq
-    WHERE owner = ANY(%(dead)s::text[])
-    RETURNING seq, {_JOB_COLUMNS}
+    UPDATE jobserver_jobs AS job SET owner = %(node)s, record_id = -job.seq
+    FROM (
+        SELECT owner AS old_owner, record_id AS old_id FROM jobserver_jobs
+        WHERE owner = ANY(%(dead)s::text[])
+    ) AS old
+    WHERE job.owner = old.old_owner AND job.record_id = old.old_id
+    RETURNING job.seq, old.old_owner, {", ".join("job." + c for c in _JOB_COLUMNS.split(", "))}
 """
+"""Every job of the dead nodes, now this node's, with the node each came from (for the log)."""
+
+READ_NODE = "SELECT term, taken_over_by FROM jobserver_nodes WHERE node_id = %s FOR UPDATE"
 
 RELEASE = """
     UPDATE jobserver_nodes SET lease_expires = now()

@@ -15,6 +15,7 @@ handed to a worker runs again on its new owner.
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 
@@ -45,7 +46,8 @@ class PostgresStore:
         self._term = 0
         self._next_record_id = 1
         self._record_ids_end = 1  # one past every record id ever handed to apply
-        self._joined = False
+        self._superseded: str | None = None  # why this process may no longer write
+        self._outage_logged = False
 
     @classmethod
     def open(cls, uri: str, node_id: str, lease_seconds: float = DEFAULT_LEASE) -> PostgresStore:
@@ -106,6 +108,8 @@ class PostgresStore:
                 removes = [record_id for record_id in removes if record_id not in cancelled]
         if not adds and not removes:
             return
+        if self._superseded is not None:
+            raise StoreError(self._superseded, busy=True)
         parameters = {
             "lease": self.lease.seconds,
             "node": self.node_id,
@@ -136,27 +140,34 @@ class PostgresStore:
             if attempt == 1:  # fenced: the jobs recorded so far are a peer's now
                 below = adds[0].record_id if adds else self._record_ids_end
                 self._rejoin_after_fencing(below)
+                if self._superseded is not None:
+                    raise StoreError(self._superseded, busy=True)
         raise StoreError(f"database {self.path}: fenced again right after joining anew")
 
     def check(self) -> None:
-        """Renew the lease, and take over peers whose lease has expired. Logs problems."""
+        """Renew the lease, and take over peers whose lease has expired. Logs problems (an
+        outage once, not at every check)."""
+        if self._superseded is not None:
+            return
         sent_at = time.monotonic()
         try:
             with self._db.call() as db:
                 adopted = self._renew_and_take_over(db)
         except Unavailable as problem:
-            log.error("%s; the lease is not renewed", problem)
+            if not self._outage_logged:
+                log.error("%s; the lease is not renewed until it is back", problem)
+                self._outage_logged = True
             return
         except psycopg.Error as problem:
-            log.error("%s; trying again in %.1f s", self._describe_failure(problem),
-                      self.check_interval)
+            log.error("%s; trying again at the next check", self._describe_failure(problem))
             return
         except _FencedError:
             try:
                 self._rejoin_after_fencing(self._record_ids_end)
-            except (StoreError, psycopg.Error) as problem:
-                log.error("could not join again after being taken over: %s", problem)
+            except StoreError as problem:
+                log.error("%s", problem)
             return
+        self._outage_logged = False
         if adopted is not None:
             self.lease.news.append(adopted)
         self.lease.renewed(sent_at)
@@ -180,17 +191,33 @@ class PostgresStore:
         return int(row[0])
 
     def _rejoin_after_fencing(self, below: int) -> None:
-        """A peer took this node's jobs over: join again under a new term. Every record below
-        `below` is the peer's now; the serving thread drops those jobs (Fenced)."""
+        """This node's term changed under it. Every record below `below` is someone else's
+        now; the serving thread drops those jobs (Fenced). If a peer took them over, join
+        again under a new term. If nobody did, another process has joined under this node id
+        (a second server started with the same --node-id, or a restart while the old process
+        still ran): the newer one owns the jobs, and this one stores nothing more, rather than
+        the two fencing each other in turn."""
         old_term = self._term
         sent_at = time.monotonic()
         try:
-            with self._db.call() as db:
-                self._term = self._join(db)
+            with self._db.call() as db, db.transaction():
+                row = db.execute(sql.READ_NODE, (self.node_id,)).fetchone()
+                taken_over = row is None or row[1] is not None
+                if taken_over:
+                    self._term = self._join(db)
         except Unavailable as problem:
             raise StoreError(str(problem), busy=True) from None
         except psycopg.Error as problem:
             raise StoreError(self._describe_failure(problem)) from None
+        if not taken_over:
+            assert row is not None
+            self._superseded = (
+                f"node id {self.node_id} was joined by another server (term {row[0]}); node "
+                "ids must be unique: this server stores no more background jobs"
+            )
+            log.critical("%s", self._superseded)
+            self.lease.news.append(Fenced(below, old_term, row[0]))
+            return
         log.error(
             "node %s was taken over by a peer (term %d): its jobs recorded so far run there; "
             "joined again as term %d",
@@ -220,15 +247,15 @@ class PostgresStore:
             parameters["dead"] = [node for node, _term in dead]
             rows = db.execute(sql.TAKE_OVER_JOBS, parameters).fetchall()
         rows.sort()  # by seq: the order they were first recorded
-        jobs = [StoredJob(*row[1:]) for row in rows]
+        per_node = collections.Counter(row[1] for row in rows)
         for node, term in dead:
             log.warning(
-                "took over node %s (lease expired; fenced at term %d): %d jobs in all",
+                "took over node %s: its lease expired; fenced at term %d; %d jobs",
                 node,
                 term,
-                len(jobs),
+                per_node[node],
             )
-        return Adopted([(node, term) for node, term in dead], jobs)
+        return Adopted([(node, term) for node, term in dead], [StoredJob(*r[2:]) for r in rows])
 
     def _describe_failure(self, problem: Exception) -> str:
         text = str(problem).strip().replace("\n", " ") or type(problem).__name__
