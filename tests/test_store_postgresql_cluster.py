@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import time
 
 import psycopg
 import pytest
@@ -203,3 +204,30 @@ def test_a_second_server_with_the_same_node_id_supersedes_the_first(started, pg_
     with Worker([new], b"f") as on_new:
         on_new.run_until(ran_all(jobs), timeout=30)
     assert max(on_new.runs.values()) == 1
+
+
+def test_taken_over_jobs_keep_priority_order_and_epoch_time(started, pg_database):
+    a, b = started("a"), started("b")
+    run_at = int(time.time()) + 3600
+    with Wire.to(a) as client:
+        client.send(T.SUBMIT_JOB_LOW_BG, b"f", b"u-low", b"low")
+        client.send(T.SUBMIT_JOB_BG, b"f", b"u-normal-1", b"normal-1")
+        client.send(T.SUBMIT_JOB_EPOCH, b"f", b"u-later", str(run_at).encode(), b"later")
+        client.send(T.SUBMIT_JOB_BG, b"f", b"u-normal-2", b"normal-2")
+        client.send(T.SUBMIT_JOB_HIGH_BG, b"f", b"u-high", b"high")
+        for _ in range(5):
+            client.expect(T.JOB_CREATED)
+    a.proc.kill()
+    a.proc.wait(timeout=10)
+    wait_for(lambda: owners(pg_database) == {"b": 5}, TAKEOVER_DEADLINE, "takeover by b")
+    with psycopg.connect(pg_database) as db:
+        rows = db.execute("SELECT payload, run_at FROM jobserver_jobs").fetchall()
+    assert dict(rows)[b"later"] == run_at
+    with Worker([b], b"f") as worker:
+        wait_for(lambda: worker.grab_once(), 10, "the first job on b")
+        for _ in range(3):
+            assert worker.grab_once() == 1
+        worker.expect_no_job(0.5)  # the epoch job waits for its time
+    order = [payload for payload, _count in worker.runs.items()]
+    assert order == [b"high", b"normal-1", b"normal-2", b"low"]
+    assert status(b.address)["f"][0] == 1
