@@ -108,6 +108,11 @@ job would cost a sync each: draining a queue, the store would spend more than th
 price: if the server is killed meanwhile, those few jobs run again after the restart (at least
 once, never lost). A batch with any add goes at once: its submitters wait for it."""
 
+REMOVES_RETRY_DELAY = 0.5
+"""Seconds between attempts to write removes the store refused (its database unreachable):
+a store in its reconnect backoff refuses at once, and retrying at once would spin both
+threads for as long as the outage lasts."""
+
 DEFAULT_BACKLOG = 1024
 """Listen backlog; gearmand's 32 overflows when thousands of workers reconnect at once."""
 
@@ -150,6 +155,7 @@ class Server:
         self._ownership: Ownership | None = None  # with a shared store: its lease
         self._commit_wakeup = trio.lowlevel.ParkingLot()
         self._removes_due: float | None = None  # when removes waiting for company must go
+        self._removes_failing = False  # the last batch's removes were refused
         self.budget = MemoryBudget(
             config.memory_budget if config.memory_budget is not None else default_memory_budget()
         )
@@ -525,14 +531,19 @@ class Server:
             engine.commit_finished(
                 written.batch, failed=written.failed, removes_failed=written.removes_failed
             )
+            self._removes_failing = written.removes_failed
         journal = engine.journal
         if committer.busy or not journal.has_work:
             return
-        if not journal.has_adds and journal.removes_waiting < REMOVES_PER_COMMIT:
-            # Only finished jobs to forget: nobody waits on that, so let a few gather.
+        if not journal.has_adds and (
+            self._removes_failing or journal.removes_waiting < REMOVES_PER_COMMIT
+        ):
+            # Only finished jobs to forget: nobody waits on that, so let a few gather (or,
+            # after a refusal, let the store recover).
             now = trio.current_time()
             if self._removes_due is None:
-                self._removes_due = now + REMOVES_MAX_DELAY
+                delay = REMOVES_RETRY_DELAY if self._removes_failing else REMOVES_MAX_DELAY
+                self._removes_due = now + delay
                 self._commit_wakeup.unpark_all()  # so that the pacer sleeps until then
                 return
             if now < self._removes_due:

@@ -38,6 +38,9 @@ RECOVERY_DEADLINE = 20
 """Seconds the server may take to store jobs again once the database is back: reconnects are
 at most 2 s apart, and a statement to a vanished database is cut after 5 s."""
 
+OUTAGE_SECONDS = 3
+"""How long the removes test keeps the database down: several retry intervals (0.5 s)."""
+
 STARTUP_DEADLINE = 30
 """Seconds for a server to give up starting on a database it cannot use (connect timeout 5 s)."""
 
@@ -248,3 +251,31 @@ def test_a_server_cut_off_from_the_database_holds_its_jobs_and_a_peer_runs_them(
             on_b.run_until(ran_all(jobs), timeout=30)
         assert max(on_b.runs.values()) == 1
         assert b"cut off" not in on_b.runs
+
+
+def test_removes_refused_in_an_outage_are_retried_calmly_then_written(
+    servers_on, pg_cluster, pg_database
+):
+    """Jobs finished while the database is down: their removes wait and are retried a few
+    times a second (not in a loop as fast as the store can refuse), then written once it is
+    back, so the finished jobs never run again."""
+    a = servers_on("a")
+    jobs = [f"job-{n}".encode() for n in range(300)]
+    submit_background(a, b"f", jobs)
+    with Wire.to(a) as worker:
+        worker.can_do(b"f")
+        handles = []
+        for _ in jobs:
+            worker.send(T.GRAB_JOB)
+            handles.append(worker.expect(T.JOB_ASSIGN)[0])
+        pg_cluster.stop()
+        try:
+            for handle in handles:
+                worker.send(T.WORK_COMPLETE, handle, b"done")
+            worker.echo()
+            time.sleep(OUTAGE_SECONDS)
+        finally:
+            pg_cluster.start_again()
+    wait_for(lambda: not owners(pg_database), RECOVERY_DEADLINE, "the removes to be written")
+    refusals = a.stderr_text().count("removes kept for later")
+    assert 1 <= refusals <= OUTAGE_SECONDS * 2 / 0.5 + 5, f"{refusals} refused batches"

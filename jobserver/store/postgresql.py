@@ -109,7 +109,10 @@ class PostgresStore:
         if not adds and not removes:
             return
         if self._superseded is not None:
-            raise StoreError(self._superseded, busy=True)
+            # The removes are the newer server's business now; drop them, refuse the adds.
+            if adds:
+                raise StoreError(self._superseded, removes_written=True)
+            return
         parameters = {
             "lease": self.lease.seconds,
             "node": self.node_id,
@@ -141,7 +144,7 @@ class PostgresStore:
                 below = adds[0].record_id if adds else self._record_ids_end
                 self._rejoin_after_fencing(below)
                 if self._superseded is not None:
-                    raise StoreError(self._superseded, busy=True)
+                    raise StoreError(self._superseded, removes_written=True)
         raise StoreError(f"database {self.path}: fenced again right after joining anew")
 
     def check(self) -> None:
