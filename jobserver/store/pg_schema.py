@@ -103,6 +103,14 @@ server's term, and only if that matched (the server still owns its jobs) are the
 and the removes deleted. A peer that took the jobs over bumped the term first, in the same
 transaction that moved them, so a fenced server writes nothing."""
 
+COPY_JOBS = f"COPY jobserver_jobs (owner, {_JOB_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+COPY_JOBS_TYPES = ["text", "int8", "bytea", "bytea", "int2", "int8", "bytea", "bytea"]
+"""Large batches: COPY, in a transaction that first renews the lease (RENEW) under the term."""
+
+REMOVE = """
+    DELETE FROM jobserver_jobs WHERE owner = %(node)s AND record_id = ANY(%(removes)s::bigint[])
+"""
+
 TAKE_OVER_NODES = """
     UPDATE jobserver_nodes
     SET term = term + 1, lease_expires = NULL, taken_over_by = %(node)s, taken_over_at = now()

@@ -29,6 +29,13 @@ from .pg_connection import RECONNECT_MAX_DELAY, PgConnection, Unavailable, redac
 
 log = logging.getLogger(__name__)
 
+COPY_MIN_ROWS = 50
+"""From this many adds, a batch is written with COPY inside a transaction (five round trips,
+then about 190,000 rows/s here); below it, with the single APPLY statement (one round trip, but
+about 55,000 rows/s: psycopg builds its arrays in Python). Measured on loopback with 100-byte
+payloads, per batch: 10 rows 0.50 ms by APPLY against 0.82 ms by COPY, 100 rows 2.0 against
+1.4 ms, 1,000 rows 17 against 5.2 ms."""
+
 RENEWALS_PER_LEASE = 4
 RENEW_INTERVAL_MAX = 1.0
 """The lease is renewed every lease/4 seconds, at most every second: several renewals fit in
@@ -113,31 +120,17 @@ class PostgresStore:
             if adds:
                 raise StoreError(self._superseded, removes_written=True)
             return
-        parameters = {
-            "lease": self.lease.seconds,
-            "node": self.node_id,
-            "ids": [job.record_id for job in adds],
-            "functions": [job.function for job in adds],
-            "uniques": [job.unique for job in adds],
-            "priorities": [int(job.priority) for job in adds],  # IntEnum: psycopg sends names
-            "run_ats": [job.run_at for job in adds],
-            "reducers": [job.reducer for job in adds],
-            "payloads": [job.payload for job in adds],
-            "removes": removes,
-        }
         size = sum(len(job.payload) for job in adds)
         for attempt in (1, 2):
             sent_at = time.monotonic()
-            parameters["term"] = self._term
             try:
                 with self._db.call(size) as db:
-                    row = db.execute(sql.APPLY, parameters).fetchone()
+                    written = self._write(db, adds, removes)
             except Unavailable as problem:
                 raise StoreError(str(problem), busy=True) from None
             except psycopg.Error as problem:
                 raise StoreError(self._describe_failure(problem)) from None
-            assert row is not None
-            if row[0]:
+            if written:
                 self.lease.renewed(sent_at)
                 return
             if attempt == 1:  # fenced: the jobs recorded so far are a peer's now
@@ -146,6 +139,46 @@ class PostgresStore:
                 if self._superseded is not None:
                     raise StoreError(self._superseded, removes_written=True)
         raise StoreError(f"database {self.path}: fenced again right after joining anew")
+
+    def _write(self, db: psycopg.Connection, adds: list[StoredJob], removes: list[int]) -> bool:
+        """Write a batch under this node's term, renewing its lease; False, writing nothing,
+        if the term has changed (fenced)."""
+        lease = {"node": self.node_id, "term": self._term, "lease": self.lease.seconds}
+        if len(adds) < COPY_MIN_ROWS:
+            row = (
+                db.cursor(binary=True)
+                .execute(
+                    sql.APPLY,
+                    {
+                        **lease,
+                        "ids": [job.record_id for job in adds],
+                        "functions": [job.function for job in adds],
+                        "uniques": [job.unique for job in adds],
+                        "priorities": [int(job.priority) for job in adds],  # not IntEnum names
+                        "run_ats": [job.run_at for job in adds],
+                        "reducers": [job.reducer for job in adds],
+                        "payloads": [job.payload for job in adds],
+                        "removes": removes,
+                    },
+                )
+                .fetchone()
+            )
+            assert row is not None
+            return bool(row[0])
+        try:
+            with db.transaction():
+                if db.execute(sql.RENEW, lease).fetchone() is None:
+                    raise _FencedError  # rolls the transaction back
+                with db.cursor().copy(sql.COPY_JOBS) as copy:
+                    copy.set_types(sql.COPY_JOBS_TYPES)
+                    node = self.node_id
+                    for job in adds:
+                        copy.write_row((node, *job[:3], int(job[3]), *job[4:]))
+                if removes:
+                    db.execute(sql.REMOVE, {"node": node, "removes": removes})
+        except _FencedError:
+            return False
+        return True
 
     def check(self) -> None:
         """Renew the lease, and take over peers whose lease has expired. Logs problems (an
