@@ -23,7 +23,9 @@ Roles (SPEC keys in brackets):
 - `drain-worker`: GRAB_JOB_UNIQ / WORK_COMPLETE until NO_JOB (the queue is empty).
 - `fg-client` [count, window, payload_size, unique_prefix]: foreground SUBMIT_JOB with `window`
   outstanding; latency is SUBMIT_JOB sent -> WORK_COMPLETE received.
-- `fg-worker`: grabs, echoes the payload back in WORK_COMPLETE, sleeps (PRE_SLEEP) when idle.
+- `fg-worker` [record]: grabs, echoes the payload back in WORK_COMPLETE, sleeps (PRE_SLEEP) when
+  idle. With `record`, its result lists every job it was given as [unique, monotonic time of
+  the JOB_ASSIGN_UNIQ] (time.monotonic is one clock for every process of the machine).
 - `idle` [connections]: opens that many connections and holds them, sending nothing.
 - `probe` [kind, count, warmup, payload_size]: sequential round trips, each one timed.
 """
@@ -271,8 +273,11 @@ def fg_worker(spec: dict, deadline: Deadline) -> Callable[[], dict]:
     grab = encode_request(T.GRAB_JOB_UNIQ)
     pre_sleep = encode_request(T.PRE_SLEEP)
 
+    record = spec.get("record", False)
+
     def run() -> dict:
         done = 0
+        runs: list[tuple[str, float]] = []
         sleeping = False
         stream.send(grab)
         while True:
@@ -280,17 +285,20 @@ def fg_worker(spec: dict, deadline: Deadline) -> Callable[[], dict]:
                 packets = stream.receive()
             except Silence:
                 if stop_requested():
-                    return {"count": done}
+                    return {"count": done, "runs": runs} if record else {"count": done}
                 deadline.check(f"{done} jobs done")
                 continue
+            now = time.monotonic()
             out = []
             for packet in packets:
                 kind = packet.type
                 if kind == T.JOB_ASSIGN_UNIQ:
-                    handle, _function, _unique, data = packet.args
+                    handle, _function, unique, data = packet.args
                     out.append(encode_request(T.WORK_COMPLETE, handle, data))
                     out.append(grab)
                     done += 1
+                    if record:
+                        runs.append((unique.decode(), now))
                 elif kind == T.NO_JOB:
                     out.append(pre_sleep)
                     sleeping = True

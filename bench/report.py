@@ -20,6 +20,12 @@ END = "<!-- bench:end -->"
 
 CEILING = "ceiling"
 REFERENCE = "gearmand"
+MEMORY = "jobserver-memory"
+DURABLE = ("jobserver-sqlite", "jobserver-postgresql")
+
+DURABLE_SUBMIT_TARGET = 0.5
+"""Issues 4 and 12: a durable store's submit rate (b) is at least this fraction of the memory
+store's in the same run."""
 
 LOAD_BOUND_FRACTION = 0.8
 """A rate at or above this fraction of what the load generator reaches against the canned
@@ -131,6 +137,76 @@ def summarize(
     return rows
 
 
+def store_table(figures: dict[str, dict[str, list[float]]]) -> str | None:
+    """The durable stores against the memory store on (b) and (c), from the same run; None
+    when the run has no memory store or no durable one. Jobs and statements per commit, for a
+    store whose database counted them (PostgreSQL: bench/postgres.py)."""
+    servers = [name for name in (MEMORY, *DURABLE) if name in figures]
+    if MEMORY not in servers or len(servers) < 2:
+        return None
+    lines = [
+        "| metric | server | median | min-max | x memory | jobs per commit "
+        "| statements per commit | note |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for metric in METRICS:
+        if metric.key not in ("submit_rps", "drain_rps"):
+            continue
+        reference = figures[MEMORY].get(metric.key)
+        first = True
+        for server in servers:
+            values = figures[server].get(metric.key)
+            if not values or not reference:
+                continue
+            prefix = metric.key.removesuffix("_rps")
+            median = statistics.median(values)
+            ratio = median / statistics.median(reference)
+            per_commit = {
+                key: statistics.median(ratios)
+                for key in ("jobs", "statements")
+                if (ratios := _per_commit(figures[server], prefix, key))
+            }
+            note = ""
+            if metric.key == "submit_rps" and server != MEMORY:
+                met = "met" if ratio >= DURABLE_SUBMIT_TARGET else "**not met**"
+                note = f"target ≥ {DURABLE_SUBMIT_TARGET}x memory: {met}"
+            spread = "(1 round)"
+            if len(values) > 1:
+                spread = f"{number(min(values))}-{number(max(values))}"
+            label = f"{metric.label} ({metric.scenario}) ↑" if first else ""
+            lines.append(
+                f"| {label} | {server} | {number(median)} | {spread} | {ratio:.2f}x "
+                f"| {number(per_commit['jobs']) if 'jobs' in per_commit else ''} "
+                f"| {number(per_commit['statements']) if 'statements' in per_commit else ''} "
+                f"| {note} |"
+            )
+            first = False
+    return "\n".join(lines)
+
+
+def _per_commit(figures: dict[str, list[float]], prefix: str, key: str) -> list[float]:
+    """`key` per commit in each round of a scenario (figures `<prefix>_<key>`, `_commits`)."""
+    counts = figures.get(f"{prefix}_{key}", [])
+    commits = figures.get(f"{prefix}_commits", [])
+    return [count / n for count, n in zip(counts, commits, strict=True) if n]
+
+
+def takeover_table(takeovers: list[dict[str, float]], target_margin: float) -> str:
+    lines = [
+        "| lease, s | jobs on A | takeover, s (kill → every job run on B) | first job on B, s "
+        f"| run on B | run twice | lost | target ≤ lease + {target_margin:g} s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for t in takeovers:
+        met = t["lost"] == 0 and t["takeover_s"] <= t["lease_s"] + target_margin
+        lines.append(
+            f"| {t['lease_s']:g} | {t['jobs']:,.0f} | {t['takeover_s']:.2f} "
+            f"| {t['first_job_s']:.2f} | {t['run']:,.0f} | {t['duplicates']:,.0f} "
+            f"| {t['lost']:,.0f} | {'met' if met else '**not met**'} |"
+        )
+    return "\n".join(lines)
+
+
 def number(value: float) -> str:
     if value >= 1000:
         return f"{value:,.0f}"
@@ -171,6 +247,8 @@ def markdown(
     errors: list[str],
     started: str,
     minutes: float,
+    stores: str | None = None,
+    takeover: str | None = None,
 ) -> str:
     out = [
         f"Command: `{command}` — {rounds} round(s), started {started}, took {minutes:.1f} min.",
@@ -197,6 +275,21 @@ def markdown(
         "",
         table(rows),
     ]
+    if stores:
+        out += [
+            "",
+            "### Durable stores against the memory store",
+            "",
+            "The same medians for (b) and (c), as a ratio to jobserver-memory's in this run. "
+            "Jobs per commit: the scenario's jobs divided by the transactions committed in the "
+            "server's database meanwhile (pg_stat_database.xact_commit); statements per commit: "
+            "statements run there (pg_stat_statements), i.e. round trips. Both include the "
+            "lease renewals (a commit of a few statements about every second).",
+            "",
+            stores,
+        ]
+    if takeover:
+        out += ["", "### Takeover (PostgreSQL store)", "", takeover]
     if errors:
         out += ["", "### Errors", "", *[f"- {error}" for error in errors]]
     return "\n".join(out) + "\n"

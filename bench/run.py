@@ -1,12 +1,21 @@
 """Benchmark jobserver against gearmand and gear's geard, side by side, in one run.
 
-    python -m bench.run [--quick] [--rounds 3] [--out bench/RESULTS.md]
+    python -m bench.run [--quick] [--rounds 3] [--out bench/RESULTS.md] [--postgresql]
 
 Every scenario runs against every server, each time on a freshly started server on a free
 127.0.0.1 port; within a round the servers alternate (and the order rotates from round to
 round), so slow drifts of the machine spread over all of them. The table of medians, min-max
 spread and ratio to gearmand is printed and written to --out. Exit status 1 when any run
 failed (the table then lists the errors).
+
+`--postgresql` adds the PostgreSQL store (issue 12): a column jobserver-postgresql, served by
+a private PostgreSQL cluster started for the run, and after the rounds the takeover time of a
+killed server's jobs (bench/takeover.py). Just those, against the other stores:
+
+    python -m bench.run --postgresql --scenarios bc \
+        --servers jobserver-memory,jobserver-sqlite,jobserver-postgresql
+
+and only the takeover: `--postgresql --scenarios ''`.
 """
 
 from __future__ import annotations
@@ -26,8 +35,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python bench/run.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import report, servers
+from bench import report, servers, takeover
 from bench.loadproc import LoadProcessError
+from bench.postgres import BenchPostgres, PostgresUnavailable
 from bench.scenarios import (
     FULL,
     METRICS,
@@ -50,13 +60,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help=f"markdown (default {DEFAULT_OUT})")
     parser.add_argument("--json", type=Path, default=None, help="also write raw figures as JSON")
     parser.add_argument(
-        "--scenarios", default="abcdef", help="which scenarios, e.g. 'bd' (default all)"
+        "--scenarios",
+        default="abcdef",
+        help="which scenarios, e.g. 'bd' (default all; '' for none, e.g. only the takeover)",
     )
     parser.add_argument(
         "--servers",
         default=None,
         help="comma-separated server names to run (default all: ceiling, jobserver-memory, "
-        "jobserver-sqlite, gearmand, geard)",
+        "jobserver-sqlite, gearmand, geard; jobserver-postgresql with --postgresql)",
+    )
+    parser.add_argument(
+        "--postgresql",
+        action="store_true",
+        help="also run jobserver with the postgresql store (column jobserver-postgresql; a "
+        "private PostgreSQL cluster for the run, a fresh database per server) and measure the "
+        "takeover time of a killed server's jobs",
+    )
+    parser.add_argument(
+        "--takeover-leases",
+        default=None,
+        help="with --postgresql: comma-separated --lease values to measure the takeover with, "
+        "once each (default 3,10; 3 quick); 'none' skips the takeover",
+    )
+    parser.add_argument(
+        "--takeover-jobs",
+        type=int,
+        default=None,
+        help="background jobs on the server that is killed (default 1000; 100 quick)",
     )
     parser.add_argument("--gearmand-threads", type=int, default=servers.GEARMAND_THREADS)
     parser.add_argument(
@@ -76,6 +107,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.scenarios) - {s.key for s in SCENARIOS}
     if unknown:
         parser.error(f"unknown scenarios {''.join(sorted(unknown))}")
+    if args.takeover_leases is None:
+        args.takeover_leases = "3" if args.quick else "3,10"
+    if args.takeover_jobs is None:
+        args.takeover_jobs = 100 if args.quick else 1000
+    try:
+        args.leases = [
+            float(x) for x in args.takeover_leases.split(",") if x and x.lower() != "none"
+        ]
+    except ValueError:
+        parser.error(f"--takeover-leases: not numbers: {args.takeover_leases!r}")
+    if any(lease < 1 for lease in args.leases):
+        parser.error("--takeover-leases: jobserver's --lease is at least 1")
+    if args.takeover_jobs < 1:
+        parser.error("--takeover-jobs must be at least 1")
     return args
 
 
@@ -97,11 +142,16 @@ def raise_fd_limit(needed: int) -> None:
 
 
 def server_lineup(
-    args: argparse.Namespace, sizes: Sizes, fd_limit: int
+    args: argparse.Namespace, sizes: Sizes, fd_limit: int, postgres: BenchPostgres | str | None
 ) -> tuple[list[ServerSpec], dict[str, str], str | None]:
-    """The servers to run, those left out with the reason, and gear's version."""
+    """The servers to run, those left out with the reason, and gear's version. `postgres`:
+    the run's PostgreSQL cluster, or why there is none (with --postgresql), or None."""
     lineup = [servers.canned_spec(sizes.payload), *servers.jobserver_specs()]
     skipped: dict[str, str] = {}
+    if isinstance(postgres, BenchPostgres):
+        lineup.append(postgres.jobserver_spec())
+    elif isinstance(postgres, str):
+        skipped["jobserver-postgresql"] = postgres
     lineup.append(servers.gearmand_spec(args.gearmand_threads, fd_limit))
     if shutil.which(servers.GEARMAND) is None:
         lineup.pop()
@@ -122,11 +172,16 @@ def server_lineup(
     return lineup, skipped, gear_version
 
 
-def setup_notes(lineup: list[ServerSpec], args: argparse.Namespace) -> dict[str, str]:
+def setup_notes(
+    lineup: list[ServerSpec], args: argparse.Namespace, postgres_version: str
+) -> dict[str, str]:
     text = {
         "ceiling": "bench/canned_server.py, canned replies: the load generator's ceiling",
         "jobserver-memory": "`python -m jobserver --store memory`",
         "jobserver-sqlite": "`python -m jobserver --store sqlite`, fresh --data-dir per run",
+        "jobserver-postgresql": "`python -m jobserver --store postgresql://...` (--lease 10), "
+        f"a fresh database per run in a private PostgreSQL {postgres_version} cluster on this "
+        "machine (fsync and synchronous_commit on; pg_stat_statements loaded to count statements)",
         "jobserver": "`python -m jobserver` (no --store option in this checkout)",
         "gearmand": f"`gearmand --threads={args.gearmand_threads}`, empty config file",
         "geard": "gear's `geard -d`, logging at WARNING; it ignores ECHO_REQ, so its (a) and (f) "
@@ -169,6 +224,45 @@ def show(value: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    postgres: BenchPostgres | str | None = None
+    if args.postgresql:
+        try:
+            postgres = BenchPostgres()
+        except PostgresUnavailable as error:
+            postgres = f"no PostgreSQL cluster: {error}"
+    try:
+        return run(args, argv, postgres)
+    finally:
+        if isinstance(postgres, BenchPostgres):
+            postgres.stop()
+
+
+def measure_takeovers(
+    postgres: BenchPostgres, args: argparse.Namespace, sizes: Sizes, errors: list[str]
+) -> list[dict[str, float]]:
+    figures = []
+    for index, lease in enumerate(args.leases):
+        where = f"takeover (lease {lease:g} s)"
+        logs = Path(tempfile.mkdtemp(prefix="bench-load-takeover-"))
+        try:
+            result = takeover.measure(
+                postgres, f"takeover_{index}", lease, args.takeover_jobs, sizes.payload, logs
+            )
+        except Exception as error:
+            errors.append(f"{where}: {error}")
+            print(f"bench: {where}: ERROR {error}", flush=True)
+            continue
+        finally:
+            shutil.rmtree(logs, ignore_errors=True)
+        figures.append(result)
+        shown = ", ".join(f"{k}={show(v)}" for k, v in result.items())
+        print(f"bench: {where}: {shown}", flush=True)
+    return figures
+
+
+def run(
+    args: argparse.Namespace, argv: list[str] | None, postgres: BenchPostgres | str | None
+) -> int:
     sizes = QUICK if args.quick else FULL
     if args.idle_connections is not None:
         sizes = dataclasses.replace(sizes, idle_connections=args.idle_connections)
@@ -178,17 +272,20 @@ def main(argv: list[str] | None = None) -> int:
     started_at = time.strftime("%Y-%m-%d %H:%M %Z")
     began = time.monotonic()
 
-    lineup, skipped, gear_version = server_lineup(args, sizes, fd_limit)
+    lineup, skipped, gear_version = server_lineup(args, sizes, fd_limit, postgres)
     names = [spec.name for spec in lineup]
     scenarios = [s for s in SCENARIOS if s.key in args.scenarios]
     facts = report.machine_facts(servers.gearmand_version(), gear_version, servers.REPO_ROOT)
+    postgres_version = postgres.version if isinstance(postgres, BenchPostgres) else ""
+    if postgres_version:
+        facts["PostgreSQL"] = f"{postgres_version}, on this machine (shares its cores)"
     print("bench: " + "; ".join(f"{k}: {v}" for k, v in facts.items()), flush=True)
     for name, reason in skipped.items():
         print(f"bench: {name} not run: {reason}", flush=True)
 
     figures: dict[str, dict[str, list[float]]] = {name: {} for name in names}
     errors: list[str] = []
-    for round_index in range(args.rounds):
+    for round_index in range(args.rounds if lineup and scenarios else 0):
         shift = round_index % len(lineup)
         order = lineup[shift:] + lineup[:shift]
         for scenario in scenarios:
@@ -211,6 +308,16 @@ def main(argv: list[str] | None = None) -> int:
                 shown = ", ".join(f"{k}={show(v)}" for k, v in values.items())
                 print(f"bench: {where}: {shown}", flush=True)
 
+    takeovers, takeover_text = [], None
+    if isinstance(postgres, BenchPostgres):
+        takeovers = measure_takeovers(postgres, args, sizes, errors)
+    if takeovers:
+        takeover_text = (
+            takeover.describe(args.takeover_jobs)
+            + "\n\n"
+            + report.takeover_table(takeovers, takeover.TARGET_MARGIN_S)
+        )
+
     probe_notes = {
         spec.name: "GET_STATUS round trips: gear ignores ECHO_REQ"
         for spec in lineup
@@ -222,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     generated = report.markdown(
         command=command.strip(),
         facts=facts,
-        setup=setup_notes(lineup, args),
+        setup=setup_notes(lineup, args, postgres_version),
         scenarios={s.key: described[s.key] for s in scenarios},
         rows=rows,
         rounds=args.rounds,
@@ -230,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         errors=errors,
         started=started_at,
         minutes=(time.monotonic() - began) / 60,
+        stores=report.store_table(figures),
+        takeover=takeover_text,
     )
     print()
     print(generated)
@@ -247,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                     "scenarios": [s.key for s in scenarios],
                     "metrics": {m.key: m.scenario for m in METRICS},
                     "figures": figures,
+                    "takeovers": takeovers,
                     "errors": errors,
                 },
                 indent=1,

@@ -170,16 +170,37 @@ def _submit_specs(
     ]
 
 
-def _submit(server: RunningServer, sizes: Sizes, logs: Path, total: int, *, timed: bool) -> float:
-    """Queue `total` background jobs from `sizes.connections` connections; returns jobs/s.
-    `timed`: stop after sizes.measure_s like every rate scenario; else queue them all."""
+def _submit(
+    server: RunningServer, sizes: Sizes, logs: Path, total: int, *, timed: bool
+) -> tuple[int, float]:
+    """Queue `total` background jobs from `sizes.connections` connections; returns how many
+    were queued and jobs/s. `timed`: stop after sizes.measure_s like every rate scenario; else
+    queue them all."""
     per_connection = math.ceil(total / sizes.connections)
     max_seconds = sizes.measure_s if timed else sizes.deadline_s
     specs = _submit_specs(server, sizes, per_connection, max_seconds)
     with LoadGroup(logs) as group:
         results = group.run("pipelined", specs, _result_timeout(sizes))
-    _expect_queued(server, sum(r["count"] for r in results))
-    return _rate(results)
+    queued = sum(r["count"] for r in results)
+    _expect_queued(server, queued)
+    return queued, _rate(results)
+
+
+def _database_counters(server: RunningServer) -> dict[str, int] | None:
+    """What the server's store did in its database so far, for stores that can tell (else
+    None): `commits` and `statements`. Takes a few seconds (bench/postgres.py)."""
+    read = server.spec.database_counters
+    return None if read is None else read(server.port)
+
+
+def _per_commit(
+    jobs: int, before: dict[str, int] | None, after: dict[str, int] | None
+) -> dict[str, float]:
+    """jobs, commits and statements between two readings; {} without readings. They include
+    the store's lease renewals, one commit of a few statements about every second."""
+    if before is None or after is None:
+        return {}
+    return {"jobs": jobs, **{key: after[key] - before[key] for key in before}}
 
 
 def _expect_queued(server: RunningServer, expected: int) -> None:
@@ -208,7 +229,10 @@ def echo_round_trips(server: RunningServer, sizes: Sizes, logs: Path) -> dict[st
 
 def submit_rate(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str, float]:
     total = sizes.submit_per_connection * sizes.connections
-    return {"submit_rps": _submit(server, sizes, logs, total, timed=True)}
+    before = _database_counters(server)
+    queued, rate = _submit(server, sizes, logs, total, timed=True)
+    counted = _per_commit(queued, before, _database_counters(server))
+    return {"submit_rps": rate, **{f"submit_{k}": v for k, v in counted.items()}}
 
 
 def drain_rate(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str, float]:
@@ -216,6 +240,7 @@ def drain_rate(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str, flo
     queued = per_connection * sizes.connections
     _submit(server, sizes, logs, queued, timed=False)
     spec = _base_spec(server, sizes)
+    before = _database_counters(server)
     with LoadGroup(logs) as group:
         results = group.run("drain-worker", [spec] * sizes.drain_workers, _result_timeout(sizes))
     done = sum(r["count"] for r in results)
@@ -223,7 +248,8 @@ def drain_rate(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str, flo
         if done != queued:
             raise ScenarioError(f"workers got NO_JOB after {done} jobs of {queued} queued")
         _expect_queued(server, 0)
-    return {"drain_rps": _rate(results)}
+    counted = _per_commit(done, before, _database_counters(server))
+    return {"drain_rps": _rate(results), **{f"drain_{k}": v for k, v in counted.items()}}
 
 
 def foreground(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str, float]:

@@ -83,6 +83,9 @@ class ServerSpec:
     to check queue counts). False for the canned server."""
     env: dict[str, str] = field(default_factory=dict)
     note: str = ""
+    database_counters: Callable[[int], dict[str, int]] | None = None
+    """For a store in a database server (PostgreSQL): given the server's port, running totals
+    of its database's `commits` and `statements`, read once the server's own counts settled."""
 
 
 def free_port() -> int:
