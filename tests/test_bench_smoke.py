@@ -90,3 +90,50 @@ def test_quick_bench_writes_the_table_with_every_server_and_the_machine(quick_ru
         assert f"| {name} |" in markdown
     for fact in ("CPU", "cores", "kernel", "Python", "gearmand", "gear", "jobserver commit"):
         assert f"- {fact}: " in markdown
+
+
+@pytest.fixture(scope="module")
+def quick_postgresql_run(tmp_path_factory) -> tuple[dict, str]:
+    """The PostgreSQL store's part of the bench (`--postgresql`): submits and drain beside the
+    memory store, and one takeover, on a private PostgreSQL the run starts itself."""
+    out_dir = tmp_path_factory.mktemp("bench-postgresql")
+    results_md, results_json = out_dir / "RESULTS.md", out_dir / "results.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--quick",
+            "--postgresql",
+            "--scenarios",
+            "bc",
+            "--servers",
+            "jobserver-memory,jobserver-postgresql",
+            "--takeover-leases",
+            "1",
+            "--out",
+            str(results_md),
+            "--json",
+            str(results_json),
+        ],
+        cwd=servers.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
+    output = f"stdout:\n{completed.stdout[-6000:]}\nstderr:\n{completed.stderr[-3000:]}"
+    assert completed.returncode == 0, output
+    return json.loads(results_json.read_text()), results_md.read_text()
+
+
+def test_quick_postgresql_bench_measures_submits_drain_and_a_takeover(quick_postgresql_run):
+    results, markdown = quick_postgresql_run
+    assert results["errors"] == []
+    assert results["servers"] == ["jobserver-memory", "jobserver-postgresql"]
+    figures = results["figures"]["jobserver-postgresql"]
+    assert len(figures["submit_rps"]) == 1 and len(figures["drain_rps"]) == 1
+    assert figures["submit_commits"][0] > 0
+    (takeover,) = results["takeovers"]
+    assert takeover["lost"] == 0 and takeover["run"] == 100
+    assert "### Durable stores against the memory store" in markdown
+    assert "### Takeover (PostgreSQL store)" in markdown
