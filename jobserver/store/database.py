@@ -1,17 +1,28 @@
 """Opening and creating the sqlite store's database files: the tables, the connection
 settings every connection gets (WAL, synced commits, checkpoints within the space reserve),
 the checks at start, the conversion of the first layout, and the fresh file a rewrite writes.
-The store itself (what goes in which row, and when) is sqlite.py.
+Also the dead set and the retry policies, which are one row each: their statements and their
+checks when read. The store itself (what goes in which row, and when) is sqlite.py.
 """
 
 from __future__ import annotations
 
+import math
 import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-from ..engine.journal import StoredJob
+from ..engine.journal import DeadJob, RetryPolicy, StoredJob, StoreExtras
 from . import StoreError
-from .encoding import DamagedSegment, check_record, pack_segment
+from .encoding import (
+    DamagedDeadJob,
+    DamagedSegment,
+    check_record,
+    pack_dead,
+    pack_segment,
+    unpack_dead,
+)
 from .files import journal, remove_files
 from .reserve import SpaceReserve
 from .segments import Segment
@@ -28,9 +39,30 @@ SCHEMA = (
         first_record_id INTEGER PRIMARY KEY,
         record_ids      BLOB    NOT NULL
     )""",
+    # The dead set (engine/failures.py), a row per job (encoding.py): dead jobs come and go
+    # one by one, not in the hundreds a commit of submits holds. Created in a database of an
+    # earlier version too, when it is opened: it simply has no dead jobs.
+    """CREATE TABLE IF NOT EXISTS dead (
+        dead_id INTEGER PRIMARY KEY,
+        record  BLOB    NOT NULL
+    )""",
+    # The `retries` admin command's policies; a function without a row has the server's.
+    """CREATE TABLE IF NOT EXISTS policies (
+        function   BLOB    PRIMARY KEY,
+        retries    INTEGER NOT NULL,
+        base_delay REAL    NOT NULL
+    )""",
 )
 
 INSERT_SEGMENT = "INSERT INTO segments VALUES (?, ?, ?)"
+
+# A dead job or policy written again is the same one (the engine retries the dead-set and policy
+# changes of a commit that failed): replaced, never a constraint error that would fail every
+# batch it is retried in. Removing one that is not there does nothing, as for records.
+INSERT_DEAD = "INSERT OR REPLACE INTO dead VALUES (?, ?)"
+DELETE_DEAD = "DELETE FROM dead WHERE dead_id = ?"
+SET_POLICY = "INSERT OR REPLACE INTO policies VALUES (?, ?, ?)"
+CLEAR_POLICY = "DELETE FROM policies WHERE function = ?"
 
 CHECKPOINT_PAGES = 1000
 """SQLite's own wal_autocheckpoint, kept wherever the space reserve allows it."""
@@ -97,10 +129,15 @@ def connect(path: Path, reserve: SpaceReserve, *, check: bool = False) -> sqlite
     return db
 
 
-def write_new_database(path: Path, segments: list[tuple[Segment, list[StoredJob]]]) -> None:
-    """A database at `path` holding `segments` (their live records only), written in one
-    transaction and synced; in rollback-journal mode, so that no -wal is left beside it when
-    it is renamed (it turns to WAL mode when opened)."""
+def write_new_database(
+    path: Path,
+    segments: list[tuple[Segment, list[StoredJob]]],
+    dead: Iterable[DeadJob] = (),
+    policies: Iterable[tuple[bytes, RetryPolicy]] = (),
+) -> None:
+    """A database at `path` holding `segments` (their live records only), the dead set and
+    the retry policies, written in one transaction and synced; in rollback-journal mode, so
+    that no -wal is left beside it when it is renamed (it turns to WAL mode when opened)."""
     remove_files(path, journal(path))  # of an earlier rewrite that failed
     db = sqlite3.connect(path, isolation_level=None)
     try:
@@ -112,6 +149,8 @@ def write_new_database(path: Path, segments: list[tuple[Segment, list[StoredJob]
             INSERT_SEGMENT,
             ((segment.start, segment.end, pack_segment(live)) for segment, live in segments),
         )
+        db.executemany(INSERT_DEAD, (_dead_row(job) for job in dead))
+        db.executemany(SET_POLICY, (_policy_row(f, policy) for f, policy in policies))
         db.execute("COMMIT")
     finally:
         db.close()
@@ -138,6 +177,93 @@ def convert_first_layout(db: sqlite3.Connection, path: Path) -> None:
             INSERT_SEGMENT, (chunk[0].record_id, chunk[-1].record_id + 1, pack_segment(chunk))
         )
     db.execute("DROP TABLE jobs")
+
+
+def extras_statements(extras: StoreExtras) -> list[tuple[str, tuple[object, ...]]]:
+    """The statements that make the `extras` changes, to run in the batch's transaction: dead
+    jobs added before those removed (one added and dropped again in the same batch ends
+    removed), policies in the order they were set (the last one wins)."""
+    statements: list[tuple[str, tuple[object, ...]]] = [
+        (INSERT_DEAD, _dead_row(job)) for job in extras.dead_adds
+    ]
+    statements.extend((DELETE_DEAD, (dead_id,)) for dead_id in extras.dead_removes)
+    for function, policy in extras.policies:
+        if policy is None:
+            statements.append((CLEAR_POLICY, (function,)))
+        else:
+            statements.append((SET_POLICY, _policy_row(function, policy)))
+    return statements
+
+
+def with_extras(
+    dead: list[DeadJob], policies: list[tuple[bytes, RetryPolicy]], extras: StoreExtras | None
+) -> tuple[list[DeadJob], list[tuple[bytes, RetryPolicy]]]:
+    """The dead set and the policies as they are once `extras` is made (what its statements
+    would leave in the database): for a rewrite that takes the batch into a new file."""
+    if extras is None:
+        return dead, policies
+    by_id = {job.dead_id: job for job in dead}
+    by_id.update((job.dead_id, job) for job in extras.dead_adds)
+    for dead_id in extras.dead_removes:
+        by_id.pop(dead_id, None)
+    by_function = dict(policies)
+    for function, policy in extras.policies:
+        if policy is None:
+            by_function.pop(function, None)
+        else:
+            by_function[function] = policy
+    return list(by_id.values()), list(by_function.items())
+
+
+def read_dead(db: sqlite3.Connection, path: Path) -> list[DeadJob]:
+    """The dead set, oldest (lowest dead id) first. StoreError naming the file, and the dead
+    id of a row this store cannot have written."""
+    rows = _select(db, path, "SELECT dead_id, CAST(record AS BLOB) FROM dead ORDER BY dead_id")
+    dead = []
+    for dead_id, record in rows:
+        try:
+            dead.append(unpack_dead(dead_id, record))
+        except DamagedDeadJob as error:
+            raise StoreError(
+                f"job database {path} is damaged: dead job {dead_id}: {error}"
+            ) from None
+    return dead
+
+
+def read_policies(db: sqlite3.Connection, path: Path) -> list[tuple[bytes, RetryPolicy]]:
+    """The retry policies by function. StoreError naming the file, and the function of a row
+    this store cannot have written."""
+    rows = _select(
+        db, path, "SELECT CAST(function AS BLOB), retries, base_delay FROM policies ORDER BY 1"
+    )
+    for function, retries, base_delay in rows:
+        if (
+            type(retries) is not int
+            or retries < 0
+            or type(base_delay) is not float
+            or not 0 <= base_delay < math.inf
+        ):
+            raise StoreError(
+                f"job database {path} is damaged: the retry policy of function {function!r} "
+                f"has retries {retries!r} and base delay {base_delay!r} (must be a count and "
+                "seconds)"
+            )
+    return [(function, RetryPolicy(retries, base_delay)) for function, retries, base_delay in rows]
+
+
+def _select(db: sqlite3.Connection, path: Path, query: str) -> list[Any]:
+    try:
+        return db.execute(query).fetchall()
+    except sqlite3.Error as error:
+        raise StoreError(f"cannot read job database {path}: {error}") from None
+
+
+def _dead_row(job: DeadJob) -> tuple[int, bytes]:
+    return job.dead_id, pack_dead(job)
+
+
+def _policy_row(function: bytes, policy: RetryPolicy) -> tuple[bytes, int, float]:
+    return function, policy.retries, float(policy.base_delay)
 
 
 def segment_chunks(jobs: list[StoredJob]) -> list[list[StoredJob]]:

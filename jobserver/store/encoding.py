@@ -1,4 +1,5 @@
-"""The bytes the sqlite store keeps: a segment of job records, and a list of finished records.
+"""The bytes the sqlite store keeps: a segment of job records, a list of finished records, and
+a dead job (at the end of this file).
 
 A segment is the records of one group commit in one msgpack array, each record an array of
 the StoredJob fields in order:
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 
 import msgpack
 
-from ..engine.journal import StoredJob
+from ..engine.journal import DeadJob, StoredJob
 
 MAX_PRIORITY = 2  # 0 HIGH, 1 NORMAL, 2 LOW, as gearmand's queues number them (§5)
 
@@ -80,3 +81,65 @@ def unpack_record_ids(blob: bytes) -> set[int]:
     if len(blob) % RECORD_ID.size:
         raise DamagedSegment(f"a finished list of {len(blob)} bytes (not whole 8-byte ids)")
     return {record_id for (record_id,) in RECORD_ID.iter_unpack(blob)}
+
+
+# --- the dead set ---------------------------------------------------------------------------
+# A dead job (engine/journal.py DeadJob) is one row of the `dead` table, keyed by its dead id;
+# the row's record is the job's other fields in order, as one msgpack array:
+#
+#     [handle, function, unique, priority, reducer, payload, attempts, first_failed_ms,
+#      last_failed_ms, error]
+
+
+class DamagedDeadJob(ValueError):
+    """The bytes are not a dead job this store wrote; the message says what is wrong."""
+
+
+DEAD_FIELDS = len(DeadJob._fields) - 1
+"""Fields in a dead job's record: all of DeadJob's but its id, which is the row's key."""
+
+
+def pack_dead(dead: DeadJob) -> bytes:
+    record: bytes = msgpack.packb(dead[1:], use_bin_type=True)
+    return record
+
+
+def unpack_dead(dead_id: int, blob: bytes) -> DeadJob:
+    """The dead job `dead_id` from its record, checked field by field as check_record checks
+    a job's: a record that cannot be a dead job is refused (DamagedDeadJob), never guessed at."""
+    try:
+        record = msgpack.unpackb(blob, use_list=False, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as error:
+        raise DamagedDeadJob(f"not a msgpack record ({error})") from None
+    if type(record) is not tuple or len(record) != DEAD_FIELDS:
+        raise DamagedDeadJob(f"a record must be an array of {DEAD_FIELDS} fields")
+    (
+        handle,
+        function,
+        unique,
+        priority,
+        reducer,
+        payload,
+        attempts,
+        first_failed_ms,
+        last_failed_ms,
+        failure,
+    ) = record
+    for name, value in (
+        ("handle", handle),
+        ("function", function),
+        ("unique", unique),
+        ("reducer", reducer),
+        ("payload", payload),
+        ("error", failure),
+    ):
+        if type(value) is not bytes:
+            raise DamagedDeadJob(f"its {name} is not bytes")
+    if type(priority) is not int or not 0 <= priority <= MAX_PRIORITY:
+        raise DamagedDeadJob(f"priority {priority!r} (must be 0, 1 or 2)")
+    if type(attempts) is not int or attempts < 0:
+        raise DamagedDeadJob(f"attempts {attempts!r} (must be a count)")
+    for name, value in (("first", first_failed_ms), ("last", last_failed_ms)):
+        if type(value) is not int:
+            raise DamagedDeadJob(f"its {name} failure time {value!r} is not unix milliseconds")
+    return DeadJob(dead_id, *record)

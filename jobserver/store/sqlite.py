@@ -16,6 +16,10 @@ one is lost on restart (shared doc §3.15). Here every acknowledged job has its 
 A database written by the first version of this store (one `jobs` row per job) is converted
 to segments when it is opened, in one transaction (database.py).
 
+The dead set and the retry policies (issue 13) are a row each (database.py), changed in the
+same transaction as the batch that carries the change (StoreExtras): a job's move from the
+queue to the dead set is its record's remove and its dead row's insert, both or neither.
+
 Safety (issue: hardening). The database is locked for this server alone (lock.py). After each
 commit (and once a second when idle) the store checks, with one stat, that its path still
 names the file it has open: a data file deleted or replaced while the server runs would
@@ -38,13 +42,17 @@ import time
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
-from ..engine.journal import StoredJob
+from ..engine.journal import DeadJob, RetryPolicy, StoredJob, StoreExtras
 from . import StoreError
 from .database import (
     INSERT_SEGMENT,
     check_writable,
     connect,
+    extras_statements,
+    read_dead,
+    read_policies,
     segment_chunks,
+    with_extras,
     write_new_database,
 )
 from .database import (
@@ -225,6 +233,15 @@ class SqliteStore:
                 empty.append(start)
         return segments, empty, list(finished)
 
+    def load_dead(self) -> list[DeadJob]:
+        """The dead set, oldest (lowest dead id) first. StoreError naming the file and the
+        dead id of a row that cannot be ours."""
+        return read_dead(self._connection(), self.path)
+
+    def load_policies(self) -> list[tuple[bytes, RetryPolicy]]:
+        """The retry policies set by the `retries` admin command, by function."""
+        return read_policies(self._connection(), self.path)
+
     @property
     def next_record_id(self) -> int:
         """The lowest record id a new job may use (after load): above every stored id."""
@@ -243,31 +260,43 @@ class SqliteStore:
 
     # ------------------------------------------------------------------ commits
 
-    def apply(self, adds: list[StoredJob], removes: list[int]) -> None:
-        """Write `adds` as new segments, then finish `removes`, in one synced transaction, in
-        the file the database's path names when it returns. The index changes only once the
-        commit succeeded. (On a full disk the removes go first, in a transaction of their
-        own: see StoreError.removes_written.)"""
+    def apply(
+        self, adds: list[StoredJob], removes: list[int], extras: StoreExtras | None = None
+    ) -> None:
+        """Write `adds` as new segments, then finish `removes`, and make the `extras` changes
+        (dead set, policies), in one synced transaction, in the file the database's path
+        names when it returns. The index changes only once the commit succeeded. (On a full
+        disk the removes go first, in a transaction of their own: see
+        StoreError.removes_written.)"""
         if self._gone:
             # The file went and writing the new one failed: this batch goes into the new
             # file with the jobs of the old one, or nowhere.
-            self._rewrite(self._gone, adds, removes)
+            self._rewrite(self._gone, adds, removes, extras)
             return
         removes_written = False
         if self._low_space:
-            if adds and removes:  # they may free what the adds need: write them first
-                self._write([], removes, removes_written)
+            # A dead job added is refused like a submit: it holds a payload, and the space the
+            # reserve gave back is for what frees space. Dead jobs removed free space and a
+            # policy is a few bytes: they go with the removes. (A dead job refused with the
+            # removes written is not retried: it stays in the server's memory only.)
+            dead_adds = extras.dead_adds if extras is not None else []
+            others = _without_dead_adds(extras)
+            if (adds or dead_adds) and (removes or others):
+                # They may free what the adds need: write them first.
+                self._write([], removes, removes_written, others)
                 removes, removes_written = [], True
+                extras = StoreExtras(dead_adds, [], []) if dead_adds else None
             self._regain_space()
-            if self._low_space and adds:
+            if self._low_space and (adds or dead_adds):
                 raise StoreError(
                     f"job database {self.path}: no space left on its file system "
-                    f"({self._reserve.free_bytes()} bytes free); submits are refused until "
-                    "finished jobs free some",
+                    f"({self._reserve.free_bytes()} bytes free); submits"
+                    f"{' and failed jobs for the dead set' if dead_adds else ''} are refused "
+                    "until finished jobs free some",
                     low_space=True,
                     removes_written=removes_written,
                 )
-        new = self._write(adds, removes, removes_written)
+        new = self._write(adds, removes, removes_written, extras)
         # Looked at after the commit, not before: a file that went at any moment up to now
         # took this batch with it, and is rewritten (batch included) before the batch's
         # submits are acknowledged. One stat per commit; the lock file is looked at by
@@ -279,11 +308,17 @@ class SqliteStore:
             self._regain_space()
 
     def _write(
-        self, adds: list[StoredJob], removes: list[int], removes_written: bool
+        self,
+        adds: list[StoredJob],
+        removes: list[int],
+        removes_written: bool,
+        extras: StoreExtras | None = None,
     ) -> list[Segment]:
         """_commit, its failure a StoreError (a full disk noted)."""
         try:
-            return self._commit(adds, removes)
+            if extras is None:  # the two-argument call, as before (tests' subclasses hook it)
+                return self._commit(adds, removes)
+            return self._commit(adds, removes, extras)
         except sqlite3.Error as error:
             if _is_full(error):
                 self._space_ran_out()
@@ -294,7 +329,9 @@ class SqliteStore:
                 removes_written=removes_written,
             ) from None
 
-    def _commit(self, adds: list[StoredJob], removes: list[int]) -> list[Segment]:
+    def _commit(
+        self, adds: list[StoredJob], removes: list[int], extras: StoreExtras | None = None
+    ) -> list[Segment]:
         """The commit itself, into the file open now; returns the segments it added. Raises
         sqlite3.Error with the index as it was."""
         index = self._index
@@ -312,7 +349,7 @@ class SqliteStore:
             compacted = None
             if self._sparse or self._compaction_due():
                 compacted = self._compact_one(groups)
-            statements = [
+            statements: list[tuple[str, tuple[object, ...]]] = [
                 (INSERT_SEGMENT, (segment.start, segment.end, pack_segment(chunk)))
                 for segment, chunk in new
             ]
@@ -326,6 +363,8 @@ class SqliteStore:
                 segment, records = compacted
                 statements.append((REWRITE_SEGMENT, (pack_segment(records), segment.start)))
                 statements.append((DELETE_FINISHED, (segment.start,)))
+            if extras is not None:
+                statements.extend(extras_statements(extras))
             self._execute(statements)
         except BaseException:
             index.discard_from(kept)
@@ -338,7 +377,7 @@ class SqliteStore:
             compacted[0].held = len(compacted[1])
         return [segment for segment, _ in new]
 
-    def _execute(self, statements: list[tuple[str, tuple]]) -> None:
+    def _execute(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
         """Run the statements as one synced transaction. A single statement runs as its own
         (autocommit) transaction: one call into SQLite instead of three, and each call is a
         point where this thread must win the GIL back from the serving thread."""
@@ -394,18 +433,25 @@ class SqliteStore:
             return None
         return "replaced"
 
-    def _rewrite(self, what: str, adds: list[StoredJob], removes: list[int]) -> None:
-        """Write the live jobs of the file open (deleted or replaced, but still readable
-        through the connection), with `adds` and without `removes`, into a new file at the
-        path, and continue with that. StoreError, with nothing changed, if the new file cannot
-        be written; a file found at the path (a replacement) is moved aside, never
-        overwritten."""
+    def _rewrite(
+        self,
+        what: str,
+        adds: list[StoredJob],
+        removes: list[int],
+        extras: StoreExtras | None = None,
+    ) -> None:
+        """Write the live jobs, the dead set and the policies of the file open (deleted or
+        replaced, but still readable through the connection), with `adds`, without `removes`
+        and with the `extras` changes made, into a new file at the path, and continue with
+        that. StoreError, with nothing changed, if the new file cannot be written; a file
+        found at the path (a replacement) is moved aside, never overwritten."""
         # Whatever deleted the file may have taken the lock file with it (a data directory
         # emptied): the lock is taken again first, before another server can start on the
         # new file.
         self._lock.check()
         db = self._connection()
         segments, _, _ = self._read(db, self._dropped)
+        dead, policies = with_extras(read_dead(db, self.path), read_policies(db, self.path), extras)
         finished = set(removes)
         kept: list[tuple[Segment, list[StoredJob]]] = []
         for segment, live in segments:
@@ -419,7 +465,7 @@ class SqliteStore:
         temp = rewrite_path(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_new_database(temp, kept)
+            write_new_database(temp, kept, dead, policies)
             aside = move_aside(self.path)
         except (OSError, sqlite3.Error) as error:
             with contextlib.suppress(OSError):  # what is there may be what failed
@@ -445,10 +491,13 @@ class SqliteStore:
         self._index, self._sparse, self._dropped, self._gone = index, [], set(), None
         self._identity = _identity(self.path)
         log.warning(
-            "job database %s was %s while in use; its %d live jobs were written to a new file%s",
+            "job database %s was %s while in use; its %d live jobs were written to a new file%s%s",
             self.path,
             what,
             _count(kept),
+            f", with {len(dead)} dead jobs and {len(policies)} retry policies"
+            if dead or policies
+            else "",
             f" (the file found in its place was moved to {aside})" if aside else "",
         )
         if self._reserve.held and not self._reserve.path.exists():
@@ -589,6 +638,13 @@ def _count(segments: list[tuple[Segment, list[StoredJob]]]) -> int:
 def _is_full(error: sqlite3.Error) -> bool:
     """SQLITE_FULL: SQLite's word for ENOSPC from a write."""
     return getattr(error, "sqlite_errorname", None) == "SQLITE_FULL"
+
+
+def _without_dead_adds(extras: StoreExtras | None) -> StoreExtras | None:
+    """The dead-set removes and policy changes of `extras`; None if it has none."""
+    if extras is None or not (extras.dead_removes or extras.policies):
+        return None
+    return StoreExtras([], extras.dead_removes, extras.policies)
 
 
 def _is_sparse(held: int, live: int) -> bool:
