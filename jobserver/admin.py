@@ -12,11 +12,13 @@ byte but NUL, so they are escaped (`listed`): gearmand prints them raw, and a fu
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import __version__
+from .admin_failures import FailureCommands
+from .admin_text import err as _err
+from .admin_text import listed
 from .engine import Engine
 from .engine.job import Priority
 
@@ -27,34 +29,6 @@ VERSION_REPLY = f"OK jobserver-{__version__}\n".encode()
 
 _OK = b"OK\r\n"
 _LIST_END = b".\n"
-
-_UNSAFE = re.compile(rb"[\x00-\x1f\x7f\\]")
-"""Bytes escaped in listings: every ASCII control character (NUL, TAB, LF, CR, ESC ... and DEL),
-which could end a field or a line or drive a terminal, and the backslash that starts an escape,
-so an escaped name reads back as exactly one name. Other bytes, UTF-8 included, are left alone:
-they cannot break a line apart. Spaces are left alone too, even in `workers` where they also
-separate words: as with gearmand, a name with a space reads as two there, but it cannot make
-a line."""
-
-
-def _escape_byte(match: re.Match[bytes]) -> bytes:
-    return b"\\x%02x" % match[0][0]
-
-
-def listed(name: bytes) -> bytes:
-    """`name` as it appears in an admin listing: each unsafe byte written `\\xNN`
-    (`a\\tb` -> `a\\x09b`). Names without one, nearly all, come back unchanged."""
-    if _UNSAFE.search(name) is None:
-        return name
-    return _UNSAFE.sub(_escape_byte, name)
-
-
-def _err(code: str, text: str = "") -> bytes:
-    """`ERR <code> <text>`, spaces inside each written as `+` as gearmand does (§4), so the
-    line still splits into exactly the words a parser expects."""
-    words = [code.replace(" ", "+")] + ([text.replace(" ", "+")] if text else [])
-    return f"ERR {' '.join(words)}\r\n".encode()
-
 
 def _unknown_command(command: bytes) -> bytes:
     # gearmand puts no separator between its text and the echoed command word (§4).
@@ -85,6 +59,8 @@ class AdminProtocol:
     def __init__(self, engine: Engine, facts: ServerFacts) -> None:
         self.engine = engine
         self.facts = facts
+        failures = FailureCommands(engine)
+        self._failures = failures
         self._commands: dict[bytes, Callable[[list[bytes]], bytes]] = {
             b"workers": self._workers,
             b"status": self._status,
@@ -94,6 +70,9 @@ class AdminProtocol:
             b"create": self._create,
             b"drop": self._drop,
             b"maxqueue": self._maxqueue,
+            b"retry": failures.retry,
+            b"purge": failures.purge,
+            b"retries": failures.retries,
             b"version": lambda _args: VERSION_REPLY,
             b"getpid": lambda _args: f"OK {self.facts.pid}\n".encode(),
             b"verbose": lambda _args: f"OK {self.facts.verbose}\n".encode(),
@@ -164,6 +143,10 @@ class AdminProtocol:
             ]
         elif keywords == [b"unique", b"jobs"]:
             lines = [listed(job.unique) + b"\n" for job in self.engine.iter_jobs()]
+        elif keywords[:2] == [b"dead", b"jobs"] and len(args) <= 3:
+            return self._failures.show_dead(args[2] if len(args) == 3 else None)
+        elif keywords[0] == b"job" and len(args) == 2:
+            return self._failures.show_job(args[1])
         else:
             return _err("UNKNOWN_SHOW_ARGUMENTS")
         lines.append(_LIST_END)

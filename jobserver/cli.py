@@ -15,7 +15,10 @@ import typer
 
 from . import __version__, gc_policy, logs
 from .admin import ServerFacts
+from .admin_failures import MAX_BASE_DELAY, MAX_RETRIES
 from .daemon import PidFile, Readiness, detach
+from .engine.dead_set import DEFAULT_DEAD_TTL, DEFAULT_MAX_DEAD
+from .engine.failures import DEFAULT_RETRY_DELAY
 from .engine.handles import MAX_PREFIX_SIZE
 from .logs import NOTICE, Verbosity
 from .protocol import DEFAULT_MAX_PACKET_SIZE, MAX_ARGUMENTS_SIZE
@@ -207,6 +210,46 @@ def serve(
             "stops handing them out after half of that.",
         ),
     ] = DEFAULT_LEASE,
+    bg_retries: Annotated[
+        int,
+        typer.Option(
+            "--bg-retries",
+            min=0,
+            max=MAX_RETRIES,
+            help="Times a failed background job (WORK_FAIL, WORK_EXCEPTION, its worker lost "
+            "or timed out) is tried again before it goes to the dead set; per function at run "
+            "time with the admin command `retries <function> <n> [<base>]`. 0: straight to "
+            "the dead set (a lost worker's job is still queued again at once, as gearmand "
+            "does). Foreground jobs are never retried: their client decides.",
+        ),
+    ] = 0,
+    bg_retry_delay: Annotated[
+        float,
+        typer.Option(
+            "--bg-retry-delay",
+            min=0.001,
+            max=MAX_BASE_DELAY,
+            help="Seconds before a failed background job's first retry; retry n waits "
+            "base * 2^(n-1) * a random factor in [1, 1.5), at most an hour.",
+        ),
+    ] = DEFAULT_RETRY_DELAY,
+    dead_max: Annotated[
+        int,
+        typer.Option(
+            "--dead-max",
+            min=1,
+            help="Dead jobs kept (failed every attempt); the oldest are dropped first, "
+            "with a log line.",
+        ),
+    ] = DEFAULT_MAX_DEAD,
+    dead_ttl: Annotated[
+        float,
+        typer.Option(
+            "--dead-ttl",
+            min=1,
+            help="Seconds a dead job is kept after its last failure (default: 30 days).",
+        ),
+    ] = DEFAULT_DEAD_TTL,
     data_dir: Annotated[
         Path,
         typer.Option(
@@ -295,6 +338,10 @@ def serve(
         store=store,
         node_id=node_id,
         lease=lease,
+        bg_retries=bg_retries,
+        bg_retry_delay=bg_retry_delay,
+        dead_max=dead_max,
+        dead_ttl=dead_ttl,
         data_dir=data_dir,
         max_connections=max_connections,
         read_timeout=read_timeout,
@@ -428,5 +475,10 @@ def main() -> None:
         from worker_sdk.cli import main as worker_main
 
         worker_main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["dead"]:  # `jobserver dead list|retry|purge`: a cluster's dead jobs
+        from .dead_cli import main as dead_main
+
+        dead_main(sys.argv[2:])
         return
     app()

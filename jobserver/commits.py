@@ -134,7 +134,7 @@ def write(store: JobStore, batch: Batch) -> Written:
     lock timeout again; a full disk refuses the batch's records at once (the store refuses
     each until space is back) and writes its removes, which is what frees space."""
     try:
-        store.apply(batch.adds, batch.removes)
+        store.apply(batch.adds, batch.removes, batch.extras)
     except StoreError as failure:
         reason = f"Job could not be stored: {failure}"
         refused = {record.record_id: reason for record in batch.adds}
@@ -143,10 +143,12 @@ def write(store: JobStore, batch: Batch) -> Written:
             return Written(batch, refused, True)
         if failure.removes_written:
             log.error("%s; %d submits refused", failure, len(batch.adds))
-            return Written(batch, refused, False)
+            # Dead jobs refused with the submits (a full disk) are written again later: the
+            # job they record is already gone from the queue. Writing one twice is harmless.
+            return Written(batch, refused, bool(batch.extras and batch.extras.dead_adds))
         if failure.low_space:
             log.error("%s; %d submits refused", failure, len(batch.adds))
-            return Written(batch, refused, not _write_removes(store, batch.removes))
+            return Written(batch, refused, not _write_removes(store, batch))
         log.error("%s; retrying the %d records one by one", failure, len(batch.adds))
     else:
         return Written(batch, {}, False)
@@ -158,15 +160,17 @@ def write(store: JobStore, batch: Batch) -> Written:
             failed[record.record_id] = f"Job could not be stored: {failure}"
     if failed:
         log.error("%d submits refused: they could not be stored", len(failed))
-    return Written(batch, failed, not _write_removes(store, batch.removes))
+    return Written(batch, failed, not _write_removes(store, batch))
 
 
-def _write_removes(store: JobStore, removes: list[int]) -> bool:
-    """Whether the removes are written; if not, the engine puts them in the next batch."""
-    if not removes:
+def _write_removes(store: JobStore, batch: Batch) -> bool:
+    """Whether the removes (and the dead-set and policy changes) are written; if not, the
+    engine puts them in the next batch."""
+    removes = batch.removes
+    if not removes and batch.extras is None:
         return True
     try:
-        store.apply([], removes)
+        store.apply([], removes, batch.extras)
     except StoreError as failure:
         if failure.removes_written:
             return True

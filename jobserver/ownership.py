@@ -53,6 +53,7 @@ class Ownership:
                 )
             elif isinstance(news, Adopted):
                 count = engine.adopt(news.jobs)
+                engine.restore_dead(news.dead)
                 nodes = ", ".join(f"{node} (term {term})" for node, term in news.nodes)
                 log.log(NOTICE, "took over %s: %d jobs queued", nodes, count)
             changed = True

@@ -30,6 +30,8 @@ from .admin import AdminProtocol, ServerFacts
 from .commits import Committer, write
 from .connection import RECEIVE_SIZE, Connection
 from .engine import Engine
+from .engine.dead_set import DEFAULT_DEAD_TTL, DEFAULT_MAX_DEAD
+from .engine.failures import DEFAULT_RETRY_DELAY
 from .engine.handles import default_prefix
 from .listener import ConnectionGate, default_max_connections
 from .memory_budget import MemoryBudget, default_memory_budget
@@ -108,6 +110,13 @@ job would cost a sync each: draining a queue, the store would spend more than th
 price: if the server is killed meanwhile, those few jobs run again after the restart (at least
 once, never lost). A batch with any add goes at once: its submitters wait for it."""
 
+DEAD_SET_CHECK_INTERVAL = 60.0
+"""Seconds between sweeps of the dead set for jobs past --dead-ttl (days, typically): a minute
+late is nothing, and each sweep walks the whole set."""
+
+MAX_LOGGED_ERROR = 500
+"""Characters of a failed job's error text in a log line; the dead set keeps all of it."""
+
 REMOVES_RETRY_DELAY = 0.5
 """Seconds between attempts to write removes the store refused (its database unreachable):
 a store in its reconnect backoff refuses at once, and retrying at once would spin both
@@ -135,6 +144,10 @@ class ServerConfig:
     store: str = "sqlite"  # or "memory", or a postgresql:// URI (a cluster's shared store)
     node_id: str | None = None  # with postgresql: this server's name; None: <hostname>:<port>
     lease: float | None = None  # with postgresql: seconds; None: store/postgresql.DEFAULT_LEASE
+    bg_retries: int = 0  # failed background jobs: attempts after the first (engine/failures.py)
+    bg_retry_delay: float = DEFAULT_RETRY_DELAY
+    dead_max: int = DEFAULT_MAX_DEAD
+    dead_ttl: float = DEFAULT_DEAD_TTL
     data_dir: Path = field(default_factory=default_data_dir)
     facts: ServerFacts = field(default_factory=ServerFacts)
     max_connections: int | None = None  # None: RLIMIT_NOFILE less a reserve (listener.py)
@@ -190,11 +203,17 @@ class Server:
             exceptions=config.exceptions,
             start_time_ms=int(time.time() * 1000),
             durable=self.store is not None,
+            bg_retries=config.bg_retries,
+            bg_retry_delay=config.bg_retry_delay,
+            dead_max=config.dead_max,
+            dead_ttl=config.dead_ttl,
         )
         if self.store is not None:
             # Before the first connection is served: reloaded jobs coalesce and run as before.
             stored = self.store.load()
             count = self.engine.restore(stored, self.store.next_record_id)
+            self.engine.restore_dead(self.store.load_dead())
+            self.engine.restore_policies(self.store.load_policies())
             log.info("loaded %d stored jobs from %s", count, getattr(self.store, "path", "?"))
             lease = getattr(self.store, "lease", None)
             if lease is not None:
@@ -242,6 +261,7 @@ class Server:
                     nursery.start_soon(self._pace_commits)
                 if self._ownership is not None:
                     nursery.start_soon(self._watch_ownership)
+                nursery.start_soon(self._tend_dead_set)
                 for listener in listeners:
                     nursery.start_soon(self.gate.serve, listener, self._serve_connection, nursery)
                 task_status.started(listeners)
@@ -456,6 +476,8 @@ class Server:
         assert engine is not None
         if self._committer is not None:
             self._advance_commits()
+        if engine.failure_log:
+            self._log_failures()
         budget = self.budget
         dirty = engine.take_dirty()
         while dirty:
@@ -590,6 +612,52 @@ class Server:
                     self._flush()
             except Exception:
                 await self._internal_error("the lease watch")
+
+    def _log_failures(self) -> None:
+        engine = self.engine
+        assert engine is not None
+        for handle, function, attempts, retries, error, delay in engine.failure_log:
+            text = error.decode(errors="replace")[:MAX_LOGGED_ERROR]
+            if delay is None:
+                log.warning(
+                    "job %s (%s) failed %d time(s), no retry left: kept in the dead set: %s",
+                    handle.decode(errors="replace"),
+                    function.decode(errors="replace"),
+                    attempts,
+                    text,
+                )
+            else:
+                log.info(
+                    "job %s (%s) failed (attempt %d of %d): %s; next attempt in %.1f s",
+                    handle.decode(errors="replace"),
+                    function.decode(errors="replace"),
+                    attempts,
+                    retries + 1,
+                    text,
+                    delay,
+                )
+        engine.failure_log.clear()
+
+    async def _tend_dead_set(self) -> None:
+        """Drop dead jobs past --dead-ttl now and then, and log what was dropped (for age or
+        over --dead-max) since the last time."""
+        engine = self.engine
+        assert engine is not None
+        while True:
+            await trio.sleep(DEAD_SET_CHECK_INTERVAL)
+            try:
+                engine.expire_dead()
+                if engine.dead.dropped:
+                    log.warning(
+                        "dead set: dropped the %d oldest dead jobs (past --dead-ttl or over "
+                        "--dead-max); %d kept",
+                        engine.dead.dropped,
+                        len(engine.dead),
+                    )
+                    engine.dead.dropped = 0
+                self._flush()
+            except Exception:
+                await self._internal_error("the dead-set task")
 
     # ------------------------------------------------------------------ timers
 

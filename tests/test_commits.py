@@ -116,7 +116,7 @@ class LockedStore(SqliteStore):
 
     calls = 0
 
-    def apply(self, adds, removes) -> None:
+    def apply(self, adds, removes, extras=None) -> None:
         self.calls += 1
         raise StoreError(f"job database {self.path}: database is locked", busy=True)
 
@@ -139,11 +139,11 @@ class BuggyStore(SqliteStore):
 
     failures = 1
 
-    def apply(self, adds, removes) -> None:
+    def apply(self, adds, removes, extras=None) -> None:
         if self.failures:
             self.failures -= 1
             raise ValueError("a bug")
-        super().apply(adds, removes)
+        super().apply(adds, removes, extras)
 
 
 def test_a_bug_in_the_store_refuses_that_batch_and_the_thread_serves_the_next(tmp_path):

@@ -144,7 +144,7 @@ def test_a_failed_background_job_waits_its_delay_and_is_then_handed_out_again():
     (first_delay,) = delays(BASE, 1)
 
     assert grab(engine, w) == packet(T.NO_JOB)
-    assert engine.failure_of(job(engine, handle)) == (START_MS, b"failed")
+    assert engine.failure_of(job(engine, handle)) == (1, START_MS, b"failed")
     assert job(engine, handle).state == JobState.WAITING
     advance(engine, first_delay - 0.01)
     assert grab(engine, w) == packet(T.NO_JOB)
@@ -175,7 +175,7 @@ def test_the_third_failure_with_two_retries_puts_the_job_in_the_dead_set():
     advance(engine, first)
     run_and_fail(engine, w, handle)
     assert grab(engine, w) == packet(T.NO_JOB)
-    assert engine.failure_of(job(engine, handle)) == (START_MS, b"failed")
+    assert engine.failure_of(job(engine, handle)) == (2, START_MS, b"failed")
     advance(engine, second)
     run_and_fail(engine, w, handle)
 
@@ -258,7 +258,7 @@ def test_work_exception_data_becomes_the_error_text(data, error):
     client, w = connect(engine), worker(engine, "fn")
     handle = submit_bg(engine, client)
     run_and_fail(engine, w, handle, T.WORK_EXCEPTION, data)
-    assert engine.failure_of(job(engine, handle)) == (START_MS, error)
+    assert engine.failure_of(job(engine, handle)) == (1, START_MS, error)
     advance(engine, delays(BASE, 1)[0])
     run_and_fail(engine, w, handle, T.WORK_EXCEPTION, data)
     assert only_dead(engine).error == error
@@ -439,7 +439,7 @@ def test_with_a_function_policy_a_lost_worker_counts_an_attempt_with_backoff():
 
     w = worker(engine, "fn")
     assert grab(engine, w) == packet(T.NO_JOB)
-    assert engine.failure_of(job(engine, handle)) == (START_MS, b"worker lost")
+    assert engine.failure_of(job(engine, handle)) == (1, START_MS, b"worker lost")
     advance(engine, delays(2.0, 1)[0])
     assert grab_handle(engine, w) == handle
     engine.disconnect(w)
@@ -480,7 +480,7 @@ def test_can_do_timeout_expiry_with_a_policy_counts_an_attempt_timed_out():
     assert grab_handle(engine, w) == handle
     advance(engine, 1.0)
     assert not w.held
-    assert engine.failure_of(job(engine, handle)) == (START_MS + 1000, b"timed out")
+    assert engine.failure_of(job(engine, handle)) == (1, START_MS + 1000, b"timed out")
     assert job(engine, handle).state == JobState.WAITING
     send(engine, w, T.WORK_COMPLETE, handle, b"late")  # the job is no longer this worker's
     assert reply(w).type == T.ERROR
@@ -611,7 +611,7 @@ def test_a_restored_job_that_had_failed_keeps_counting_its_attempts():
     engine = failing_durable_engine(bg_retries=2)
     assert engine.restore([stored_failed(7, 2)]) == 1
     (restored,) = engine.jobs.values()
-    assert engine.failure_of(restored) == (START_MS - 60_000, b"boom")
+    assert engine.failure_of(restored) == (2, START_MS - 60_000, b"boom")
     w = worker(engine, "fn")
     run_and_fail(engine, w, restored.handle)
     dead = only_dead(engine)
@@ -665,7 +665,7 @@ def test_a_refused_retry_record_keeps_the_job_waiting_in_memory():
     waiting = job(engine, handle)
     assert waiting.state == JobState.WAITING and waiting.record_id == 0
     assert get_status(engine, client, handle) == KNOWN_NOT_RUNNING
-    assert engine.failure_of(waiting) == (START_MS, b"failed")
+    assert engine.failure_of(waiting) == (1, START_MS, b"failed")
     assert commit(engine).removes == [record_id]  # the old record goes all the same
 
     advance(engine, delays(BASE, 1)[0])
@@ -798,7 +798,7 @@ def test_retry_dead_by_handle_queues_a_new_job_with_its_attempts_reset():
     )
     send(engine, w, T.WORK_FAIL, revived.handle)
     assert not engine.dead  # a full set of attempts again
-    assert engine.failure_of(revived)[1] == b"failed"
+    assert engine.failure_of(revived)[2] == b"failed"
 
 
 def test_retry_dead_of_an_unknown_handle_does_nothing():

@@ -26,6 +26,7 @@ from servers import start_jobserver, status
 from wire import Wire
 
 from jobserver.protocol import PacketType as T
+from jobserver.store.pg_schema import SCHEMA_VERSION
 
 LEASE = 2
 """Seconds; the minimum is 1. A peer checks every lease/4 s, and takes over only once it has
@@ -70,7 +71,9 @@ def test_jobs_are_rows_of_their_server_and_come_back_after_a_restart(started, pg
     submit_background(a, b"f", jobs)
     assert owners(pg_database) == {"a": 50}
     with psycopg.connect(pg_database) as db:
-        assert db.execute("SELECT max(version) FROM jobserver_schema").fetchone() == (1,)
+        assert db.execute("SELECT max(version) FROM jobserver_schema").fetchone() == (
+            SCHEMA_VERSION,
+        )
     port = a.port
     a.stop()
     a = started("a", port=port)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from jobserver.engine.journal import StoredJob
+from jobserver.engine.journal import DeadJob, RetryPolicy, StoredJob, StoreExtras
 from jobserver.store import StoreError
 from jobserver.store.lease import Fenced
 from jobserver.store.pg_connection import describe, redact
@@ -126,3 +126,70 @@ def test_the_database_is_named_without_its_password():
     assert describe(uri) == "postgresql://jobs@db.example:6543/queue"
     assert describe("postgres://localhost/x") == "postgresql://localhost:5432/x"
     assert redact("FATAL: s3cret is wrong", uri) == "FATAL: *** is wrong"
+
+
+def dead_job(dead_id: int, function: bytes = b"f") -> DeadJob:
+    return DeadJob(
+        dead_id, b"H:x:%d" % dead_id, function, b"u", 1, b"", b"p", 3, 1000, 2000, b"boom\n"
+    )
+
+
+def test_failed_jobs_dead_jobs_and_policies_are_kept(store, pg_database):
+    retrying = jobs(1, 1)[0]._replace(attempts=2, first_failed_ms=123, last_error=b"oops")
+    store.apply(
+        [retrying],
+        [],
+        StoreExtras(
+            [dead_job(1), dead_job(2, b"g")],
+            [],
+            [(b"f", RetryPolicy(3, 0.5)), (b"g", RetryPolicy(1, 2.0))],
+        ),
+    )
+    store.apply([], [], StoreExtras([], [1], [(b"g", None)]))
+    store.close()
+    again = PostgresStore.open(pg_database, "node-a", 5)
+    assert again.load() == [retrying]
+    assert again.load_dead() == [dead_job(2, b"g")]
+    assert again.load_policies() == [(b"f", RetryPolicy(3, 0.5))]
+    again.close()
+
+
+def test_a_takeover_moves_the_dead_set_too(pg_database):
+    dead = PostgresStore.open(pg_database, "dead", 1)
+    dead.load()
+    dead.apply([], [], StoreExtras([dead_job(1), dead_job(2)], [], []))
+    live = PostgresStore.open(pg_database, "live", 1)
+    live.load()
+    live._db.connected_at -= 60
+    with psycopg.connect(pg_database) as db:
+        db.execute(
+            "UPDATE jobserver_nodes SET lease_expires = now() - interval '1 s' "
+            "WHERE node_id = 'dead'"
+        )
+    live.check()
+    (adopted,) = list(live.lease.news)
+    assert [d.handle for d in adopted.dead] == [b"H:x:1", b"H:x:2"]
+    assert all(d.dead_id < 0 for d in adopted.dead)
+    assert [d.handle for d in live.load_dead()] == [b"H:x:1", b"H:x:2"]
+    live.close()
+    dead._db.close()
+
+
+def test_a_version_1_database_is_migrated_and_keeps_its_jobs(pg_database):
+    from jobserver.store import pg_schema
+
+    with psycopg.connect(pg_database) as db:
+        db.execute(pg_schema.CREATE_VERSION_TABLE)
+        db.execute(pg_schema.MIGRATIONS[0][1])
+        db.execute(pg_schema.WRITE_VERSION, (1,))
+        db.execute("INSERT INTO jobserver_nodes (node_id, term) VALUES ('node-a', 1)")
+        db.execute(
+            "INSERT INTO jobserver_jobs (owner, record_id, function, unique_key, priority,"
+            " run_at, reducer, payload) VALUES ('node-a', 7, 'f', 'u', 1, 0, '', 'old')"
+        )
+    store = PostgresStore.open(pg_database, "node-a", 5)
+    assert store.load() == [StoredJob(7, b"f", b"u", 1, 0, b"", b"old")]
+    assert store.load_dead() == [] and store.load_policies() == []
+    store.close()
+    with psycopg.connect(pg_database) as db:
+        assert db.execute("SELECT max(version) FROM jobserver_schema").fetchone() == (2,)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ..protocol import PacketType as T
 from ..protocol import encode
 from .job import Job, JobState, Priority
-from .journal import Batch, StoredJob
+from .journal import Batch, DeadJob, StoredJob
 
 if TYPE_CHECKING:
     from .function import Function
@@ -38,6 +38,9 @@ class DurableJobs:
     _notify: Callable[[Job, bytes], None]
     _detach_listeners: Callable[[Job], None]
     jobs: dict[bytes, Job]
+    _failures: dict[Job, tuple[int, int, bytes]]
+    _reviving: dict[Job, DeadJob]
+    _revived: Callable[..., None]
     durable_on_hold: bool
     _on_hold: list[Job]
 
@@ -64,12 +67,16 @@ class DurableJobs:
                     refused[record.record_id] = encode(
                         T.ERROR, b"QUEUE_ERROR", problem.encode(errors="replace")
                     )
-                    self._not_stored(job)
+                    self._not_stored(job, record.record_id)
         pending, activate = JobState.PENDING, self._activate
         for job in batch.jobs:
             if job.state is pending:  # committed (a refused one is GONE by now)
                 job.function.pending -= 1
                 activate(job)
+        if self._reviving:
+            for job in batch.jobs:
+                if job in self._reviving:
+                    self._revived(job, stored=bool(job.record_id))
         # Each holding peer once, after all of the batch's outcomes are known: a client that
         # pipelined hundreds of submits gets their replies in one pass.
         holding = journal.holding
@@ -80,12 +87,16 @@ class DurableJobs:
             if peer.release(batch.end):
                 del holding[peer]
         if error is not None or removes_failed:
-            journal.retry_removes(batch.removes)
+            journal.retry_removes(batch.removes, batch.extras)
 
-    def _not_stored(self, job: Job) -> None:
+    def _not_stored(self, job: Job, record_id: int) -> None:
         if job.state == JobState.GONE:
             return  # finished meanwhile; its remove is harmless
+        if job.record_id != record_id:
+            return  # a newer record of it (a later retry's) stands
         job.record_id = 0
+        if job in self._failures:
+            return  # a failed job's record for its next attempt: it waits on, in memory only
         if job.state == JobState.PENDING:
             # Nobody was told of it: it never existed. Coalesced listeners got ERROR instead.
             job.function.pending -= 1
@@ -122,10 +133,16 @@ class DurableJobs:
                 stored.run_at,
             )
             job.record_id = stored.record_id
+            self._note_failures(job, stored)
             journal.next_record_id = max(journal.next_record_id, stored.record_id + 1)
             count += 1
         journal.decided_end = journal.next_record_id  # every record loaded is committed
         return count
+
+    def _note_failures(self, job: Job, stored: StoredJob) -> None:
+        """A loaded job that had failed before: its attempts count on (failures.py)."""
+        if stored.attempts:
+            self._failures[job] = (stored.attempts, stored.first_failed_ms, stored.last_error)
 
     # ------------------------------------------------------------------ a shared store's lease
 
@@ -225,6 +242,7 @@ class DurableJobs:
                 True,  # pending: activated below, once it has its record (on hold, it is held)
             )
             job.record_id = stored.record_id
+            self._note_failures(job, stored)
             job.function.pending -= 1
             self._activate(job)
             count += 1

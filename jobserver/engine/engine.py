@@ -12,19 +12,29 @@ Time comes from two injected clocks: `wall_clock` (unix seconds, for SUBMIT_JOB_
 from __future__ import annotations
 
 import heapq
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 
 from ..protocol import REQ, BadPacket, Packet, encode
 from ..protocol import PacketType as T
 from . import errors
+from .dead_set import DEFAULT_DEAD_TTL, DEFAULT_MAX_DEAD, DeadSet
 from .durability import DurableJobs
 from .errors import ErrorReply
+from .failures import (
+    DEFAULT_RETRY_DELAY,
+    FAILED,
+    GIVEN_BACK,
+    TIMED_OUT,
+    WORKER_LOST,
+    FailedJobs,
+)
 from .function import Function
 from .functions import FunctionTable
 from .handles import HandleGenerator
 from .job import Job, JobState, Priority
-from .journal import Journal
+from .journal import Journal, RetryPolicy
 from .peer import MAX_CLIENT_ID_SIZE, Peer
 from .unique_index import UniqueIndex
 from .workers import COMPACT_MIN_TIMERS, WorkerRequests, timer_is_live
@@ -120,7 +130,7 @@ def _parse_integer(text: bytes, max_length: int) -> int | None:
     return int(text)
 
 
-class Engine(WorkerRequests, DurableJobs):
+class Engine(WorkerRequests, DurableJobs, FailedJobs):
     """The job engine. Worker-side requests (registrations, sleep, GRAB_JOB and picking a job)
     are in workers.py, the store's reports in durability.py; connections, clients, results,
     the job lifecycle, timers and admin operations here."""
@@ -136,6 +146,11 @@ class Engine(WorkerRequests, DurableJobs):
         monotonic_clock: Callable[[], float] = time.monotonic,
         start_time_ms: int | None = None,
         durable: bool = False,
+        bg_retries: int = 0,
+        bg_retry_delay: float = DEFAULT_RETRY_DELAY,
+        dead_max: int = DEFAULT_MAX_DEAD,
+        dead_ttl: float = DEFAULT_DEAD_TTL,
+        rng: random.Random | None = None,
     ) -> None:
         if start_time_ms is None:
             start_time_ms = int(wall_clock() * 1000)
@@ -158,6 +173,9 @@ class Engine(WorkerRequests, DurableJobs):
         # become runnable wait in `_on_hold` instead of a queue, out of workers' reach.
         self.durable_on_hold = False
         self._on_hold: list[Job] = []
+        self._init_failures(
+            RetryPolicy(bg_retries, bg_retry_delay), DeadSet(dead_max, dead_ttl), rng
+        )
         self._uniques = UniqueIndex()
         self._by_payload: dict[tuple[bytes, bytes], Job] = {}  # unique "-" jobs (§3.2)
         self._sequence = 0
@@ -187,7 +205,7 @@ class Engine(WorkerRequests, DurableJobs):
         # when its own jobs are requeued below.
         functions = self._unregister_all(peer)
         for job in list(peer.held.values()):
-            self._release(job)
+            self._release(job, WORKER_LOST)
         for job in peer.listening:
             assert job.listeners is not None
             job.listeners = [p for p in job.listeners if p is not peer] or None
@@ -435,7 +453,10 @@ class Engine(WorkerRequests, DurableJobs):
             return
         if job.listeners:
             self._notify(job, encode(T.WORK_FAIL, job.handle))
-        self._finish(job)
+        if job.background:
+            self._failed(job, FAILED, told=True)
+        else:
+            self._finish(job)
 
     def _work_exception(self, peer: Peer, _type: int, args: tuple[bytes, ...]) -> None:
         job = peer.held.get(args[0])
@@ -447,7 +468,10 @@ class Engine(WorkerRequests, DurableJobs):
             fail = encode(T.WORK_FAIL, job.handle + FAIL_AFTER_EXCEPTION_SUFFIX)
             for listener in job.listeners:
                 listener.send(exception if listener.exceptions else fail)
-        self._finish(job)
+        if job.background:
+            self._failed(job, args[1] or b"exception", told=True)
+        else:
+            self._finish(job)
 
     def _notify(self, job: Job, data: bytes) -> None:
         # One copy per listener record: a client that submitted the same unique twice gets
@@ -478,17 +502,27 @@ class Engine(WorkerRequests, DurableJobs):
         job.function.running -= 1
         job.worker = None
 
-    def _release(self, job: Job) -> None:
-        """Take a running job back from its worker: worker lost, CANT_DO, RESET_ABILITIES or
-        CAN_DO_TIMEOUT expiry. Requeued at the tail with its status reset, unless it is out of
-        attempts (`--job-retries`, §3.6) or nobody wants it any more."""
+    def _release(self, job: Job, failure: bytes | None = None) -> None:
+        """Take a running job back from its worker: worker lost or CAN_DO_TIMEOUT expiry (a
+        `failure`), CANT_DO or RESET_ABILITIES (given back). Requeued at the tail with its
+        status reset, unless it is out of attempts (`--job-retries`, §3.6; a background job
+        then goes to the dead set) or nobody wants it any more. A background job whose
+        function has retries counts a failure against them instead (failures.py)."""
         if job.state == JobState.DETACHED or not (job.background or job.listeners):
             self._finish(job)  # cancelled, or every client gave up on it: nobody wants it
             return
+        if failure is not None and job.background and self.policy_of(job.function.name).retries:
+            self._failed(job, failure, told=False)
+            return
         self._take_from_worker(job)
         job.numerator = job.denominator = 0
-        job.retries += 1
+        job.retries += 1  # gearmand counts give-backs too (CANT_DO, RESET_ABILITIES)
         if self.job_retries and job.retries >= self.job_retries:
+            if job.background:
+                now_ms = int(self.wall_clock() * 1000)
+                _attempts, first_ms, _error = self._failures.get(job, (0, now_ms, b""))
+                self._bury(job, job.retries, first_ms, now_ms, failure or GIVEN_BACK)
+                return
             if job.listeners:
                 self._notify(job, encode(T.WORK_FAIL, job.handle))
             self._unindex(job)
@@ -520,6 +554,8 @@ class Engine(WorkerRequests, DurableJobs):
     def _unindex(self, job: Job) -> None:
         """The job is over for clients: forget its handle, unique and stored record."""
         del self.jobs[job.handle]
+        if self._failures:
+            self._failures.pop(job, None)
         if job.record_id:
             assert self.journal is not None
             self.journal.remove(job.record_id)
@@ -565,7 +601,7 @@ class Engine(WorkerRequests, DurableJobs):
             # Per assignment, not per connection: a timer whose job finished or was reassigned
             # since is stale and does nothing (gearmand's fires anyway, §3.9, issue #301).
             if timer_is_live(entry):
-                self._release(entry[2])
+                self._release(entry[2], TIMED_OUT)
 
     # ------------------------------------------------------------------ admin operations
 

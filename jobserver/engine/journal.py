@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 
 
 class StoredJob(NamedTuple):
-    """A durable job as the store keeps it."""
+    """A durable job as the store keeps it. A job waiting for another attempt after failing
+    (failures.py) also keeps how many attempts failed, when the first did (unix ms), and why
+    the last did; run_at is then when the next attempt is due."""
 
     record_id: int
     function: bytes
@@ -26,6 +28,41 @@ class StoredJob(NamedTuple):
     run_at: int
     reducer: bytes
     payload: bytes
+    attempts: int = 0
+    first_failed_ms: int = 0
+    last_error: bytes = b""
+
+
+class DeadJob(NamedTuple):
+    """A background job that failed every attempt its retry policy allowed (failures.py):
+    kept, durably, until it is retried, purged, or dropped for age or room."""
+
+    dead_id: int  # the store's key; ids only increase
+    handle: bytes  # the job's last handle: what `retry dead job` names
+    function: bytes
+    unique: bytes
+    priority: int
+    reducer: bytes
+    payload: bytes
+    attempts: int
+    first_failed_ms: int  # unix milliseconds
+    last_failed_ms: int
+    error: bytes  # WORK_EXCEPTION's data, or b"failed", b"worker lost", b"timed out"
+
+
+class RetryPolicy(NamedTuple):
+    """How often a failed background job of a function is tried again, and how soon."""
+
+    retries: int  # attempts after the first; 0: none (the job goes to the dead set)
+    base_delay: float  # seconds before the first retry; doubled for each one after
+
+
+class StoreExtras(NamedTuple):
+    """Changes besides job records, committed in the same transaction as the batch's."""
+
+    dead_adds: list[DeadJob]
+    dead_removes: list[int]  # dead ids
+    policies: list[tuple[bytes, RetryPolicy | None]]  # per function; None: back to default
 
 
 class Batch(NamedTuple):
@@ -33,6 +70,7 @@ class Batch(NamedTuple):
     adds: list[StoredJob]
     removes: list[int]  # record ids; applied after the adds of the same batch
     end: int  # one past the last record id it adds: once it is written, ids below are decided
+    extras: StoreExtras | None = None  # dead set and policy changes, if any
 
 
 _stored_job = tuple.__new__
@@ -50,12 +88,21 @@ class Journal:
     once everything before it on its connection has.
     """
 
-    __slots__ = ("_adds", "_jobs", "_removes", "decided_end", "holding", "next_record_id")
+    __slots__ = (
+        "_adds",
+        "_extras",
+        "_jobs",
+        "_removes",
+        "decided_end",
+        "holding",
+        "next_record_id",
+    )
 
     def __init__(self) -> None:
         self._jobs: list[Job] = []
         self._adds: list[StoredJob] = []
         self._removes: list[int] = []
+        self._extras: StoreExtras | None = None
         self.next_record_id = 1
         self.decided_end = 1
         # Peers with replies held for a commit, released after each one.
@@ -63,12 +110,13 @@ class Journal:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._adds or self._removes)
+        return bool(self._adds or self._removes or self._extras)
 
     @property
     def has_adds(self) -> bool:
-        """Whether a record waits to be written (and with it, a reply)."""
-        return bool(self._adds)
+        """Whether a record (or a dead-set or policy change) waits to be written: a reply or
+        an admin command's effect waits on it, so its batch goes at once."""
+        return bool(self._adds or self._extras)
 
     @property
     def removes_waiting(self) -> int:
@@ -93,10 +141,49 @@ class Journal:
                     job.run_at,
                     job.reducer,
                     job.payload,
+                    0,  # attempts: a new job has failed none
+                    0,
+                    b"",
                 ),
             )
         )
         return record_id
+
+    def add_retry(self, job: Job, attempts: int, first_failed_ms: int, last_error: bytes) -> int:
+        """Record `job` anew as waiting for its next attempt (at job.run_at): its failures so
+        far survive a restart. The caller removes its previous record."""
+        job.record_id = record_id = self.next_record_id
+        self.next_record_id = record_id + 1
+        self._jobs.append(job)
+        self._adds.append(
+            StoredJob(
+                record_id,
+                job.function.name,
+                job.unique,
+                int(job.priority),
+                job.run_at,
+                job.reducer,
+                job.payload,
+                attempts,
+                first_failed_ms,
+                last_error,
+            )
+        )
+        return record_id
+
+    def _extras_for_change(self) -> StoreExtras:
+        if self._extras is None:
+            self._extras = StoreExtras([], [], [])
+        return self._extras
+
+    def add_dead(self, dead: DeadJob) -> None:
+        self._extras_for_change().dead_adds.append(dead)
+
+    def remove_dead(self, dead_id: int) -> None:
+        self._extras_for_change().dead_removes.append(dead_id)
+
+    def set_policy(self, function: bytes, policy: RetryPolicy | None) -> None:
+        self._extras_for_change().policies.append((function, policy))
 
     def in_flight(self, job: Job) -> bool:
         """Whether the job's record is written but its commit not finished."""
@@ -106,10 +193,18 @@ class Journal:
         self._removes.append(record_id)
 
     def take_batch(self) -> Batch:
-        batch = Batch(self._jobs, self._adds, self._removes, self.next_record_id)
+        batch = Batch(self._jobs, self._adds, self._removes, self.next_record_id, self._extras)
         self._jobs, self._adds, self._removes = [], [], []
+        self._extras = None
         return batch
 
-    def retry_removes(self, removes: list[int]) -> None:
-        """A failed commit's removes go into the next batch: a finished job must not come back."""
+    def retry_removes(self, removes: list[int], extras: StoreExtras | None = None) -> None:
+        """A failed commit's removes go into the next batch: a finished job must not come back.
+        So do its dead-set and policy changes, which nobody waits for either: an operator's
+        purge or a job's death is written once the store can."""
         self._removes[:0] = removes
+        if extras is not None:
+            mine = self._extras_for_change()
+            mine.dead_adds[:0] = extras.dead_adds
+            mine.dead_removes[:0] = extras.dead_removes
+            mine.policies[:0] = extras.policies

@@ -16,7 +16,7 @@ import socket
 from pathlib import Path
 from typing import Protocol
 
-from ..engine.journal import StoredJob
+from ..engine.journal import DeadJob, RetryPolicy, StoredJob, StoreExtras
 
 STORE_KINDS = ("sqlite", "memory")
 POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")  # libpq's URI forms
@@ -63,11 +63,22 @@ class JobStore(Protocol):
         """After load: the lowest id a new record may have (above every id stored)."""
         ...
 
-    def apply(self, adds: list[StoredJob], removes: list[int]) -> None:
-        """Record `adds`, then delete the records `removes`, atomically and durably (synced
-        to disk when it returns). Raises StoreError and changes nothing on failure. Record
-        ids only increase from call to call; a record is removed once (unknown ids are
-        ignored)."""
+    def load_dead(self) -> list[DeadJob]:
+        """The dead set (engine/failures.py), oldest first; after load."""
+        ...
+
+    def load_policies(self) -> list[tuple[bytes, RetryPolicy]]:
+        """Retry policies set by the `retries` admin command, by function."""
+        ...
+
+    def apply(
+        self, adds: list[StoredJob], removes: list[int], extras: StoreExtras | None = None
+    ) -> None:
+        """Record `adds`, then delete the records `removes`, and make the `extras` changes
+        (dead jobs added and removed, policies set), atomically and durably (synced to disk
+        when it returns). Raises StoreError and changes nothing on failure. Record ids only
+        increase from call to call, as do dead ids added; a record or dead job is removed
+        once (unknown ids are ignored)."""
         ...
 
     def check(self) -> None:

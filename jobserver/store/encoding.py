@@ -6,6 +6,10 @@ the StoredJob fields in order:
 
     [record_id, function, unique, priority, run_at, reducer, payload]
 
+or, for a job waiting for another attempt after failing, three more fields:
+
+    [..., payload, attempts, first_failed_ms, last_error]
+
 (integers as msgpack ints, byte strings as msgpack bin). msgpack is a format with a published
 specification and readers in every language, so an operator can inspect or salvage a database
 without this code; it is also packed in C, which is what lets one commit write hundreds of
@@ -33,8 +37,14 @@ class DamagedSegment(ValueError):
     """The bytes are not a segment this store wrote; the message says what is wrong."""
 
 
+BASE_FIELDS = 7
+"""Fields of a job that has never failed; the three about failures are left out of its record."""
+
+
 def pack_segment(jobs: Sequence[StoredJob]) -> bytes:
-    return msgpack.packb(jobs, use_bin_type=True)
+    return msgpack.packb(
+        [job if job[BASE_FIELDS] else job[:BASE_FIELDS] for job in jobs], use_bin_type=True
+    )
 
 
 def unpack_segment(blob: bytes) -> list[StoredJob]:
@@ -51,9 +61,12 @@ def unpack_segment(blob: bytes) -> list[StoredJob]:
 
 def check_record(record: object) -> StoredJob:
     """The record as a StoredJob if each field is what a job needs; else DamagedSegment."""
-    if type(record) is not tuple or len(record) != len(StoredJob._fields):
-        raise DamagedSegment(f"a record must be an array of {len(StoredJob._fields)} fields")
-    record_id, function, unique, priority, run_at, reducer, payload = record
+    if type(record) is not tuple or len(record) not in (BASE_FIELDS, len(StoredJob._fields)):
+        raise DamagedSegment(
+            f"a record must be an array of {BASE_FIELDS} or {len(StoredJob._fields)} fields"
+        )
+    record_id, function, unique, priority, run_at, reducer, payload = record[:BASE_FIELDS]
+    attempts, first_failed_ms, last_error = record[BASE_FIELDS:] or (0, 0, b"")
     if type(record_id) is not int or record_id < 1:
         raise DamagedSegment(f"record id {record_id!r} (must be a positive integer)")
     for name, value in (
@@ -70,7 +83,22 @@ def check_record(record: object) -> StoredJob:
         raise DamagedSegment(
             f"record {record_id} has run_at {run_at!r} (must be an integer unix time)"
         )
-    return StoredJob(record_id, function, unique, priority, run_at, reducer, payload)
+    if type(attempts) is not int or attempts < 0 or type(first_failed_ms) is not int:
+        raise DamagedSegment(f"record {record_id} has a malformed count of failed attempts")
+    if type(last_error) is not bytes:
+        raise DamagedSegment(f"record {record_id} has a last error that is not bytes")
+    return StoredJob(
+        record_id,
+        function,
+        unique,
+        priority,
+        run_at,
+        reducer,
+        payload,
+        attempts,
+        first_failed_ms,
+        last_error,
+    )
 
 
 def pack_record_ids(record_ids: Sequence[int]) -> bytes:

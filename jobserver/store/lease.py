@@ -13,7 +13,7 @@ import time
 from collections import deque
 from typing import NamedTuple
 
-from ..engine.journal import StoredJob
+from ..engine.journal import DeadJob, StoredJob
 
 DEFAULT_LEASE = 10.0
 """Seconds a server's jobs stay its own after its last renewal (--lease). Takeover waits this
@@ -36,6 +36,7 @@ class Adopted(NamedTuple):
 
     nodes: list[tuple[str, int]]  # (node id, the term it was fenced at)
     jobs: list[StoredJob]
+    dead: list[DeadJob]  # their dead sets, which move with them (negative dead ids)
 
 
 class Fenced(NamedTuple):

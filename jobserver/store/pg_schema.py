@@ -44,6 +44,36 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        2,
+        """
+        ALTER TABLE jobserver_jobs
+            ADD COLUMN attempts integer NOT NULL DEFAULT 0,
+            ADD COLUMN first_failed_ms bigint NOT NULL DEFAULT 0,
+            ADD COLUMN last_error bytea NOT NULL DEFAULT '';
+        CREATE TABLE jobserver_dead (
+            owner text NOT NULL,
+            dead_id bigint NOT NULL,
+            seq bigserial NOT NULL,
+            handle bytea NOT NULL,
+            function bytea NOT NULL,
+            unique_key bytea NOT NULL,
+            priority smallint NOT NULL,
+            reducer bytea NOT NULL,
+            payload bytea NOT NULL,
+            attempts integer NOT NULL,
+            first_failed_ms bigint NOT NULL,
+            last_failed_ms bigint NOT NULL,
+            error bytea NOT NULL,
+            PRIMARY KEY (owner, dead_id)
+        );
+        CREATE TABLE jobserver_policies (
+            function bytea PRIMARY KEY,
+            retries integer NOT NULL,
+            base_delay double precision NOT NULL
+        );
+        """,
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -65,7 +95,14 @@ JOIN = """
     RETURNING term
 """
 
-_JOB_COLUMNS = "record_id, function, unique_key, priority, run_at, reducer, payload"
+_JOB_COLUMNS = (
+    "record_id, function, unique_key, priority, run_at, reducer, payload,"
+    " attempts, first_failed_ms, last_error"
+)
+_DEAD_COLUMNS = (
+    "dead_id, handle, function, unique_key, priority, reducer, payload,"
+    " attempts, first_failed_ms, last_failed_ms, error"
+)
 
 LOAD = f"SELECT {_JOB_COLUMNS} FROM jobserver_jobs WHERE owner = %s ORDER BY seq"
 
@@ -85,7 +122,8 @@ APPLY = f"""
         SELECT %(node)s, a.* FROM unnest(
             %(ids)s::bigint[], %(functions)s::bytea[], %(uniques)s::bytea[],
             %(priorities)s::smallint[], %(run_ats)s::bigint[], %(reducers)s::bytea[],
-            %(payloads)s::bytea[]
+            %(payloads)s::bytea[], %(attempts)s::integer[], %(first_failed)s::bigint[],
+            %(errors)s::bytea[]
         ) AS a
         WHERE EXISTS (SELECT FROM lease)
         RETURNING 1
@@ -104,7 +142,19 @@ and the removes deleted. A peer that took the jobs over bumped the term first, i
 transaction that moved them, so a fenced server writes nothing."""
 
 COPY_JOBS = f"COPY jobserver_jobs (owner, {_JOB_COLUMNS}) FROM STDIN (FORMAT BINARY)"
-COPY_JOBS_TYPES = ["text", "int8", "bytea", "bytea", "int2", "int8", "bytea", "bytea"]
+COPY_JOBS_TYPES = [
+    "text",
+    "int8",
+    "bytea",
+    "bytea",
+    "int2",
+    "int8",
+    "bytea",
+    "bytea",
+    "int4",
+    "int8",
+    "bytea",
+]
 """Large batches: COPY, in a transaction that first renews the lease (RENEW) under the term."""
 
 REMOVE = """
@@ -133,6 +183,30 @@ TAKE_OVER_JOBS = f"""
 """Every job of the dead nodes, now this node's, with the node each came from (for the log)."""
 
 READ_NODE = "SELECT term, taken_over_by FROM jobserver_nodes WHERE node_id = %s FOR UPDATE"
+
+LOAD_DEAD = f"SELECT {_DEAD_COLUMNS} FROM jobserver_dead WHERE owner = %s ORDER BY seq"
+ADD_DEAD = (
+    f"INSERT INTO jobserver_dead (owner, {_DEAD_COLUMNS}) VALUES (%s{', %s' * 11})"
+    " ON CONFLICT (owner, dead_id) DO NOTHING"
+)
+"""A dead job written twice (a batch retried after a full disk refused it) is written once."""
+REMOVE_DEAD = "DELETE FROM jobserver_dead WHERE owner = %(node)s AND dead_id = ANY(%(ids)s)"
+TAKE_OVER_DEAD = f"""
+    UPDATE jobserver_dead SET owner = %(node)s, dead_id = -seq
+    WHERE owner = ANY(%(dead)s::text[])
+    RETURNING seq, {_DEAD_COLUMNS}
+"""
+"""The dead set moves with the jobs: a failed job stays visible and re-runnable."""
+
+LOAD_POLICIES = "SELECT function, retries, base_delay FROM jobserver_policies"
+SET_POLICY = """
+    INSERT INTO jobserver_policies (function, retries, base_delay) VALUES (%s, %s, %s)
+    ON CONFLICT (function) DO UPDATE SET retries = EXCLUDED.retries,
+        base_delay = EXCLUDED.base_delay
+"""
+CLEAR_POLICY = "DELETE FROM jobserver_policies WHERE function = %s"
+"""Retry policies (`retries` admin command) are the cluster's, not one server's: the SDK sets
+them on every server, and each server reads them all when it starts."""
 
 RELEASE = """
     UPDATE jobserver_nodes SET lease_expires = now()

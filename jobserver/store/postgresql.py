@@ -21,7 +21,7 @@ import time
 
 import psycopg
 
-from ..engine.journal import StoredJob
+from ..engine.journal import DeadJob, RetryPolicy, StoredJob, StoreExtras
 from . import StoreError
 from . import pg_schema as sql
 from .lease import DEFAULT_LEASE, MIN_LEASE, Adopted, Fenced, Lease
@@ -40,6 +40,7 @@ RENEWALS_PER_LEASE = 4
 RENEW_INTERVAL_MAX = 1.0
 """The lease is renewed every lease/4 seconds, at most every second: several renewals fit in
 the trusted half of a lease (lease.py), so one slow or lost one does not put the jobs on hold."""
+
 
 class PostgresStore:
     """The JobStore interface (see __init__.py), plus a lease: see the module docstring."""
@@ -102,7 +103,25 @@ class PostgresStore:
         log.info("joined the cluster as %s, term %d", self.node_id, self._term)
         return jobs
 
-    def apply(self, adds: list[StoredJob], removes: list[int]) -> None:
+    def load_dead(self) -> list[DeadJob]:
+        """This node's dead set, oldest first (after load)."""
+        return [DeadJob(*row) for row in self._fetch(sql.LOAD_DEAD, (self.node_id,))]
+
+    def load_policies(self) -> list[tuple[bytes, RetryPolicy]]:
+        """The cluster's retry policies, set by the `retries` admin command."""
+        rows = self._fetch(sql.LOAD_POLICIES, ())
+        return [(function, RetryPolicy(retries, delay)) for function, retries, delay in rows]
+
+    def _fetch(self, statement: str, parameters: tuple[object, ...]) -> list[tuple]:
+        try:
+            with self._db.call() as db:
+                return db.execute(statement, parameters).fetchall()
+        except (Unavailable, psycopg.Error) as problem:
+            raise StoreError(self._describe_failure(problem)) from None
+
+    def apply(
+        self, adds: list[StoredJob], removes: list[int], extras: StoreExtras | None = None
+    ) -> None:
         if adds:
             self._record_ids_end = max(self._record_ids_end, adds[-1].record_id + 1)
         added_ids = {job.record_id for job in adds}
@@ -113,10 +132,11 @@ class PostgresStore:
             if cancelled:
                 adds = [job for job in adds if job.record_id not in cancelled]
                 removes = [record_id for record_id in removes if record_id not in cancelled]
-        if not adds and not removes:
+        if not adds and not removes and not extras:
             return
         if self._superseded is not None:
-            # The removes are the newer server's business now; drop them, refuse the adds.
+            # The removes and the dead set are the newer server's business now; drop them,
+            # refuse the adds.
             if adds:
                 raise StoreError(self._superseded, removes_written=True)
             return
@@ -125,7 +145,7 @@ class PostgresStore:
             sent_at = time.monotonic()
             try:
                 with self._db.call(size) as db:
-                    written = self._write(db, adds, removes)
+                    written = self._write(db, adds, removes, extras)
             except Unavailable as problem:
                 raise StoreError(str(problem), busy=True) from None
             except psycopg.Error as problem:
@@ -140,11 +160,17 @@ class PostgresStore:
                     raise StoreError(self._superseded, removes_written=True)
         raise StoreError(f"database {self.path}: fenced again right after joining anew")
 
-    def _write(self, db: psycopg.Connection, adds: list[StoredJob], removes: list[int]) -> bool:
+    def _write(
+        self,
+        db: psycopg.Connection,
+        adds: list[StoredJob],
+        removes: list[int],
+        extras: StoreExtras | None,
+    ) -> bool:
         """Write a batch under this node's term, renewing its lease; False, writing nothing,
         if the term has changed (fenced)."""
         lease = {"node": self.node_id, "term": self._term, "lease": self.lease.seconds}
-        if len(adds) < COPY_MIN_ROWS:
+        if len(adds) < COPY_MIN_ROWS and extras is None:
             row = (
                 db.cursor(binary=True)
                 .execute(
@@ -158,6 +184,9 @@ class PostgresStore:
                         "run_ats": [job.run_at for job in adds],
                         "reducers": [job.reducer for job in adds],
                         "payloads": [job.payload for job in adds],
+                        "attempts": [job.attempts for job in adds],
+                        "first_failed": [job.first_failed_ms for job in adds],
+                        "errors": [job.last_error for job in adds],
                         "removes": removes,
                     },
                 )
@@ -176,9 +205,25 @@ class PostgresStore:
                         copy.write_row((node, *job[:3], int(job[3]), *job[4:]))
                 if removes:
                     db.execute(sql.REMOVE, {"node": node, "removes": removes})
+                if extras is not None:
+                    self._write_extras(db, extras)
         except _FencedError:
             return False
         return True
+
+    def _write_extras(self, db: psycopg.Connection, extras: StoreExtras) -> None:
+        node = self.node_id
+        if extras.dead_adds:
+            rows = [(node, *dead[:4], int(dead[4]), *dead[5:]) for dead in extras.dead_adds]
+            with db.cursor() as cursor:
+                cursor.executemany(sql.ADD_DEAD, rows)
+        if extras.dead_removes:
+            db.execute(sql.REMOVE_DEAD, {"node": node, "ids": extras.dead_removes})
+        for function, policy in extras.policies:
+            if policy is None:
+                db.execute(sql.CLEAR_POLICY, (function,))
+            else:
+                db.execute(sql.SET_POLICY, (function, policy.retries, policy.base_delay))
 
     def check(self) -> None:
         """Renew the lease, and take over peers whose lease has expired. Logs problems (an
@@ -282,6 +327,7 @@ class PostgresStore:
                 return None
             parameters["dead"] = [node for node, _term in dead]
             rows = db.execute(sql.TAKE_OVER_JOBS, parameters).fetchall()
+            dead_rows = db.execute(sql.TAKE_OVER_DEAD, parameters).fetchall()
         rows.sort()  # by seq: the order they were first recorded
         per_node = collections.Counter(row[1] for row in rows)
         for node, term in dead:
@@ -291,7 +337,12 @@ class PostgresStore:
                 term,
                 per_node[node],
             )
-        return Adopted([(node, term) for node, term in dead], [StoredJob(*r[2:]) for r in rows])
+        dead_rows.sort()
+        return Adopted(
+            [(node, term) for node, term in dead],
+            [StoredJob(*row[2:]) for row in rows],
+            [DeadJob(*row[1:]) for row in dead_rows],
+        )
 
     def _describe_failure(self, problem: Exception) -> str:
         text = str(problem).strip().replace("\n", " ") or type(problem).__name__
