@@ -637,24 +637,30 @@ class Server:
                     delay,
                 )
         engine.failure_log.clear()
+        self._log_dead_dropped()
+
+    def _log_dead_dropped(self) -> None:
+        engine = self.engine
+        assert engine is not None
+        if engine.dead.dropped:
+            log.warning(
+                "dead set: dropped the %d oldest dead jobs (past --dead-ttl or over "
+                "--dead-max); %d kept",
+                engine.dead.dropped,
+                len(engine.dead),
+            )
+            engine.dead.dropped = 0
 
     async def _tend_dead_set(self) -> None:
-        """Drop dead jobs past --dead-ttl now and then, and log what was dropped (for age or
-        over --dead-max) since the last time."""
+        """Drop dead jobs past --dead-ttl now and then, and log it. (Jobs dropped over
+        --dead-max are logged as they die, with the failure that pushed them out.)"""
         engine = self.engine
         assert engine is not None
         while True:
             await trio.sleep(DEAD_SET_CHECK_INTERVAL)
             try:
                 engine.expire_dead()
-                if engine.dead.dropped:
-                    log.warning(
-                        "dead set: dropped the %d oldest dead jobs (past --dead-ttl or over "
-                        "--dead-max); %d kept",
-                        engine.dead.dropped,
-                        len(engine.dead),
-                    )
-                    engine.dead.dropped = 0
+                self._log_dead_dropped()
                 self._flush()
             except Exception:
                 await self._internal_error("the dead-set task")
