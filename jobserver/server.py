@@ -27,6 +27,7 @@ from pathlib import Path
 import trio
 
 from .admin import AdminProtocol, ServerFacts
+from .admin_text import listed
 from .commits import Committer, write
 from .connection import RECEIVE_SIZE, Connection
 from .engine import Engine
@@ -213,6 +214,8 @@ class Server:
             stored = self.store.load()
             count = self.engine.restore(stored, self.store.next_record_id)
             self.engine.restore_dead(self.store.load_dead())
+            self.engine.expire_dead()  # those past --dead-ttl while the server was down
+            self._log_dead_dropped()
             self.engine.restore_policies(self.store.load_policies())
             log.info("loaded %d stored jobs from %s", count, getattr(self.store, "path", "?"))
             lease = getattr(self.store, "lease", None)
@@ -617,20 +620,21 @@ class Server:
         engine = self.engine
         assert engine is not None
         for handle, function, attempts, retries, error, delay in engine.failure_log:
-            text = error.decode(errors="replace")[:MAX_LOGGED_ERROR]
+            # Escaped as in admin listings: a worker's text must not make log lines of its own.
+            text = listed(error[:MAX_LOGGED_ERROR]).decode(errors="replace")
             if delay is None:
                 log.warning(
                     "job %s (%s) failed %d time(s), no retry left: kept in the dead set: %s",
-                    handle.decode(errors="replace"),
-                    function.decode(errors="replace"),
+                    listed(handle).decode(errors="replace"),
+                    listed(function).decode(errors="replace"),
                     attempts,
                     text,
                 )
             else:
                 log.info(
                     "job %s (%s) failed (attempt %d of %d): %s; next attempt in %.1f s",
-                    handle.decode(errors="replace"),
-                    function.decode(errors="replace"),
+                    listed(handle).decode(errors="replace"),
+                    listed(function).decode(errors="replace"),
                     attempts,
                     retries + 1,
                     text,

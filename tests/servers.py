@@ -61,6 +61,7 @@ LIST_COMMANDS = {
     ("prioritystatus",),
     ("show", "jobs"),
     ("show", "unique"),
+    ("show", "dead"),
 }
 
 

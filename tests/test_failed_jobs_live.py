@@ -39,6 +39,10 @@ class Assignment(NamedTuple):
     at: float  # time.monotonic() when it arrived
 
 
+DEAD_TTL_TEST = 1.0
+"""Seconds (the least --dead-ttl accepts): the dead jobs of the bounds test outlive it."""
+
+
 def next_job(worker: Wire, timeout: float = DEADLINE) -> Assignment:
     """Grab a job, sleeping (PRE_SLEEP) until the server wakes this worker with NOOP."""
     deadline = time.monotonic() + timeout
@@ -337,6 +341,12 @@ def test_the_dead_set_keeps_the_newest_dead_max_jobs_and_logs_the_dropped(
 
     server = restart(start_jobserver, server, *args, data_dir=data_dir)
     assert dead_handles(server) == handles[2:]  # the dropped are gone from the store too
+
+    # Past --dead-ttl while the server was down: dropped (and logged) as it starts again.
+    time.sleep(DEAD_TTL_TEST + 0.1)
+    server = restart(start_jobserver, server, "--dead-ttl", str(DEAD_TTL_TEST), data_dir=data_dir)
+    assert dead_handles(server) == []
+    assert log_lines_naming(server, "0 kept")
 
 
 # --- operators --------------------------------------------------------------------------------

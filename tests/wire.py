@@ -225,8 +225,10 @@ class Wire:
 
 
 def is_list_command(line: bytes) -> bool:
-    words = line.split()
-    return bool(words) and words[0].lower() in _LIST_COMMANDS
+    words = [word.lower() for word in line.split()]
+    if words[:2] == [b"show", b"job"]:  # one job's state: a single line
+        return False
+    return bool(words) and words[0] in _LIST_COMMANDS
 
 
 def admin_reply_end(data: bytes, is_list: bool) -> int:
