@@ -30,7 +30,7 @@ from jobserver.sdk.errors import (
 )
 
 from .client import Client
-from .jobs import Data, JobHandle, JobStatus, Status, Update, Warning
+from .jobs import Data, JobHandle, JobState, JobStatus, Status, Update, Warning
 from .stream import JobStream
 from .submission import Priority
 from .sync import SyncClient, SyncJobStream
@@ -43,6 +43,7 @@ __all__ = [
     "JobFailed",
     "JobHandle",
     "JobLost",
+    "JobState",
     "JobStatus",
     "JobStream",
     "JobTimeout",

@@ -213,15 +213,21 @@ class Client:
         )
 
     async def status(self, handle: str) -> JobStatus:
-        """GET_STATUS for a job: whether the server knows it, whether a worker runs it, and
-        the worker's last progress. A JobHandle from `submit_background` asks the server that
-        holds the job; a plain str asks each server in turn (handles are only unique per
-        server, so the first server that knows it answers).
+        """Where a job is: queued, running, retrying after a failure, dead (failed every
+        attempt) or gone, with its failed attempts so far, the retries its function allows,
+        whether the server knows it (GET_STATUS), whether a worker runs it, and the worker's
+        last progress. A JobHandle from `submit_background` asks the server that holds the
+        job; a plain str asks each server in turn (handles are only unique per server, so the
+        first server that has the job answers). On gearmand, which keeps no failed jobs, the
+        state comes from GET_STATUS alone: running, queued or gone.
 
         Example::
 
             handle = await client.submit_background("resize", {"path": "a.png"})
-            print(await client.status(handle))  # JobStatus(known=True, running=False, ...)
+            status = await client.status(handle)
+            print(status.state)  # "queued"
+            if status.state == "retrying":
+                print(f"retry {status.attempts} of {status.retries} at {status.next_attempt}")
         """
         wire_handle = checks.check_handle(handle)
         pool = self._require_pool()
@@ -240,7 +246,7 @@ class Client:
             except NoServerAvailable as error:
                 errors.append(str(error))
                 continue
-            if status.known:
+            if status.state != "gone":
                 return status
             answered = True
         if not answered:

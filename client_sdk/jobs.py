@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Awaitable, Callable
-from typing import NamedTuple, TypeVar
+from typing import Literal, NamedTuple, TypeVar
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -56,20 +56,109 @@ class JobHandle(str):
         return f"JobHandle({str(self)!r}, server={self.server!r})"
 
 
-class JobStatus(NamedTuple):
-    """A server's answer to GET_STATUS (shared doc §3.10).
+JobState = Literal["queued", "running", "retrying", "dead", "gone"]
+"""Where a job is in its life (`JobStatus.state`): waiting for a worker; held by one; failed
+and waiting for its next attempt (`JobStatus.next_attempt`); failed every attempt and kept in
+the server's dead set (`jobserver dead list`); or unknown to the server (finished, purged,
+never there)."""
 
-    `known` is False once the job finished (or never existed there); `running` is True while a
-    worker holds it; numerator/denominator are the worker's last WORK_STATUS.
 
-    >>> JobStatus(known=True, running=True, numerator=1, denominator=4).running
-    True
-    """
-
+class _JobStatusFields(NamedTuple):
     known: bool
     running: bool
     numerator: int
     denominator: int
+    state: JobState
+    attempts: int
+    retries: int
+    next_attempt: float | None
+
+
+class JobStatus(_JobStatusFields):
+    """What a server says about one job: GET_STATUS (shared doc §3.10), and on jobserver its
+    failures too (the admin command `show job`).
+
+    `known` is False once the job finished (or never existed there), and for a dead job;
+    `running` is True while a worker holds it; numerator/denominator are the worker's last
+    WORK_STATUS. `state` is "queued", "running", "retrying", "dead" or "gone"; `attempts` is
+    how many runs failed so far and `retries` how many retries its function allows, so a
+    retrying job waits for retry `attempts` of `retries`; `next_attempt` is the unix time of
+    that retry while it is retrying, else None. gearmand knows none of this: there
+    the state follows from GET_STATUS alone (running, queued or gone) and attempts and
+    retries are 0, which is also what leaving them out gives.
+
+    >>> JobStatus(known=True, running=True, numerator=1, denominator=4).state
+    'running'
+    >>> JobStatus(True, False, 0, 0, state="retrying", attempts=1, retries=2).state
+    'retrying'
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        known: bool,
+        running: bool,
+        numerator: int,
+        denominator: int,
+        state: JobState | None = None,
+        attempts: int = 0,
+        retries: int = 0,
+        next_attempt: float | None = None,
+    ) -> JobStatus:
+        if state is None:
+            state = "running" if running else "queued" if known else "gone"
+        return super().__new__(
+            cls, known, running, numerator, denominator, state, attempts, retries, next_attempt
+        )
+
+
+_STATES: dict[bytes, JobState] = {
+    b"queued": "queued",
+    b"running": "running",
+    b"retrying": "retrying",
+    b"dead": "dead",
+    b"unknown": "gone",
+}
+_KNOWN_STATES = frozenset({"queued", "running", "retrying"})
+"""The states in which GET_STATUS knows a job (a dead job is out of the server's queues)."""
+
+
+def job_status(
+    known: bool, running: bool, numerator: int, denominator: int, show_job: bytes | None
+) -> JobStatus:
+    """A JobStatus from GET_STATUS's fields and jobserver's `show job` reply line, if any:
+    `OK <state> <failed attempts> <retries> <next attempt, unix seconds>`. Any other line
+    (gearmand's ERR, a reply this SDK does not understand) leaves the GET_STATUS view.
+
+    The two answers are consecutive, not simultaneous: a worker may report in between (a run
+    failed, a job started). Then the later one, the state, wins, so that the status is one
+    consistent view: `known` and `running` follow the state, and the progress, which belonged
+    to the run before, reads 0/0.
+
+    >>> job_status(True, False, 0, 0, b"OK retrying 1 2 1700000000").next_attempt
+    1700000000.0
+    >>> job_status(True, False, 0, 0, b"ERR UNKNOWN_SHOW_ARGUMENTS").state
+    'queued'
+    >>> job_status(True, True, 3, 4, b"OK dead 2 1 0")[:5]  # the run failed in between
+    (False, False, 0, 0, 'dead')
+    """
+    words = (show_job or b"").split()
+    if len(words) == 5 and words[0] == b"OK" and words[1] in _STATES:
+        try:
+            attempts, retries, due = int(words[2]), int(words[3]), int(words[4])
+        except ValueError:
+            pass
+        else:
+            state = _STATES[words[1]]
+            next_attempt = float(due) if state == "retrying" and due > 0 else None
+            if (known, running) != (state in _KNOWN_STATES, state == "running"):
+                known, running = state in _KNOWN_STATES, state == "running"
+                numerator = denominator = 0
+            return JobStatus(
+                known, running, numerator, denominator, state, attempts, retries, next_attempt
+            )
+    return JobStatus(known, running, numerator, denominator)
 
 
 class Status(NamedTuple):

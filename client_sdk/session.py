@@ -4,9 +4,12 @@ Requests (SUBMIT_*, GET_STATUS, OPTION_REQ) go out through one writer task, whic
 request's `Reply` to a FIFO at the moment it writes the bytes; the server answers requests in
 order (shared doc §1), so the reader task matches JOB_CREATED / STATUS_RES / OPTION_RES /
 ECHO_RES / ERROR to that FIFO. WORK_* packets arrive unsolicited and are routed by handle to the
-waiting calls. When the connection ends, every request still waiting for its reply fails with
-ConnectionLost (the caller may submit elsewhere: the job was never accepted here), and every job
-already accepted fails with JobLost.
+waiting calls. `status` also sends jobserver's admin text command `show job <handle>` on the
+same connection: servers answer text commands in order with packets, so its one-line answer
+takes its place in the same FIFO (gearmand answers it with an ERR line, after which this
+connection stops asking). When the connection ends, every request still waiting for its reply
+fails with ConnectionLost (the caller may submit elsewhere: the job was never accepted here),
+and every job already accepted fails with JobLost.
 
 A server can also hang without closing anything (a stopped or wedged process still accepts
 connections into its backlog and its kernel still acknowledges bytes). A watchdog task sends
@@ -19,6 +22,7 @@ waiting (or time out), as with any slow server. It is responsive again with its 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -27,7 +31,8 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from jobserver.protocol import Packet, PacketType, encode_request
+from jobserver.protocol import AdminLine, Packet, PacketType, encode_request
+from jobserver.sdk.admin import is_admin_word
 from jobserver.sdk.connection import ConnectionLost, ServerConnection
 from jobserver.sdk.errors import (
     GearmanError,
@@ -37,9 +42,22 @@ from jobserver.sdk.errors import (
     ProtocolViolation,
     ServerError,
 )
+from jobserver.sdk.retry import parse_retry_after
 
-from .jobs import Data, JobHandle, JobStatus, JobWaiter, Listeners, Status, Warning, status_number
+from .jobs import (
+    Data,
+    JobHandle,
+    JobStatus,
+    JobWaiter,
+    Listeners,
+    Status,
+    Warning,
+    job_status,
+    status_number,
+)
 from .submission import Submission
+
+log = logging.getLogger("client_sdk")
 
 MAX_QUEUED_REQUESTS = 1024
 """Requests accepted for writing but not yet written. Beyond this, callers wait for the writer
@@ -65,6 +83,8 @@ MAX_WRITE_BATCH = 256 * 1024
 pipelined submits, without building one huge buffer out of large payloads."""
 
 _T = PacketType
+_TEXT_LINE = 0
+"""`Reply.expects` of an admin text command: one text line (packet types are 1..42)."""
 _REPLY_TYPES = frozenset({_T.JOB_CREATED, _T.STATUS_RES, _T.OPTION_RES, _T.ECHO_RES, _T.ERROR})
 _JOB_UPDATE_TYPES = frozenset({_T.WORK_STATUS, _T.WORK_DATA, _T.WORK_WARNING})
 _JOB_END_TYPES = frozenset({_T.WORK_COMPLETE, _T.WORK_FAIL, _T.WORK_EXCEPTION})
@@ -90,10 +110,10 @@ class Reply:
         self.waiter = waiter  # a foreground submit's waiter, attached on JOB_CREATED
         self.sent_at = math.inf  # when the writer put it on the wire
         self._event = anyio.Event()
-        self._packet: Packet | None = None
+        self._packet: Packet | AdminLine | None = None
         self._error: GearmanError | None = None
 
-    def resolve(self, packet: Packet) -> None:
+    def resolve(self, packet: Packet | AdminLine) -> None:
         self._packet = packet
         self._event.set()
 
@@ -107,6 +127,18 @@ class Reply:
             self._event.set()
 
     async def wait(self) -> Packet:
+        """The reply packet (for a request that expects one)."""
+        reply = await self._wait()
+        assert isinstance(reply, Packet)
+        return reply
+
+    async def wait_line(self) -> bytes:
+        """The reply line (for an admin text command)."""
+        reply = await self._wait()
+        assert isinstance(reply, AdminLine)
+        return reply.text
+
+    async def _wait(self) -> Packet | AdminLine:
         await self._event.wait()
         if self._error is not None:
             raise self._error
@@ -144,6 +176,9 @@ class Session:
             MAX_QUEUED_REQUESTS
         )
         self._replies: deque[Reply] = deque()
+        self._text_replies = 0  # text commands written and not yet answered
+        self.knows_show_job: bool | None = None
+        """Whether the server answers `show job` (None: not asked yet on this connection)."""
         self._listeners: dict[bytes, Listeners] = {}
         self._cancel_scope: anyio.CancelScope | None = None
 
@@ -165,11 +200,34 @@ class Session:
         return JobHandle(_text(packet.args[0]), self.server)
 
     async def status(self, handle: bytes) -> JobStatus:
-        """GET_STATUS → STATUS_RES (shared doc §3.10)."""
-        packet = await self._request(encode_request(_T.GET_STATUS, handle), Reply(_T.STATUS_RES))
+        """GET_STATUS → STATUS_RES (shared doc §3.10), pipelined with `show job <handle>` for
+        the job's failures, unless this server answered that with ERR before (gearmand) or
+        the handle cannot be one word of a text command (then GET_STATUS alone)."""
+        get_status = Reply(_T.STATUS_RES)
+        await self._queue(encode_request(_T.GET_STATUS, handle), get_status)
+        show_job: Reply | None = None
+        if self.knows_show_job is not False and is_admin_word(handle):
+            show_job = Reply(_TEXT_LINE)
+            await self._queue(b"show job " + handle + b"\n", show_job)
+        packet = await get_status.wait()
         _, known, running, numerator, denominator = packet.args
-        return JobStatus(
-            known == b"1", running == b"1", status_number(numerator), status_number(denominator)
+        line = None
+        if show_job is not None:
+            line = await show_job.wait_line()
+            if self.knows_show_job is None:
+                self.knows_show_job = line.startswith(b"OK ")
+                if not self.knows_show_job:
+                    log.debug(
+                        "%s does not know `show job` (%r): job states from GET_STATUS only",
+                        self.server,
+                        line,
+                    )
+        return job_status(
+            known == b"1",
+            running == b"1",
+            status_number(numerator),
+            status_number(denominator),
+            line,
         )
 
     def request_exceptions(self) -> None:
@@ -303,8 +361,8 @@ class Session:
             data, reply = await self._outbox_out.receive()
             batch = [data]
             size = len(data)
-            now = reply.sent_at = anyio.current_time()
-            self._replies.append(reply)
+            now = anyio.current_time()
+            self._expect(reply, now)
             while size < MAX_WRITE_BATCH:
                 try:
                     data, reply = self._outbox_out.receive_nowait()
@@ -312,14 +370,22 @@ class Session:
                     break
                 batch.append(data)
                 size += len(data)
-                reply.sent_at = now
-                self._replies.append(reply)
+                self._expect(reply, now)
             await self._connection.send_bytes(b"".join(batch))
+
+    def _expect(self, reply: Reply, now: float) -> None:
+        """`reply` is owed from now on; before its request is written, so that the reader is
+        ready for a text line by the time one can come."""
+        reply.sent_at = now
+        self._replies.append(reply)
+        if reply.expects == _TEXT_LINE:
+            self._text_replies += 1
+            self._connection.accept_text = True
 
     async def _read_loop(self) -> None:
         while True:
             packet = await self._connection.receive()
-            if packet.type in _REPLY_TYPES:
+            if isinstance(packet, AdminLine) or packet.type in _REPLY_TYPES:
                 self._on_reply(packet)
             elif packet.type in _JOB_UPDATE_TYPES or packet.type in _JOB_END_TYPES:
                 await self._on_job_packet(packet)
@@ -328,11 +394,23 @@ class Session:
                     f"{self.server}: unexpected {_T(packet.type).name} on a client connection"
                 )
 
-    def _on_reply(self, packet: Packet) -> None:
+    def _on_reply(self, packet: Packet | AdminLine) -> None:
         if not self._replies:
-            raise ProtocolViolation(f"{self.server}: {_T(packet.type).name} without a request")
+            raise ProtocolViolation(f"{self.server}: {_describe(packet)} without a request")
         reply = self._replies.popleft()
         self._answered()
+        if isinstance(packet, AdminLine) or reply.expects == _TEXT_LINE:
+            if not isinstance(packet, AdminLine) or reply.expects != _TEXT_LINE:
+                self._replies.appendleft(reply)  # failed with the others when the session closes
+                raise ProtocolViolation(
+                    f"{self.server}: {_describe(packet)} in answer to a request expecting "
+                    f"{_describe_expected(reply.expects)}"
+                )
+            self._text_replies -= 1
+            if not self._text_replies:
+                self._connection.accept_text = False
+            reply.resolve(packet)
+            return
         if reply.expects == _T.ECHO_RES:
             self._probe_outstanding = False
         if packet.type == _T.ERROR:
@@ -384,7 +462,9 @@ class Session:
         elif kind == _T.WORK_COMPLETE:
             waiter.complete(packet.args[1])
         elif kind == _T.WORK_EXCEPTION:
-            text = _text(packet.args[1])
+            # A worker's retry request (worker_sdk.Retry) carries a marker line the caller of a
+            # foreground job has no use for: it gets the exception text alone.
+            text = _text(parse_retry_after(packet.args[1])[1])
             waiter.fail(
                 JobException(
                     f"{waiter.function!r} job {waiter.handle} on {self.server} raised: {text}",
@@ -430,6 +510,16 @@ class Session:
         self._listeners.clear()
         if self._on_close is not None:
             self._on_close(self, reason)
+
+
+def _describe(event: Packet | AdminLine) -> str:
+    if isinstance(event, AdminLine):
+        return f"text line {event.text[:80]!r}"
+    return _T(event.type).name
+
+
+def _describe_expected(expects: int) -> str:
+    return "a text line" if expects == _TEXT_LINE else _T(expects).name
 
 
 def _text(data: bytes) -> str:

@@ -197,11 +197,12 @@ class SyncClient:
         return SyncJobStream(stream, self)
 
     def status(self, handle: str) -> JobStatus:
-        """GET_STATUS for a job; see `Client.status`.
+        """Where a job is (queued, running, retrying, dead, gone) and its progress; see
+        `Client.status`.
 
         Example::
 
-            print(client.status(client.submit_background("resize", {"path": "a.png"})))
+            print(client.status(client.submit_background("resize", {"path": "a.png"})).state)
         """
         return self._call(self._client.status, handle)
 

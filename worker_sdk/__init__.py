@@ -12,6 +12,7 @@ Example:
 
 from .functions import WorkerFunction
 from .job import Job, SyncJob
+from .retry import Retry
 from .worker import Worker
 
-__all__ = ["Job", "SyncJob", "Worker", "WorkerFunction"]
+__all__ = ["Job", "Retry", "SyncJob", "Worker", "WorkerFunction"]

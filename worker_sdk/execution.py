@@ -1,8 +1,9 @@
 """Running one assigned job: decode the argument, call the function, report the outcome.
 
 Whatever the function does, the job ends with at most one outcome on the connection that
-assigned it: WORK_COMPLETE with the encoded result, or WORK_EXCEPTION followed by WORK_FAIL.
-The worker never dies of a job.
+assigned it: WORK_COMPLETE with the encoded result, or WORK_EXCEPTION followed by WORK_FAIL
+(for `Retry`, with the delay asked for in a marker line first: jobserver.sdk.retry). The worker
+never dies of a job.
 
 A function's `timeout` (CAN_DO_TIMEOUT) is what the server enforces: past it the server takes
 the job back and hands it out again (each time counts towards `--job-retries`, after which the
@@ -28,6 +29,7 @@ from jobserver.sdk.payload import decode_payload, encode_payload, get_codec
 
 from .functions import WorkerFunction
 from .job import Job, SyncJob
+from .retry import Retry
 from .server_session import Assignment, ServerLink
 
 log = logging.getLogger("worker_sdk")
@@ -75,6 +77,16 @@ async def run_job(
             if anyio.current_time() > deadline:
                 _log_timeout(job, function, "returned late; its result is dropped")
                 return
+    except Retry as request:
+        log.info(
+            "job %s (%s) asked to be retried %s: %s",
+            job.handle,
+            job.function,
+            "with the policy's backoff" if request.delay is None else f"in {request.delay:g} s",
+            request.message,
+        )
+        await _report_exception(job, request.exception_data())
+        return
     except Exception as error:  # any failure of user code becomes WORK_EXCEPTION
         log.exception("job %s (%s) raised %s", job.handle, job.function, type(error).__name__)
         await _report_exception(job, _exception_text(error))

@@ -2,11 +2,11 @@
 
 A worker runs one ServerSession per configured server. Each keeps its server connected
 (retrying with jittered exponential backoff while it is down, so the other sessions keep
-serving), registers every function on each new connection, and runs two tasks per
-connection:
+serving), registers every function on each new connection (and sets the retry policy of those
+that have one, with the admin command `retries`), and runs two tasks per connection:
 
 - the reader, the only task that receives: it wakes the grab loop on NOOP, hands NO_JOB and
-  JOB_ASSIGN* to the GRAB waiting for them, and logs ERROR packets;
+  JOB_ASSIGN* to the GRAB waiting for them, logs ERROR packets and the answers to `retries`;
 - the grab loop: wait until a job slot is free, GRAB_JOB_UNIQ, and when a job is assigned take
   a slot for it and start it (on NO_JOB: PRE_SLEEP and wait for a NOOP), and again.
 
@@ -22,14 +22,16 @@ under it; its result is then dropped (the server has requeued the job).
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from jobserver.protocol import Packet, PacketType, encode_request
+from jobserver.protocol import AdminLine, Packet, PacketType, encode_request
 from jobserver.sdk.addresses import ServerAddress
+from jobserver.sdk.admin import is_error
 from jobserver.sdk.backoff import Backoff
 from jobserver.sdk.connection import ConnectionLost, ServerConnection
 from jobserver.sdk.errors import GearmanError, ProtocolViolation
@@ -86,7 +88,7 @@ class ServerLink:
     """One live connection of a session, shared with the jobs it assigned (their results must go
     back on the connection that assigned them, §3.5)."""
 
-    __slots__ = ("address", "connection", "stale_results_expected")
+    __slots__ = ("address", "connection", "policies_unanswered", "stale_results_expected")
 
     def __init__(self, connection: ServerConnection) -> None:
         self.connection = connection
@@ -94,6 +96,8 @@ class ServerLink:
         self.stale_results_expected = 0
         """ERROR JOB_NOT_FOUND replies we caused on purpose (the WORK_FAIL that follows a
         WORK_EXCEPTION) and so do not warn about."""
+        self.policies_unanswered: deque[str] = deque()
+        """Functions whose `retries` command awaits its answer, in the order sent."""
 
 
 StartJob = Callable[[Assignment, ServerLink, object], None]
@@ -130,6 +134,11 @@ class ServerSession:
         self._registration = encode_request(
             PacketType.SET_CLIENT_ID, client_id.encode(errors="replace")
         ) + b"".join(function.registration() for function in functions)
+        self._policies = [
+            (function.name, command)
+            for function in functions
+            if (command := function.policy_command()) is not None
+        ]
         self._slots = slots
         self._stopping = stopping
         self._start_job = start_job
@@ -171,8 +180,12 @@ class ServerSession:
         )  # one GRAB at a time
         async with anyio.create_task_group() as nursery:
             self._scope = nursery.cancel_scope
+            link.policies_unanswered.extend(name for name, _ in self._policies)
+            connection.accept_text = bool(self._policies)
             try:
-                await connection.send_bytes(self._registration)
+                await connection.send_bytes(
+                    self._registration + b"".join(command for _, command in self._policies)
+                )
             except ConnectionLost as error:
                 return error
             nursery.start_soon(self._read, link, reply_sender)
@@ -198,8 +211,14 @@ class ServerSession:
                 self._lost(error)
 
     def _dispatch(
-        self, link: ServerLink, packet: Packet, replies: MemoryObjectSendStream[Packet]
+        self,
+        link: ServerLink,
+        packet: Packet | AdminLine,
+        replies: MemoryObjectSendStream[Packet],
     ) -> None:
+        if isinstance(packet, AdminLine):
+            self._policy_answered(link, packet.text)
+            return
         kind = packet.type
         if kind == PacketType.NOOP:
             self._wakeup.set()
@@ -212,6 +231,31 @@ class ServerSession:
             self._log_error(link, packet)
         else:
             log.warning("%s: ignoring unexpected %s %r", self.address, _name(kind), packet.args)
+
+    def _policy_answered(self, link: ServerLink, line: bytes) -> None:
+        """The answer to a `retries` command: OK, or ERR from a server that does not know it
+        (gearmand: UNKNOWN_COMMAND) or refused the values. The jobs are served either way."""
+        if not link.policies_unanswered:
+            raise ProtocolViolation(f"{link.address}: unexpected text line {line[:80]!r}")
+        name = link.policies_unanswered.popleft()
+        if not link.policies_unanswered:
+            link.connection.accept_text = False
+        if not is_error(line):
+            log.debug("%s: retry policy of %r set (%r)", link.address, name, line)
+        elif line.startswith(b"ERR UNKNOWN_COMMAND"):
+            log.debug(
+                "%s does not know retry policies (%r); %r keeps the server's behaviour",
+                link.address,
+                line,
+                name,
+            )
+        else:
+            log.warning(
+                "%s refused the retry policy of %r: %s",
+                link.address,
+                name,
+                line.decode(errors="replace"),
+            )
 
     def _log_error(self, link: ServerLink, packet: Packet) -> None:
         code = packet.args[0].decode(errors="replace")

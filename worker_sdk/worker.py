@@ -124,7 +124,13 @@ class Worker:
         return MappingProxyType(self._functions)
 
     def function(
-        self, name: str, timeout: float | None = None, codec: str | None = None
+        self,
+        name: str,
+        timeout: float | None = None,
+        codec: str | None = None,
+        *,
+        retries: int | None = None,
+        retry_delay: float | None = None,
     ) -> Callable[[F], F]:
         """Decorator registering `async def f(job)` or `def f(job)` as the function `name`.
 
@@ -133,16 +139,25 @@ class Worker:
         it runs longer. `codec` overrides the worker's codec for this function. The function
         is returned unchanged.
 
+        `retries` sets the function's retry policy on every server the worker connects to
+        (jobserver's admin command `retries <name> <n> [<base>]`, sent on each connection):
+        a background job whose run fails is run again up to `retries` times, the first retry
+        `retry_delay` seconds later (default: the server's --bg-retry-delay), each later one
+        twice as long after the one before, then goes to the server's dead set. None (the
+        default) leaves the server's own policy alone. Servers that do not know the command
+        (gearmand) are served all the same. A run can also ask for its next attempt after a
+        delay of its own by raising `worker_sdk.Retry`.
+
         Example:
             >>> from worker_sdk import Worker
             >>> worker = Worker(["127.0.0.1:4730"], codec="json")
-            >>> @worker.function("add", timeout=10)
+            >>> @worker.function("add", timeout=10, retries=3, retry_delay=2)
             ... def add(job):
             ...     return job.arg["a"] + job.arg["b"]
             >>> sorted(worker.functions)
             ['add']
         """
-        check_registration(name, timeout)
+        check_registration(name, timeout, retries, retry_delay)
         chosen = get_codec(codec if codec is not None else self.codec)
 
         def register(func: F) -> F:
@@ -151,7 +166,14 @@ class Worker:
             with self._state_lock:
                 if self._run is not None:
                     raise RuntimeError(f"register {name!r} before the worker starts serving")
-                self._functions[name] = WorkerFunction(name, func, timeout=timeout, codec=chosen)
+                self._functions[name] = WorkerFunction(
+                    name,
+                    func,
+                    timeout=timeout,
+                    codec=chosen,
+                    retries=retries,
+                    retry_delay=retry_delay,
+                )
             return func
 
         return register

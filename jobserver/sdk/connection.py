@@ -4,16 +4,21 @@ Both SDKs use this and nothing else to talk to servers: connect with a timeout, 
 send encoded requests (several tasks may send at once), receive decoded replies. It is built on
 anyio, so both SDKs run under trio and under asyncio alike (the server itself stays on trio).
 `last_received` tells how long the server has been silent, for hung-server detection.
+
+Replies are binary packets, except while the owner waits for the answer to an admin text
+command it sent on the same connection (`accept_text`): jobserver and gearmand both answer
+text commands in order with the packets around them, as text lines.
 """
 
 from __future__ import annotations
 
+import os
 from collections import deque
 
 import anyio
 import anyio.abc
 
-from ..protocol import RES, Decoder, Packet, ProtocolError, encode_request
+from ..protocol import RES, AdminLine, Decoder, Packet, ProtocolError, encode_request
 from ..tcp import enable_keepalive
 from .addresses import ServerAddress
 from .errors import GearmanError, ProtocolViolation
@@ -39,7 +44,7 @@ class ServerConnection:
         self.address = address
         self._stream = stream
         self._decoder = Decoder(accept_admin=False)
-        self._pending: deque[Packet] = deque()
+        self._pending: deque[Packet | AdminLine] = deque()
         self._send_lock = anyio.Lock()  # FIFO: writers go out in the order they asked
         self.closed = False
         self.last_received = anyio.current_time()
@@ -56,7 +61,7 @@ class ServerConnection:
         except TimeoutError:
             raise ConnectionLost(f"{address}: no answer within {timeout:g} s") from None
         except OSError as error:
-            raise ConnectionLost(f"{address}: {error.strerror or error}") from None
+            raise ConnectionLost(f"{address}: {_connect_failure(error)}") from None
         enable_keepalive(
             stream.extra(anyio.abc.SocketAttribute.raw_socket),
             idle=KEEPALIVE_IDLE,
@@ -64,6 +69,17 @@ class ServerConnection:
             count=KEEPALIVE_COUNT,
         )
         return cls(stream, address)
+
+    @property
+    def accept_text(self) -> bool:
+        """Whether admin text lines may come now. Off by default, so that a stray byte is a
+        protocol error at once; the owner turns it on before sending a text command and off
+        once every answer it waits for has come."""
+        return self._decoder.accept_admin
+
+    @accept_text.setter
+    def accept_text(self, value: bool) -> None:
+        self._decoder.accept_admin = value
 
     async def send(self, packet_type: int, *args: bytes) -> None:
         await self.send_bytes(encode_request(packet_type, *args))
@@ -78,8 +94,9 @@ class ServerConnection:
             self.closed = True
             raise ConnectionLost(f"{self.address}: {error or 'connection broken'}") from None
 
-    async def receive(self) -> Packet:
-        """The next packet from the server; ConnectionLost when the connection ends."""
+    async def receive(self) -> Packet | AdminLine:
+        """The next packet from the server, or text line while `accept_text` is on;
+        ConnectionLost when the connection ends."""
         while not self._pending:
             try:
                 data = await self._stream.receive(RECEIVE_SIZE)
@@ -96,12 +113,25 @@ class ServerConnection:
                 self.closed = True
                 raise ProtocolViolation(f"{self.address}: {error}") from None
             for event in events:
-                if not isinstance(event, Packet) or event.magic != RES:
+                if isinstance(event, AdminLine) or (
+                    isinstance(event, Packet) and event.magic == RES
+                ):
+                    self._pending.append(event)
+                else:
                     self.closed = True
                     raise ProtocolViolation(f"{self.address}: unexpected {event!r}")
-            self._pending.extend(events)  # type: ignore[arg-type]
         return self._pending.popleft()
 
     async def aclose(self) -> None:
         self.closed = True
         await anyio.aclose_forcefully(self._stream)
+
+
+def _connect_failure(error: OSError) -> str:
+    """Why a connect failed, as the system says it ("Connection refused"): anyio reports a
+    failure over all of a host's addresses as "All connection attempts failed", with the last
+    attempt's own error as its cause."""
+    cause = error.__cause__
+    if not error.errno and isinstance(cause, OSError) and cause.errno:
+        return os.strerror(cause.errno)
+    return error.strerror or str(error)
