@@ -27,14 +27,8 @@ from .admin_text import err, listed
 from .engine import Engine
 from .engine.job import JobState
 from .engine.journal import RetryPolicy
-
-MAX_RETRIES = 1000
-"""The most retries a policy may ask for: with the delay doubling up to its one-hour cap, a
-thousand is already weeks of attempts; more is a typo."""
-
-MAX_BASE_DELAY = 86_400.0
-"""The longest first delay a policy may set (a day): the cap between attempts is an hour, so
-this only shifts the first retry."""
+from .sdk.retry import MAX_RETRIES
+from .sdk.retry import MAX_RETRY_DELAY as MAX_BASE_DELAY
 
 _LIST_END = b".\n"
 

@@ -21,6 +21,7 @@ from wire import Wire
 
 from jobserver.protocol import PacketType as T
 from jobserver.protocol import encode_request
+from jobserver.sdk.retry import RETRY_AFTER_MARKER
 
 DEADLINE = 15.0
 """Seconds any awaited event (a retry, a dead job, a log line) may take on a loaded machine."""
@@ -134,6 +135,25 @@ def restart(start_jobserver, server: servers.Server, *args: str, **options):
 
 
 # --- retried with backoff ---------------------------------------------------------------------
+
+
+def test_a_worker_asking_for_a_retry_after_a_delay_gets_it_and_it_counts_an_attempt(
+    start_jobserver, workers
+):
+    """The worker SDK's Retry(delay=...) (jobserver/sdk/retry.py): WORK_EXCEPTION data that
+    starts with the retry-after marker. The next attempt comes after that delay, not the
+    policy's (30 s here), and the marker is not part of the error kept in the dead set."""
+    server = start_jobserver("--bg-retries", "1", "--bg-retry-delay", "30")
+    handle = submit_bg(server, b"polite", b"polite-1", b"payload")
+    worker = workers(server, b"polite")
+    assert next_job(worker).handle == handle
+    asked_at = time.monotonic()
+    worker.send(T.WORK_EXCEPTION, handle, RETRY_AFTER_MARKER + b"0.2\nRetry: rate limited")
+    again = next_job(worker)
+    assert again.handle == handle and again.at - asked_at >= 0.15
+    worker.send(T.WORK_EXCEPTION, handle, RETRY_AFTER_MARKER + b"0.2\nRetry: rate limited")
+    (dead,) = wait_for_dead(server, 1)
+    assert dead[0] == handle and dead[3] == b"2" and dead[5] == b"Retry: rate limited"
 
 
 @pytest.mark.parametrize("store", [(), MEMORY], ids=["sqlite", "memory"])

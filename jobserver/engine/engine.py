@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from ..protocol import REQ, BadPacket, Packet, encode
 from ..protocol import PacketType as T
+from ..sdk.retry import parse_retry_after
 from . import errors
 from .dead_set import DEFAULT_DEAD_TTL, DEFAULT_MAX_DEAD, DeadSet
 from .durability import DurableJobs
@@ -469,7 +470,9 @@ class Engine(WorkerRequests, DurableJobs, FailedJobs):
             for listener in job.listeners:
                 listener.send(exception if listener.exceptions else fail)
         if job.background:
-            self._failed(job, args[1] or b"exception", told=True)
+            # A worker SDK's Retry(delay=...) asks for its next attempt at a time of its own.
+            delay, text = parse_retry_after(args[1])
+            self._failed(job, text or b"exception", told=True, requested_delay=delay)
         else:
             self._finish(job)
 

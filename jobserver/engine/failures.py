@@ -112,10 +112,14 @@ class FailedJobs:
 
     # ------------------------------------------------------------------ a run failed
 
-    def _failed(self, job: Job, error: bytes, *, told: bool) -> None:
+    def _failed(
+        self, job: Job, error: bytes, *, told: bool, requested_delay: float | None = None
+    ) -> None:
         """A background job's run failed. Foreground clients coalesced onto it were `told`
         (WORK_FAIL or WORK_EXCEPTION) and are done with it; else (worker lost) they wait for
-        the next attempt, or get WORK_FAIL if there is none."""
+        the next attempt, or get WORK_FAIL if there is none. The worker may have asked for
+        its next attempt after `requested_delay` seconds instead of the policy's backoff; it
+        counts as a failed attempt all the same, so a job that always asks still ends."""
         if job.worker is not None:
             self._take_from_worker(job)
         if job.state == JobState.DETACHED:  # cancelled while it ran: nothing more to do
@@ -131,7 +135,10 @@ class FailedJobs:
         policy = self.policy_of(job.function.name)
         if attempts <= policy.retries:
             self._failures[job] = (attempts, first_ms, error)
-            delay = retry_delay(policy.base_delay, attempts, self._random)
+            if requested_delay is None:
+                delay = retry_delay(policy.base_delay, attempts, self._random)
+            else:
+                delay = requested_delay
             self.failure_log.append(
                 (job.handle, job.function.name, attempts, policy.retries, error, delay)
             )
