@@ -80,18 +80,7 @@ class BenchPostgres:
         """The `jobserver-postgresql` column: a new database for every server start."""
 
         def argv(port: int, _workdir: Path) -> list[str]:
-            uri = self.create_database(database_for(port))
-            return [
-                sys.executable,
-                "-m",
-                "jobserver",
-                "-L",
-                HOST,
-                "-p",
-                str(port),
-                "--store",
-                uri,
-            ]
+            return jobserver_argv(port, self.create_database(database_for(port)))
 
         return ServerSpec(
             "jobserver-postgresql",
@@ -109,3 +98,8 @@ class BenchPostgres:
 
 def database_for(port: int) -> str:
     return f"bench_{port}"
+
+
+def jobserver_argv(port: int, uri: str, *extra: str) -> list[str]:
+    """A jobserver on HOST:port keeping its background jobs in the database at `uri`."""
+    return [sys.executable, "-m", "jobserver", "-L", HOST, "-p", str(port), "--store", uri, *extra]

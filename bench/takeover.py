@@ -17,14 +17,13 @@ the jobs in one transaction.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 
 from jobserver.store.pg_connection import RECONNECT_MAX_DELAY
 
 from .loadproc import LoadGroup
-from .postgres import BenchPostgres
+from .postgres import BenchPostgres, jobserver_argv
 from .servers import HOST, RunningServer, ServerSpec, start
 
 TARGET_MARGIN_S = 2.0
@@ -54,21 +53,7 @@ class TakeoverError(RuntimeError):
 
 def node_spec(name: str, uri: str, lease: float) -> ServerSpec:
     def argv(port: int, _workdir: Path) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "jobserver",
-            "-L",
-            HOST,
-            "-p",
-            str(port),
-            "--store",
-            uri,
-            "--node-id",
-            name,
-            "--lease",
-            f"{lease:g}",
-        ]
+        return jobserver_argv(port, uri, "--node-id", name, "--lease", f"{lease:g}")
 
     return ServerSpec(f"takeover-{name}", argv)
 

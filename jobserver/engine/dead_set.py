@@ -38,11 +38,7 @@ class DeadSet:
         self._jobs[dead.dead_id] = dead
         self._by_handle[dead.handle] = dead.dead_id
         self.next_id = max(self.next_id, dead.dead_id + 1)
-        dropped = []
-        while len(self._jobs) > self.max_jobs:
-            dropped.append(self._remove_oldest())
-        self.dropped += len(dropped)
-        return dropped
+        return self._drop_excess()
 
     def put_back(self, dead: DeadJob) -> list[int]:
         """Keep again a dead job taken out (its re-run was refused), in its place by age;
@@ -51,11 +47,7 @@ class DeadSet:
         self._by_handle[dead.handle] = dead.dead_id
         ordered = sorted(self._jobs.values(), key=_age_order)
         self._jobs = {entry.dead_id: entry for entry in ordered}
-        dropped = []
-        while len(self._jobs) > self.max_jobs:
-            dropped.append(self._remove_oldest())
-        self.dropped += len(dropped)
-        return dropped
+        return self._drop_excess()
 
     def expire(self, now_ms: int) -> list[int]:
         """Drop the dead jobs whose last failure is older than the ttl; returns their ids."""
@@ -86,10 +78,15 @@ class DeadSet:
             return list(self._jobs.values())
         return [dead for dead in self._jobs.values() if dead.function == function]
 
-    def _remove_oldest(self) -> int:
-        dead_id = next(iter(self._jobs))
-        self.remove(dead_id)
-        return dead_id
+    def _drop_excess(self) -> list[int]:
+        """Drop the oldest until within max_jobs; returns their ids."""
+        dropped = []
+        while len(self._jobs) > self.max_jobs:
+            dead_id = next(iter(self._jobs))
+            self.remove(dead_id)
+            dropped.append(dead_id)
+        self.dropped += len(dropped)
+        return dropped
 
 
 def _age_order(dead: DeadJob) -> tuple[int, int]:

@@ -123,26 +123,30 @@ class DurableJobs:
         journal.next_record_id = max(journal.next_record_id, next_record_id)
         count = 0
         for stored in stored_jobs:
-            job = self._create_job(
-                self._function(stored.function),
-                stored.unique,
-                stored.payload,
-                Priority(stored.priority),
-                True,
-                stored.reducer,
-                stored.run_at,
-            )
-            job.record_id = stored.record_id
-            self._note_failures(job, stored)
+            self._queue_stored(stored)
             journal.next_record_id = max(journal.next_record_id, stored.record_id + 1)
             count += 1
         journal.decided_end = journal.next_record_id  # every record loaded is committed
         return count
 
-    def _note_failures(self, job: Job, stored: StoredJob) -> None:
-        """A loaded job that had failed before: its attempts count on (failures.py)."""
+    def _queue_stored(self, stored: StoredJob) -> None:
+        """A stored job (loaded at start, or adopted): a fresh handle, its record, the failed
+        attempts it had (failures.py), and runnable now or at its time (held while on hold)."""
+        job = self._create_job(
+            self._function(stored.function),
+            stored.unique,
+            stored.payload,
+            Priority(stored.priority),
+            True,
+            stored.reducer,
+            stored.run_at,
+            True,  # pending: activated below, once it has its record
+        )
+        job.record_id = stored.record_id
         if stored.attempts:
             self._failures[job] = (stored.attempts, stored.first_failed_ms, stored.last_error)
+        job.function.pending -= 1
+        self._activate(job)
 
     # ------------------------------------------------------------------ a shared store's lease
 
@@ -231,20 +235,7 @@ class DurableJobs:
                         known.function.forget_queued(known)
                         self._hold(known)
                 continue
-            job = self._create_job(
-                self._function(stored.function),
-                stored.unique,
-                stored.payload,
-                Priority(stored.priority),
-                True,
-                stored.reducer,
-                stored.run_at,
-                True,  # pending: activated below, once it has its record (on hold, it is held)
-            )
-            job.record_id = stored.record_id
-            self._note_failures(job, stored)
-            job.function.pending -= 1
-            self._activate(job)
+            self._queue_stored(stored)
             count += 1
         return count
 
