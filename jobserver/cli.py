@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import signal
@@ -22,7 +23,7 @@ from .engine.failures import DEFAULT_RETRY_DELAY
 from .engine.handles import MAX_PREFIX_SIZE
 from .logs import NOTICE, Verbosity
 from .protocol import DEFAULT_MAX_PACKET_SIZE, MAX_ARGUMENTS_SIZE
-from .server import DEFAULT_BACKLOG, DEFAULT_READ_TIMEOUT, Server, ServerConfig
+from .server import DEFAULT_BACKLOG, DEFAULT_READ_TIMEOUT, Server, ServerConfig, StartError
 from .store import STORE_KINDS, StoreError, is_postgresql_uri
 from .store.lease import DEFAULT_LEASE, MIN_LEASE
 from .store.location import default_data_dir
@@ -32,6 +33,27 @@ log = logging.getLogger("jobserver")
 DEFAULT_DATA_DIR = default_data_dir()
 """Absolute and independent of the current directory, so a restart from anywhere finds the
 same jobs (the old ./jobserver-data default did not); see jobserver/store/location.py."""
+
+
+class LogFormat(enum.StrEnum):
+    text = "text"
+    json = "json"
+
+
+def _http_address(text: str | None) -> tuple[str, int] | None:
+    if text is None:
+        return None
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _check_http(text: str | None) -> str | None:
+    if text is None:
+        return None
+    host, colon, port = text.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise typer.BadParameter(f"{text!r} is not ADDR:PORT (e.g. 127.0.0.1:8730)")
+    return text
 
 
 def _check_store(store: str) -> str:
@@ -250,6 +272,21 @@ def serve(
             help="Seconds a dead job is kept after its last failure (default: 30 days).",
         ),
     ] = DEFAULT_DEAD_TTL,
+    http: Annotated[
+        str | None,
+        typer.Option(
+            "--http",
+            metavar="ADDR:PORT",
+            callback=_check_http,
+            help="Serve /metrics (Prometheus), /api/status (JSON) and a live status page at "
+            "/ on this address, e.g. 127.0.0.1:8730. Off by default.",
+            show_default=False,
+        ),
+    ] = None,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option("--log-format", help="Log lines as text, or as one JSON object each."),
+    ] = LogFormat.text,
     data_dir: Annotated[
         Path,
         typer.Option(
@@ -315,7 +352,7 @@ def serve(
     readiness = detach() if daemon else Readiness()
     startup = _Startup(readiness, daemon)
     try:
-        startup.log_handler = logs.configure(log_file, verbose.level)
+        startup.log_handler = logs.configure(log_file, verbose.level, log_format.value)
     except OSError as error:
         startup.fail(f"cannot open log file {log_file}: {error.strerror or error}")
     claimed: PidFile | None = None
@@ -338,6 +375,7 @@ def serve(
         store=store,
         node_id=node_id,
         lease=lease,
+        http=_http_address(http),
         bg_retries=bg_retries,
         bg_retry_delay=bg_retry_delay,
         dead_max=dead_max,
@@ -410,7 +448,7 @@ async def _run(config: ServerConfig, pid_file: PidFile | None, startup: _Startup
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         try:
             listeners = await server.bind()
-        except StoreError as error:
+        except (StoreError, StartError) as error:
             raise StartupError(str(error)) from None
         except OSError as error:
             where = config.listen or "all addresses"
@@ -480,5 +518,15 @@ def main() -> None:
         from .dead_cli import main as dead_main
 
         dead_main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["status"]:  # `jobserver status --servers ...`: the cluster's queues
+        from .status_cli import main as status_main
+
+        status_main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["submit"]:  # `jobserver submit FUNCTION [DATA]`: a client CLI
+        from .submit_cli import main as submit_main
+
+        submit_main(sys.argv[2:])
         return
     app()

@@ -80,7 +80,7 @@ class ReopenableFileHandler(logging.FileHandler):
             old.close()
 
 
-def configure(destination: str, level: int) -> logging.Handler:
+def configure(destination: str, level: int, log_format: str = "text") -> logging.Handler:
     """Send the server's log to `destination`: "stderr", "none", or a file path (appended to).
     Raises OSError if the file cannot be opened. Returns the handler, for `reopen`."""
     handler: logging.Handler

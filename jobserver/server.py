@@ -145,6 +145,7 @@ class ServerConfig:
     store: str = "sqlite"  # or "memory", or a postgresql:// URI (a cluster's shared store)
     node_id: str | None = None  # with postgresql: this server's name; None: <hostname>:<port>
     lease: float | None = None  # with postgresql: seconds; None: store/postgresql.DEFAULT_LEASE
+    http: tuple[str, int] | None = None  # --http: metrics, status JSON and page (http_status.py)
     bg_retries: int = 0  # failed background jobs: attempts after the first (engine/failures.py)
     bg_retry_delay: float = DEFAULT_RETRY_DELAY
     dead_max: int = DEFAULT_MAX_DEAD
@@ -154,6 +155,11 @@ class ServerConfig:
     max_connections: int | None = None  # None: RLIMIT_NOFILE less a reserve (listener.py)
     read_timeout: float = DEFAULT_READ_TIMEOUT  # 0: never close a connection stalled mid-packet
     memory_budget: int | None = None  # bytes; None: from the machine and limits (memory_budget.py)
+
+
+class StartError(Exception):
+    """The server cannot start (besides the store and the Gearman port); the message says
+    what and why, in one line."""
 
 
 class Server:
@@ -167,6 +173,7 @@ class Server:
         self._timer_due: float | None = None
         self._committer: Committer | None = None
         self._ownership: Ownership | None = None  # with a shared store: its lease
+        self._http_listeners: list[trio.SocketListener] = []  # --http (http_status.py)
         self._commit_wakeup = trio.lowlevel.ParkingLot()
         self._removes_due: float | None = None  # when removes waiting for company must go
         self._removes_failing = False  # the last batch's removes were refused
@@ -222,6 +229,17 @@ class Server:
             if lease is not None:
                 self._ownership = Ownership(self.engine, lease)
         self.admin = AdminProtocol(self.engine, config.facts)
+        if config.http is not None:
+            from .http_status import open_http  # its libraries only when asked for
+
+            host, port = config.http
+            try:
+                self._http_listeners = await open_http(host, port)
+            except OSError as error:
+                self.close_store()
+                raise StartError(
+                    f"cannot listen for HTTP on {host} port {port}: {error.strerror or error}"
+                ) from None
         for listener in listeners:
             address = listener.socket.getsockname()
             log.info("listening on %s port %d", address[0], address[1])
@@ -265,6 +283,10 @@ class Server:
                 if self._ownership is not None:
                     nursery.start_soon(self._watch_ownership)
                 nursery.start_soon(self._tend_dead_set)
+                if self._http_listeners:
+                    from .http_status import serve_http
+
+                    nursery.start_soon(serve_http, self, self._http_listeners)
                 for listener in listeners:
                     nursery.start_soon(self.gate.serve, listener, self._serve_connection, nursery)
                 task_status.started(listeners)
