@@ -15,15 +15,23 @@ know the commands (gearmand) is reported, and the exit status is then 1.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Annotated
 
 import anyio
 import typer
 
-from .sdk.addresses import ServerAddress, parse_addresses
-from .sdk.admin import ADMIN_TIMEOUT, admin_request, check_admin_word, is_error
-from .sdk.errors import GearmanError
+from .cli_servers import (
+    DEFAULT_SERVERS,
+    AdminTimeoutOption,
+    Answer,
+    ServersOption,
+    ask_all,
+    parse_servers,
+    table,
+    text,
+)
+from .sdk.addresses import ServerAddress
+from .sdk.admin import ADMIN_TIMEOUT, check_admin_word, is_error
 from .sdk.names import check_function_name
 
 app = typer.Typer(
@@ -35,38 +43,6 @@ app = typer.Typer(
 )
 
 LIST_COLUMNS = ("SERVER", "HANDLE", "FUNCTION", "UNIQUE", "ATTEMPTS", "LAST FAILURE", "ERROR")
-
-DEFAULT_SERVERS = "127.0.0.1:4730"
-
-
-@dataclass(frozen=True)
-class Answer:
-    """One server's reply lines, or why there are none (unreachable, silent, or a reply that
-    is not one of these commands' answers)."""
-
-    server: ServerAddress
-    lines: list[bytes]
-    failure: str = ""
-
-
-async def ask_all(
-    servers: Sequence[ServerAddress], command: bytes, *, listing: bool, timeout: float
-) -> list[Answer]:
-    """Send `command` to every server at once; the answers in the servers' order."""
-    answers: dict[ServerAddress, Answer] = {}
-
-    async def ask(server: ServerAddress) -> None:
-        try:
-            lines = await admin_request(server, command, listing=listing, timeout=timeout)
-        except GearmanError as error:  # ConnectionLost (unreachable, silent), ProtocolViolation
-            answers[server] = Answer(server, [], _without_server(str(error), server))
-            return
-        answers[server] = Answer(server, lines)
-
-    async with anyio.create_task_group() as tasks:
-        for server in servers:
-            tasks.start_soon(ask, server)
-    return [answers[server] for server in servers]
 
 
 def dead_rows(answers: Sequence[Answer]) -> tuple[list[tuple[str, ...]], list[Answer]]:
@@ -82,9 +58,9 @@ def dead_rows(answers: Sequence[Answer]) -> tuple[list[tuple[str, ...]], list[An
         for line in answer.lines:
             fields = line.split(b"\t")
             if len(fields) != 6:
-                failed.append(Answer(answer.server, [], f"unexpected line {_text(line)!r}"))
+                failed.append(Answer(answer.server, [], f"unexpected line {text(line)!r}"))
                 break
-            server_rows.append((str(answer.server), *map(_text, fields)))
+            server_rows.append((str(answer.server), *map(text, fields)))
         else:
             rows.extend(server_rows)
     return rows, failed
@@ -101,39 +77,8 @@ def counted(answer: Answer) -> int | None:
     return None
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Columns aligned with two spaces between them; the last column is not padded.
-
-    >>> print(table(("A", "BB"), [("xyz", "1")]))
-    A    BB
-    xyz  1
-    """
-    widths = [max(len(row[index]) for row in (header, *rows)) for index in range(len(header))]
-    return "\n".join(
-        "  ".join(
-            cell.ljust(width) if index < len(widths) - 1 else cell
-            for index, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in (header, *rows)
-    )
-
-
 # --- commands ----------------------------------------------------------------------------------
 
-ServersOption = Annotated[
-    str,
-    typer.Option(
-        "--servers",
-        "-s",
-        help="Comma-separated host:port list of the cluster's servers (port 4730 if omitted).",
-    ),
-]
-TimeoutOption = Annotated[
-    float,
-    typer.Option(
-        "--timeout", min=0.1, help="Seconds each server may take to answer, connect included."
-    ),
-]
 FunctionArgument = Annotated[
     str | None,
     typer.Argument(metavar="FUNCTION", help="Only this function's dead jobs.", show_default=False),
@@ -146,9 +91,9 @@ def list_dead(
     function: FunctionArgument = None,
     every: AllOption = False,
     servers: ServersOption = DEFAULT_SERVERS,
-    timeout: TimeoutOption = ADMIN_TIMEOUT,
+    timeout: AdminTimeoutOption = ADMIN_TIMEOUT,
 ) -> None:
-    addresses = _servers(servers)
+    addresses = parse_servers(servers)
     target = _target(function, every, required=False)
     command = b"show dead jobs" + (b" " + target if target != b"all" else b"") + b"\n"
     answers = _run(addresses, command, listing=True, timeout=timeout)
@@ -173,9 +118,9 @@ def retry_dead(
         typer.Option("--handle", help="The one dead job with this handle.", show_default=False),
     ] = None,
     servers: ServersOption = DEFAULT_SERVERS,
-    timeout: TimeoutOption = ADMIN_TIMEOUT,
+    timeout: AdminTimeoutOption = ADMIN_TIMEOUT,
 ) -> None:
-    addresses = _servers(servers)
+    addresses = parse_servers(servers)
     if handle is not None:
         if function is not None or every:
             raise typer.BadParameter(
@@ -197,9 +142,9 @@ def purge_dead(
     function: FunctionArgument = None,
     every: AllOption = False,
     servers: ServersOption = DEFAULT_SERVERS,
-    timeout: TimeoutOption = ADMIN_TIMEOUT,
+    timeout: AdminTimeoutOption = ADMIN_TIMEOUT,
 ) -> None:
-    addresses = _servers(servers)
+    addresses = parse_servers(servers)
     target = _target(function, every, required=True)
     answers = _run(addresses, b"purge dead jobs " + target + b"\n", listing=False, timeout=timeout)
     _report_counts("PURGED", answers, len(addresses))
@@ -257,7 +202,7 @@ def _refused(answer: Answer) -> Answer:
     commands it does not know), or the unexpected line."""
     if answer.failure:
         return answer
-    line = _text(answer.lines[0]) if answer.lines else "(nothing)"
+    line = text(answer.lines[0]) if answer.lines else "(nothing)"
     if line.startswith(("ERR UNKNOWN_COMMAND", "ERR UNKNOWN_SHOW_ARGUMENTS")):
         failure = f"does not know dead jobs ({line})"
     elif line.startswith("ERR"):
@@ -265,13 +210,6 @@ def _refused(answer: Answer) -> Answer:
     else:
         failure = f"unexpected answer {line!r}"
     return Answer(answer.server, [], failure)
-
-
-def _servers(servers: str) -> list[ServerAddress]:
-    try:
-        return parse_addresses(servers)
-    except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--servers") from None
 
 
 def _target(function: str | None, every: bool, *, required: bool) -> bytes:
@@ -297,13 +235,3 @@ def _word(value: str, what: str, hint: str) -> bytes:
         return check_admin_word(value, what)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint=hint) from None
-
-
-def _text(data: bytes) -> str:
-    """A reply field as text; the servers escape control bytes, bad UTF-8 shows as \\xNN."""
-    return data.decode("utf-8", "backslashreplace")
-
-
-def _without_server(reason: str, server: ServerAddress) -> str:
-    prefix = f"{server}: "
-    return reason[len(prefix) :] if reason.startswith(prefix) else reason
