@@ -20,6 +20,7 @@ from ..protocol import REQ, BadPacket, Packet, encode
 from ..protocol import PacketType as T
 from ..sdk.retry import parse_retry_after
 from . import errors
+from .counters import FunctionCounters, FunctionCounts
 from .dead_set import DEFAULT_DEAD_TTL, DEFAULT_MAX_DEAD, DeadSet
 from .durability import DurableJobs
 from .errors import ErrorReply
@@ -187,6 +188,7 @@ class Engine(WorkerRequests, DurableJobs, FailedJobs):
         # (monotonic deadline, tie-breaker, job, attempt) for CAN_DO_TIMEOUT assignments.
         self._timeout_heap: list[tuple[float, int, Job, int]] = []
         self._timeout_sweep_at = COMPACT_MIN_TIMERS  # heap size that triggers a sweep
+        self.counters = FunctionCounters()  # totals for metrics (counters.py)
 
     # ------------------------------------------------------------------ connections
 
@@ -322,6 +324,11 @@ class Engine(WorkerRequests, DurableJobs, FailedJobs):
             )
             if durable:
                 record_id = journal.add(job)  # type: ignore[union-attr]
+            counts = function.counts or self._counts_of(function)
+            if background:
+                counts.submitted_background += 1
+            else:
+                counts.submitted_foreground += 1
         elif (
             not background
             and job.listeners is not None
@@ -416,6 +423,7 @@ class Engine(WorkerRequests, DurableJobs, FailedJobs):
             return
         self._sequence += 1
         job.sequence = self._sequence
+        job.since = self.monotonic_clock()
         job.function.enqueue(job)
         self._job_queued(job)
 
@@ -445,6 +453,7 @@ class Engine(WorkerRequests, DurableJobs, FailedJobs):
             return
         if job.listeners:
             self._notify(job, encode(T.WORK_COMPLETE, job.handle, args[1]))
+        self._ran(job).completed += 1
         self._finish(job)
 
     def _work_fail(self, peer: Peer, _type: int, args: tuple[bytes, ...]) -> None:
@@ -454,6 +463,7 @@ class Engine(WorkerRequests, DurableJobs, FailedJobs):
             return
         if job.listeners:
             self._notify(job, encode(T.WORK_FAIL, job.handle))
+        self._ran(job).failed += 1
         if job.background:
             self._failed(job, FAILED, told=True)
         else:
@@ -469,12 +479,25 @@ class Engine(WorkerRequests, DurableJobs, FailedJobs):
             fail = encode(T.WORK_FAIL, job.handle + FAIL_AFTER_EXCEPTION_SUFFIX)
             for listener in job.listeners:
                 listener.send(exception if listener.exceptions else fail)
+        self._ran(job).failed += 1
         if job.background:
             # A worker SDK's Retry(delay=...) asks for its next attempt at a time of its own.
             delay, text = parse_retry_after(args[1])
             self._failed(job, text or b"exception", told=True, requested_delay=delay)
         else:
             self._finish(job)
+
+    def _ran(self, job: Job) -> FunctionCounts:
+        """A run of `job` ended with a worker's result: counts its run time; returns its
+        function's counts for the caller to count the outcome."""
+        function = job.function
+        counts = function.counts or self._counts_of(function)
+        counts.ran(self.monotonic_clock() - job.since)
+        return counts
+
+    def _counts_of(self, function: Function) -> FunctionCounts:
+        counts = function.counts = self.counters.of(function.name)
+        return counts
 
     def _notify(self, job: Job, data: bytes) -> None:
         # One copy per listener record: a client that submitted the same unique twice gets

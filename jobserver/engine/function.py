@@ -11,6 +11,7 @@ from .job import Job, JobState, Priority
 
 if TYPE_CHECKING:
     from .abilities import Registration
+    from .counters import FunctionCounts
     from .peer import Peer
 
 COMPACT_MIN_STALE = 1024
@@ -75,6 +76,7 @@ class Function:
 
     __slots__ = (
         "_workers",
+        "counts",
         "explicit",
         "limits",
         "name",
@@ -109,6 +111,9 @@ class Function:
         self.limits: tuple[int, ...] | list[int] = NO_LIMITS
         # Made by `create function` or `maxqueue`: kept while idle, until `drop function`.
         self.explicit = False
+        # Its totals for metrics (counters.py), looked up by name when first needed: they
+        # outlive this object, which goes when the function is idle.
+        self.counts: FunctionCounts | None = None
 
     @property
     def total(self) -> int:

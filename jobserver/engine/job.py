@@ -42,6 +42,7 @@ class Job:
         "retries",
         "run_at",
         "sequence",
+        "since",
         "state",
         "unique",
         "worker",
@@ -77,6 +78,8 @@ class Job:
         self.sequence = 0  # enqueue order, for FIFO across a worker's functions
         self.attempt = 0  # bumped at each assignment; stale timeouts compare against it
         self.record_id = 0  # the store's key for this job; 0 = not stored
+        # Monotonic time it was queued, then assigned: its wait and run for metrics.
+        self.since = 0.0
 
     def __repr__(self) -> str:
         return f"<Job {self.handle!r} {self.function.name!r} {self.state.name}>"

@@ -22,6 +22,7 @@ from .abilities import Abilities, Registration
 from .job import Job, JobState
 
 if TYPE_CHECKING:
+    from .counters import FunctionCounts
     from .function import Function
     from .functions import FunctionTable
     from .peer import Peer
@@ -76,6 +77,7 @@ class WorkerRequests:
     _function: Callable[[bytes], Function]
     _release: Callable[[Job], None]
     _forget_if_unused: Callable[[Function], None]
+    _counts_of: Callable[[Function], FunctionCounts]
 
     # ------------------------------------------------------------------ registrations
 
@@ -210,6 +212,9 @@ class WorkerRequests:
         function = job.function
         function.pop_head(job.priority)
         function.running += 1
+        now = self.monotonic_clock()
+        (function.counts or self._counts_of(function)).waited(now - job.since)
+        job.since = now
         job.state = JobState.RUNNING
         job.worker = peer
         job.attempt += 1
