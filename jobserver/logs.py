@@ -9,11 +9,17 @@ all of that out of its log.
 
 A log file is reopened on SIGHUP, which is what logrotate sends after renaming the file away
 (`postrotate kill -HUP ...`): new lines go to a new file at the configured path.
+
+Lines are text (`--log-format text`, the default) or one JSON object each (`--log-format
+json`) for log shippers (journald, Loki, Elasticsearch): a record is always exactly one line,
+whatever newlines its message or traceback holds.
 """
 
 from __future__ import annotations
 
+import datetime
 import enum
+import json
 import logging
 import sys
 
@@ -25,6 +31,9 @@ LOGGER_NAME = "jobserver"
 """Every server module logs under this name (or a child of it, e.g. jobserver.store.sqlite)."""
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+"""The text format's line. Its message is not escaped: a traceback spans several lines."""
+
+TEXT, JSON = "text", "json"
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -64,6 +73,28 @@ STDERR = "stderr"
 NOWHERE = "none"
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time (ISO 8601, local time with its UTC offset, milliseconds),
+    level (gearmand's names, as the text format), logger, message, and exception (the
+    traceback text) when there is one. json.dumps escapes newlines and control characters,
+    and ensure_ascii keeps undecodable bytes (surrogate escapes) writable."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created)
+            .astimezone()
+            .isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry)
+
+
 class ReopenableFileHandler(logging.FileHandler):
     """A file handler that can switch to a new file at the same path (after logrotate)."""
 
@@ -80,9 +111,11 @@ class ReopenableFileHandler(logging.FileHandler):
             old.close()
 
 
-def configure(destination: str, level: int, log_format: str = "text") -> logging.Handler:
-    """Send the server's log to `destination`: "stderr", "none", or a file path (appended to).
-    Raises OSError if the file cannot be opened. Returns the handler, for `reopen`."""
+def configure(destination: str, level: int, log_format: str = TEXT) -> logging.Handler:
+    """Send the server's log to `destination`: "stderr", "none", or a file path (appended to),
+    as `log_format` ("text" or "json") lines. Raises OSError if the file cannot be opened.
+    Returns the handler, for `reopen` (which keeps its format)."""
+    formatter = JsonFormatter() if log_format == JSON else logging.Formatter(LOG_FORMAT)
     handler: logging.Handler
     if destination == NOWHERE:
         handler = logging.NullHandler()
@@ -90,7 +123,7 @@ def configure(destination: str, level: int, log_format: str = "text") -> logging
         handler = logging.StreamHandler(sys.stderr)
     else:
         handler = ReopenableFileHandler(destination)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(formatter)
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False

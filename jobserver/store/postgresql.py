@@ -22,6 +22,7 @@ import time
 import psycopg
 
 from ..engine.journal import DeadJob, RetryPolicy, StoredJob, StoreExtras
+from ..logs import NOTICE
 from . import StoreError
 from . import pg_schema as sql
 from .lease import DEFAULT_LEASE, MIN_LEASE, Adopted, Fenced, Lease
@@ -100,7 +101,7 @@ class PostgresStore:
         jobs = [StoredJob(*row) for row in rows]
         highest = max((job.record_id for job in jobs), default=0)
         self._next_record_id = self._record_ids_end = max(1, highest + 1)
-        log.info("joined the cluster as %s, term %d", self.node_id, self._term)
+        log.log(NOTICE, "joined the cluster as %s, term %d", self.node_id, self._term)
         return jobs
 
     def load_dead(self) -> list[DeadJob]:
