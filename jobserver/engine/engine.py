@@ -12,6 +12,7 @@ Time comes from two injected clocks: `wall_clock` (unix seconds, for SUBMIT_JOB_
 from __future__ import annotations
 
 import heapq
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -63,6 +64,11 @@ EPOCH_RANGE = (-(2**63), 2**63 - 1)
 """SUBMIT_JOB_EPOCH times are parsed as a signed 64-bit integer, as gearmand's strtoll does."""
 
 UINT32 = 2**32
+
+QUEUED_AT_RESOLUTION = 0.001
+"""Jobs queued within this many seconds of each other share one time object as their `since`
+(when they were queued, for the wait histogram): a float is 24 bytes, 4% of a queued job, and
+a queue is mostly filled in bursts. A millisecond is the wait histogram's smallest bucket."""
 
 FAIL_AFTER_EXCEPTION_SUFFIX = b""
 """What follows the handle in the WORK_FAIL a client without the `exceptions` option gets in
@@ -189,6 +195,7 @@ class Engine(WorkerRequests, DurableJobs, FailedJobs):
         self._timeout_heap: list[tuple[float, int, Job, int]] = []
         self._timeout_sweep_at = COMPACT_MIN_TIMERS  # heap size that triggers a sweep
         self.counters = FunctionCounters()  # totals for metrics (counters.py)
+        self._queued_at = -math.inf  # the `since` of jobs queued now (QUEUED_AT_RESOLUTION)
 
     # ------------------------------------------------------------------ connections
 
@@ -423,7 +430,10 @@ class Engine(WorkerRequests, DurableJobs, FailedJobs):
             return
         self._sequence += 1
         job.sequence = self._sequence
-        job.since = self.monotonic_clock()
+        now = self.monotonic_clock()
+        if now - self._queued_at > QUEUED_AT_RESOLUTION:
+            self._queued_at = now
+        job.since = self._queued_at
         job.function.enqueue(job)
         self._job_queued(job)
 
