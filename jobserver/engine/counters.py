@@ -124,3 +124,27 @@ class FunctionCounters:
     def all(self) -> list[FunctionCounts]:
         """Every function's counts, OTHER's last."""
         return [*self.by_name.values(), self.other]
+
+
+STORE_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+"""Upper bounds of the store commit histogram, in seconds: a sqlite commit with its sync takes
+0.5-5 ms on a local disk, a PostgreSQL one a round trip or two; past a second something is
+wrong (a stalled disk, a database failing over), which the top buckets show."""
+
+
+class StoreCommits:
+    """The store's batches as the server sees them come back from its store thread: how long
+    each took, and how many were refused in whole or in part. Filled by the server, not the
+    engine (which knows nothing of timing or the store); kept here beside Histogram so that
+    server.py needs no metrics library."""
+
+    __slots__ = ("errors", "seconds")
+
+    def __init__(self) -> None:
+        self.seconds = Histogram(STORE_SECONDS_BUCKETS)
+        self.errors = 0  # batches with records or removes the store refused
+
+    def record(self, seconds: float, refused: bool) -> None:
+        self.seconds.observe(seconds)
+        if refused:
+            self.errors += 1
