@@ -26,8 +26,9 @@ WINDOW / INTERVAL copies of at most MAX_COUNTED_FUNCTIONS numbers kept."""
 
 class Throughput:
     """Jobs completed and failed per minute, per function counted on its own: the difference
-    between the counts now and a sample taken about THROUGHPUT_WINDOW ago (or the oldest one,
-    early on), scaled to a minute."""
+    between the counts now and a sample taken about THROUGHPUT_WINDOW ago, over that window.
+    In the server's first minute it is what was done since the start, not scaled up: two jobs
+    in the first 10 ms are two a minute so far, not 12,000."""
 
     def __init__(self) -> None:
         # (monotonic time, {name: (completed, failed)}), oldest first.
@@ -49,10 +50,8 @@ class Throughput:
             return None
         then, counts = self._samples[0]
         elapsed = now - then
-        if elapsed <= 0:
-            return None
         was_completed, was_failed = counts.get(name, (0, 0))
-        scale = 60.0 / elapsed
+        scale = 60.0 / max(elapsed, THROUGHPUT_WINDOW)
         return (completed - was_completed) * scale, (failed - was_failed) * scale
 
 
@@ -94,7 +93,7 @@ def status_document(snapshot: Snapshot, throughput: Throughput) -> dict[str, Any
             "max_connections": facts.max_connections,
         },
         "totals": {
-            "functions": len(snapshot.functions),
+            "functions": snapshot.function_count,
             "queued": sum(sum(state.queued) for state in snapshot.functions),
             "waiting": sum(state.waiting + state.pending for state in snapshot.functions),
             "running": sum(state.running for state in snapshot.functions),
@@ -105,6 +104,8 @@ def status_document(snapshot: Snapshot, throughput: Throughput) -> dict[str, Any
             "failed_per_minute": round(total_rate[1], 1),
         },
         "functions": [_function(state, counts_by_name, rates, now) for state in listed],
+        # Rows there are to list: known functions and forgotten ones with dead jobs.
+        "functions_total": len(snapshot.functions),
         "workers": [
             {
                 "id": worker.id,

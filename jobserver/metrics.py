@@ -212,7 +212,7 @@ class SnapshotCollector(Collector):
             facts.max_connections,
         )
         yield GaugeMetricFamily(
-            "jobserver_functions", "Function names the engine knows now.", len(snapshot.functions)
+            "jobserver_functions", "Function names the engine knows now.", snapshot.function_count
         )
         commits = snapshot.store_commits
         commit_family = HistogramMetricFamily(

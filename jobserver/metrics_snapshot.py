@@ -165,8 +165,9 @@ class ServerFactsCopy:
 class Snapshot:
     server: ServerFactsCopy
     monotonic_now: float
-    functions: list[FunctionState]  # every function the engine knows
+    functions: list[FunctionState]  # every function the engine knows, then dead jobs' others
     counts: list[CountsCopy]  # every name counted on its own, then OTHER's
+    function_count: int = 0  # functions the engine knows
     store_commits: HistogramCopy | None = None
     store_errors: int = 0
     dead_total: int = 0
@@ -260,10 +261,15 @@ async def take_snapshot(server: Server, started: float, *, details: bool) -> Sna
         counters.of(state.name)
     snapshot.counts = [CountsCopy.of(entry) for entry in counters.all()]
     dead_jobs = list(engine.dead)  # oldest first
+    snapshot.function_count = len(snapshot.functions)
     async for dead in walk(dead_jobs):
         state = by_name.get(dead.function)
-        if state is not None:
-            state.dead += 1
+        if state is None:  # forgotten once idle; its dead jobs still show under its name
+            state = by_name[dead.function] = FunctionState(
+                dead.function, (0, 0, 0), 0, 0, 0, 0, None
+            )
+            snapshot.functions.append(state)
+        state.dead += 1
         snapshot.dead_total += 1
     async for job in walk(list(engine._failures)):  # failed jobs between attempts (failures.py)
         state = by_name.get(job.function.name)

@@ -33,7 +33,8 @@ from servers import (
 )
 from test_cli_support import one_line, run_jobserver
 
-from jobserver.engine.counters import MAX_COUNTED_FUNCTIONS
+from jobserver.engine.counters import MAX_COUNTED_FUNCTIONS, FunctionCounters
+from jobserver.http_api import Throughput
 from jobserver.http_status import (
     MAX_HEADERS,
     MAX_HTTP_CONNECTIONS,
@@ -262,6 +263,20 @@ def test_api_status_lists_dead_jobs_with_their_error(http_server):
     assert status["dead_total"] == 1 and status["totals"]["dead"] == 1
 
 
+def test_throughput_is_per_minute_over_the_last_minute_and_never_scaled_up():
+    counters = FunctionCounters()
+    throughput = Throughput()
+    assert throughput.per_minute(0.0, b"fn", 0, 0) is None  # before the first sample
+    throughput.sample(0.0, counters)
+    assert throughput.per_minute(0.01, b"fn", 2, 1) == (2.0, 1.0)  # 2 in 10 ms: 2 so far
+    counts = counters.of(b"fn")
+    for second in range(5, 125, 5):
+        counts.completed = second  # one a second
+        throughput.sample(float(second), counters)
+    rate = throughput.per_minute(120.0, b"fn", 120, 0)
+    assert rate is not None and rate[0] == 60.0
+
+
 # --- the page ---------------------------------------------------------------------------------
 
 
@@ -322,28 +337,30 @@ def test_bad_requests_get_a_4xx_and_the_gearman_port_keeps_answering(
 
 
 def test_connections_past_the_cap_are_closed_and_the_rest_still_served(http_server):
-    idle = [
-        socket.create_connection((HOST, http_server.http_port), timeout=IO_TIMEOUT)
-        for _ in range(MAX_HTTP_CONNECTIONS)
-    ]
+    # Each one served a request and is kept alive: all are accepted and counted, none queued.
+    held = []
     try:
-
-        def refused() -> bool:
-            with socket.create_connection(
-                (HOST, http_server.http_port), timeout=IO_TIMEOUT
-            ) as sock:
-                return sock.recv(1) == b""  # closed at once, nothing read
-
-        wait_until(refused, timeout=IO_TIMEOUT, what="a connection past the cap closed")
+        for _ in range(MAX_HTTP_CONNECTIONS):
+            connection = http.client.HTTPConnection(HOST, http_server.http_port, timeout=IO_TIMEOUT)
+            held.append(connection)
+            connection.request("GET", "/static/status.css")
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 200
+        with socket.create_connection((HOST, http_server.http_port), timeout=IO_TIMEOUT) as sock:
+            assert sock.recv(1) == b""  # closed at once, nothing read
         assert echo(HOST, http_server.server.port) == b"ping"
     finally:
-        for sock in idle:
-            sock.close()
-    wait_until(
-        lambda: http_server.get("/api/status")[0] == 200,
-        timeout=IO_TIMEOUT,
-        what="HTTP served again once the idle connections closed",
-    )
+        for connection in held:
+            connection.close()
+
+    def served() -> bool:
+        try:
+            return http_server.get("/api/status")[0] == 200
+        except (OSError, http.client.HTTPException):
+            return False  # refused: the server has not seen every close yet
+
+    wait_until(served, timeout=IO_TIMEOUT, what="HTTP served again once the others closed")
 
 
 def test_a_request_that_never_completes_gets_408_and_is_closed(http_server):

@@ -149,7 +149,7 @@
     byId("total-failed-rate").textContent = number(totals.failed_per_minute);
     byId("total-dead").textContent = number(totals.dead);
 
-    byId("functions-count").textContent = shownOf(status.functions.length, totals.functions);
+    byId("functions-count").textContent = shownOf(status.functions.length, status.functions_total);
     fill("functions", status.functions, functionRow, "functions-empty");
     byId("workers-count").textContent = shownOf(status.workers.length, totals.workers);
     fill("workers", status.workers, workerRow, "workers-empty");
