@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING
@@ -102,6 +103,9 @@ PAGE_POLICY = (
 and no other origin, so that nothing a client named a job or function can ever run in it."""
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The classic text format, which every Prometheus reads. Newer prometheus_client releases
+call their output version 1.0.0; for names like ours (no UTF-8 in metric or label names) the
+text is the same."""
 
 
 async def open_http(host: str, port: int) -> list[trio.SocketListener]:
@@ -122,22 +126,13 @@ async def serve_http(server: Server, listeners: list[trio.SocketListener]) -> No
             nursery.start_soon(status.accept, listener, nursery)
 
 
+@dataclass(slots=True)
 class Response:
-    __slots__ = ("body", "close", "content_type", "headers", "status")
-
-    def __init__(
-        self,
-        status: int,
-        body: bytes,
-        content_type: str = "text/plain; charset=utf-8",
-        headers: list[tuple[str, str]] | None = None,
-        close: bool = False,
-    ) -> None:
-        self.status = status
-        self.body = body
-        self.content_type = content_type
-        self.headers = headers or []
-        self.close = close
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    close: bool = False  # Connection: close, then a lingering close
 
 
 def _error(status: int, text: str, *, close: bool = False, **headers: str) -> Response:

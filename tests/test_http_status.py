@@ -33,7 +33,7 @@ from servers import (
 )
 from test_cli_support import one_line, run_jobserver
 
-from jobserver.engine.counters import MAX_COUNTED_FUNCTIONS, FunctionCounters
+from jobserver.engine.counters import MAX_COUNTED_FUNCTIONS, FunctionCounters, StoreCommits
 from jobserver.http_api import Throughput
 from jobserver.http_status import (
     MAX_HEADERS,
@@ -41,6 +41,8 @@ from jobserver.http_status import (
     MAX_REQUEST_HEAD,
     RECEIVE_SIZE,
 )
+from jobserver.metrics import render as render_metrics
+from jobserver.metrics_snapshot import HistogramCopy, ServerFactsCopy, Snapshot
 
 pytest_plugins = ["test_cli_support"]  # its fixtures: busy_port
 
@@ -202,6 +204,34 @@ def test_metrics_of_a_name_that_is_not_utf8_are_escaped(http_server):
         {("jobserver_queued_jobs", labels(function="caf\\xe9", priority="normal")): 1},
         "the escaped name",
     )
+
+
+def test_store_commit_times_and_refusals_are_exported():
+    commits = StoreCommits()
+    for seconds in (0.0004, 0.002, 0.002, 2.0):
+        commits.record(seconds, refused=False)
+    commits.record(0.01, refused=True)
+    facts = ServerFactsCopy("0.1.0", 1, 0.0, 1.0, "sqlite /data/x", None, 4730, 0, 10)
+    snapshot = Snapshot(
+        server=facts,
+        monotonic_now=0.0,
+        functions=[],
+        counts=[],
+        store_commits=HistogramCopy.of(commits.seconds),
+        store_errors=commits.errors,
+    )
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(render_metrics(snapshot).decode())
+        for sample in family.samples
+    }
+    assert samples[("jobserver_store_commit_seconds_count", ())] == 5
+    assert samples[("jobserver_store_commit_seconds_bucket", labels(le="0.0005"))] == 1
+    assert samples[("jobserver_store_commit_seconds_bucket", labels(le="0.0025"))] == 3
+    assert samples[("jobserver_store_commit_seconds_bucket", labels(le="1.0"))] == 4
+    assert samples[("jobserver_store_commit_seconds_bucket", labels(le="+Inf"))] == 5
+    assert samples[("jobserver_store_errors_total", ())] == 1
+    assert samples[("jobserver_info", labels(version="0.1.0", store="sqlite", node_id=""))] == 1
 
 
 # --- /api/status ------------------------------------------------------------------------------
