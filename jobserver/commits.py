@@ -35,11 +35,13 @@ check and says how often that must be (`check_interval`, see store/postgresql.py
 
 
 class Written(NamedTuple):
-    """What became of a batch: `failed` maps record ids that could not be stored to why."""
+    """What became of a batch: `failed` maps record ids that could not be stored to why;
+    `seconds` is how long the store took (for the store-commit histogram, /metrics)."""
 
     batch: Batch
     failed: dict[int, str]
     removes_failed: bool
+    seconds: float = 0.0
 
 
 class Committer:
@@ -105,12 +107,14 @@ class Committer:
                 next_check = time.monotonic() + self._check_interval
             if batch is None:
                 continue
+            started = time.monotonic()
             try:
                 written = write(self._store, batch)
             except Exception as error:  # a bug of ours: refuse the batch, never hang on it
                 log.exception("internal error writing a batch of %d records", len(batch.adds))
                 reason = f"Job could not be stored: internal error: {error!r}"
                 written = Written(batch, {r.record_id: reason for r in batch.adds}, True)
+            written = written._replace(seconds=time.monotonic() - started)
             with self._condition:
                 self._written = written
                 self._condition.notify_all()

@@ -31,6 +31,7 @@ from .admin_text import listed
 from .commits import Committer, write
 from .connection import RECEIVE_SIZE, Connection
 from .engine import Engine
+from .engine.counters import StoreCommits
 from .engine.dead_set import DEFAULT_DEAD_TTL, DEFAULT_MAX_DEAD
 from .engine.failures import DEFAULT_RETRY_DELAY
 from .engine.handles import default_prefix
@@ -174,6 +175,7 @@ class Server:
         self._committer: Committer | None = None
         self._ownership: Ownership | None = None  # with a shared store: its lease
         self._http_listeners: list[trio.SocketListener] = []  # --http (http_status.py)
+        self.store_commits = StoreCommits()  # each batch's time and refusals, for /metrics
         self._commit_wakeup = trio.lowlevel.ParkingLot()
         self._removes_due: float | None = None  # when removes waiting for company must go
         self._removes_failing = False  # the last batch's removes were refused
@@ -579,6 +581,9 @@ class Server:
                 written.batch, failed=written.failed, removes_failed=written.removes_failed
             )
             self._removes_failing = written.removes_failed
+            self.store_commits.record(
+                written.seconds, bool(written.failed) or written.removes_failed
+            )
         journal = engine.journal
         if committer.busy or not journal.has_work:
             return
