@@ -26,7 +26,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from .engine.counters import OTHER
+from .engine.counters import OTHER, STORE_SECONDS_BUCKETS
 from .metrics_snapshot import HistogramCopy, Snapshot, name_text
 
 PRIORITIES = ("high", "normal", "low")
@@ -217,10 +217,11 @@ class SnapshotCollector(Collector):
         commits = snapshot.store_commits
         commit_family = HistogramMetricFamily(
             "jobserver_store_commit_seconds",
-            "Seconds the store took to write one batch of job records (group commit).",
+            "Seconds the store took to write one batch of job records (group commit); none "
+            "with --store memory.",
         )
-        if commits is None:  # the memory store commits nothing
-            commits = HistogramCopy([0], 0.0, ())
+        if commits is None:
+            commits = HistogramCopy.of(None, STORE_SECONDS_BUCKETS)
         commit_family.add_metric([], _buckets(commits), commits.total)
         yield commit_family
         yield CounterMetricFamily(

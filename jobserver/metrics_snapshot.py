@@ -240,16 +240,14 @@ async def take_snapshot(server: Server, started: float, *, details: bool) -> Sna
         connections=server.gate.open,
         max_connections=server.gate.max_connections,
     )
-    store_commits = getattr(server, "store_commits", None)  # the server's hook (counters.py)
+    store_commits = server.store_commits  # filled by the server as batches come back
     snapshot = Snapshot(
         server=facts,
         monotonic_now=clock(),
         functions=[],
         counts=[],
-        store_commits=(
-            HistogramCopy.of(store_commits.seconds) if store_commits is not None else None
-        ),
-        store_errors=store_commits.errors if store_commits is not None else 0,
+        store_commits=HistogramCopy.of(store_commits.seconds),
+        store_errors=store_commits.errors,
     )
     by_name: dict[bytes, FunctionState] = {}
     counters = engine.counters

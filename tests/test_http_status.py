@@ -206,6 +206,25 @@ def test_metrics_of_a_name_that_is_not_utf8_are_escaped(http_server):
     )
 
 
+def test_store_commits_are_timed_with_a_durable_store(start_jobserver, tmp_path):
+    port = free_port()
+    server = start_jobserver("--data-dir", str(tmp_path), "--http", f"{HOST}:{port}")  # sqlite
+    http = HttpServer(server, port)
+    with server.connect() as client:
+        for number in range(3):
+            submit_background(client, b"durable", b"%d" % number)  # each waits for its commit
+
+    def committed():
+        samples = http.metrics()
+        return samples if samples[("jobserver_store_commit_seconds_count", ())] >= 1 else None
+
+    samples = wait_until(committed, timeout=IO_TIMEOUT, interval=0.1, what="a timed commit")
+    assert samples[("jobserver_store_commit_seconds_sum", ())] > 0
+    assert samples[("jobserver_store_errors_total", ())] == 0
+    assert samples[("jobserver_info", labels(version="0.1.0", store="sqlite", node_id=""))] == 1
+    assert http.status()["server"]["store"].startswith(f"sqlite {tmp_path}")
+
+
 def test_store_commit_times_and_refusals_are_exported():
     commits = StoreCommits()
     for seconds in (0.0004, 0.002, 0.002, 2.0):
