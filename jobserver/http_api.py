@@ -14,7 +14,13 @@ from collections import deque
 from typing import Any
 
 from .engine.counters import OTHER, FunctionCounters
-from .metrics_snapshot import MAX_LISTED_FUNCTIONS, FunctionState, Snapshot, name_text
+from .metrics_snapshot import (
+    MAX_LISTED_FUNCTIONS,
+    CountsCopy,
+    FunctionState,
+    Snapshot,
+    name_text,
+)
 
 THROUGHPUT_WINDOW = 60.0
 """Seconds over which recent throughput is measured ("completed per minute")."""
@@ -147,8 +153,8 @@ def status_document(snapshot: Snapshot, throughput: Throughput) -> dict[str, Any
 
 def _function(
     state: FunctionState,
-    counts_by_name: dict,  # type: ignore[type-arg]
-    rates: dict,  # type: ignore[type-arg]
+    counts_by_name: dict[bytes, CountsCopy],
+    rates: dict[bytes, tuple[float, float] | None],
     now: float,
 ) -> dict[str, Any]:
     high, normal, low = state.queued

@@ -324,7 +324,7 @@ class _Connection:
         while True:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
-                return event
+                return event  # type: ignore[return-value]  # not NEED_DATA, as just checked
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except trio.BrokenResourceError:

@@ -96,11 +96,12 @@ def rows_by_label(snapshot: Snapshot) -> dict[str, _Row]:
 
 def _buckets(histogram: HistogramCopy) -> list[tuple[str, float]]:
     """Cumulative buckets as prometheus_client wants them, +Inf last."""
-    buckets = []
+    buckets: list[tuple[str, float]] = []
     cumulative = 0
     for bound, count in zip(histogram.bounds, histogram.counts, strict=False):
         cumulative += count
-        buckets.append((floatToGoString(bound), cumulative))
+        le: str = floatToGoString(bound)  # type: ignore[no-untyped-call]  # as its own Histogram
+        buckets.append((le, cumulative))
     buckets.append(("+Inf", cumulative + histogram.counts[-1]))
     return buckets
 

@@ -66,7 +66,9 @@ class HistogramCopy:
     bounds: tuple[float, ...]
 
     @staticmethod
-    def of(histogram: Histogram | None, bounds: tuple[float, ...] = JOB_SECONDS_BUCKETS):
+    def of(
+        histogram: Histogram | None, bounds: tuple[float, ...] = JOB_SECONDS_BUCKETS
+    ) -> HistogramCopy:
         """A copy; None (a name that never had a job run) is an empty histogram."""
         if histogram is None:
             return HistogramCopy([0] * (len(bounds) + 1), 0.0, bounds)
@@ -261,18 +263,18 @@ async def take_snapshot(server: Server, started: float, *, details: bool) -> Sna
     dead_jobs = list(engine.dead)  # oldest first
     snapshot.function_count = len(snapshot.functions)
     async for dead in walk(dead_jobs):
-        state = by_name.get(dead.function)
-        if state is None:  # forgotten once idle; its dead jobs still show under its name
-            state = by_name[dead.function] = FunctionState(
+        of_dead = by_name.get(dead.function)
+        if of_dead is None:  # forgotten once idle; its dead jobs still show under its name
+            of_dead = by_name[dead.function] = FunctionState(
                 dead.function, (0, 0, 0), 0, 0, 0, 0, None
             )
-            snapshot.functions.append(state)
-        state.dead += 1
+            snapshot.functions.append(of_dead)
+        of_dead.dead += 1
         snapshot.dead_total += 1
     async for job in walk(list(engine._failures)):  # failed jobs between attempts (failures.py)
-        state = by_name.get(job.function.name)
-        if state is not None:
-            state.retrying += 1
+        of_retry = by_name.get(job.function.name)
+        if of_retry is not None:
+            of_retry.retrying += 1
         snapshot.retrying_total += 1
     snapshot.monotonic_now = clock()
     if details:
