@@ -90,8 +90,10 @@ app = typer.Typer(add_completion=False, rich_markup_mode=None)
     "binary protocol and the admin text protocol. Stop it with SIGTERM or SIGINT (a daemon: "
     "kill $(cat PIDFILE), or kill the pid `gearadmin -p PORT --getpid` prints). SIGHUP reopens "
     "the log file (for logrotate) and keeps serving.",
-    epilog="Subcommand: `jobserver worker MODULE:ATTRIBUTE [OPTIONS]` serves the functions of a "
-    "worker_sdk Worker (see `jobserver worker --help`).",
+    epilog="Subcommands (each with --help): `jobserver worker MODULE:ATTRIBUTE` serves the "
+    "functions of a worker_sdk Worker; `jobserver status --servers H:P,...` shows a cluster's "
+    "queues; `jobserver submit FUNCTION [DATA]` runs one job; `jobserver dead list|retry|purge` "
+    "handles failed background jobs.",
 )
 def serve(
     port_argument: Annotated[
