@@ -271,7 +271,7 @@ async def take_snapshot(server: Server, started: float, *, details: bool) -> Sna
             snapshot.functions.append(of_dead)
         of_dead.dead += 1
         snapshot.dead_total += 1
-    async for job in walk(list(engine._failures)):  # failed jobs between attempts (failures.py)
+    async for job in walk(engine.failed_jobs()):  # failed jobs between attempts (failures.py)
         of_retry = by_name.get(job.function.name)
         if of_retry is not None:
             of_retry.retrying += 1

@@ -105,6 +105,11 @@ class FailedJobs:
     def policy_of(self, function: bytes) -> RetryPolicy:
         return self.policies.get(function, self.retry_policy)
 
+    def failed_jobs(self) -> list[Job]:
+        """The jobs that have failed before and are not over: waiting for their next attempt,
+        or running it."""
+        return list(self._failures)
+
     def failure_of(self, job: Job) -> tuple[int, int, bytes] | None:
         """(failed attempts, first failure in unix ms, last error) of a job that has failed
         before, else None."""
