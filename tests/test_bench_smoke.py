@@ -28,7 +28,11 @@ def quick_run(tmp_path_factory) -> tuple[dict, str]:
     servers_missing = servers.missing_gearman_binaries()
     if servers_missing:
         pytest.skip(f"needs gearmand: missing {', '.join(servers_missing)}")
-    out_dir = tmp_path_factory.mktemp("bench")
+    return run_quick_bench(tmp_path_factory.mktemp("bench"))
+
+
+def run_quick_bench(out_dir, *options: str) -> tuple[dict, str]:
+    """`python -m bench.run --quick *options`; its JSON results and its markdown."""
     results_md, results_json = out_dir / "RESULTS.md", out_dir / "results.json"
     completed = subprocess.run(
         [
@@ -36,6 +40,7 @@ def quick_run(tmp_path_factory) -> tuple[dict, str]:
             "-m",
             "bench.run",
             "--quick",
+            *options,
             "--out",
             str(results_md),
             "--json",
@@ -96,34 +101,16 @@ def test_quick_bench_writes_the_table_with_every_server_and_the_machine(quick_ru
 def quick_postgresql_run(tmp_path_factory) -> tuple[dict, str]:
     """The PostgreSQL store's part of the bench (`--postgresql`): submits and drain beside the
     memory store, and one takeover, on a private PostgreSQL the run starts itself."""
-    out_dir = tmp_path_factory.mktemp("bench-postgresql")
-    results_md, results_json = out_dir / "RESULTS.md", out_dir / "results.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.run",
-            "--quick",
-            "--postgresql",
-            "--scenarios",
-            "bc",
-            "--servers",
-            "jobserver-memory,jobserver-postgresql",
-            "--takeover-leases",
-            "1",
-            "--out",
-            str(results_md),
-            "--json",
-            str(results_json),
-        ],
-        cwd=servers.REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
+    return run_quick_bench(
+        tmp_path_factory.mktemp("bench-postgresql"),
+        "--postgresql",
+        "--scenarios",
+        "bc",
+        "--servers",
+        "jobserver-memory,jobserver-postgresql",
+        "--takeover-leases",
+        "1",
     )
-    output = f"stdout:\n{completed.stdout[-6000:]}\nstderr:\n{completed.stderr[-3000:]}"
-    assert completed.returncode == 0, output
-    return json.loads(results_json.read_text()), results_md.read_text()
 
 
 def test_quick_postgresql_bench_measures_submits_drain_and_a_takeover(quick_postgresql_run):
