@@ -12,15 +12,17 @@ byte but NUL, so they are escaped (`listed`): gearmand prints them raw, and a fu
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from . import __version__
+from .acl import Permissions
 from .admin_failures import FailureCommands
 from .admin_text import err as _err
 from .admin_text import listed
 from .engine import Engine
-from .engine.job import Priority
+from .engine.function import Function
+from .engine.job import Job, Priority
 
 MAX_ADMIN_TOKENS = 5
 """gearmand accepts at most five space-separated tokens; more is an error (§4)."""
@@ -29,6 +31,15 @@ VERSION_REPLY = f"OK jobserver-{__version__}\n".encode()
 
 _OK = b"OK\r\n"
 _LIST_END = b".\n"
+
+MUTATING_COMMANDS = frozenset(
+    {b"cancel", b"create", b"drop", b"maxqueue", b"retry", b"purge", b"retries"}
+)
+"""Commands that change state: with --acl, only an identity with `admin = true` may run them
+(`retries` also by an identity that may register the function, and anyone may read it)."""
+
+_PERMISSION_DENIED = _err("PERMISSION_DENIED", "this identity may not change the server")
+
 
 def _unknown_command(command: bytes) -> bytes:
     # gearmand puts no separator between its text and the echoed command word (§4).
@@ -61,24 +72,27 @@ class AdminProtocol:
         self.facts = facts
         failures = FailureCommands(engine)
         self._failures = failures
-        self._commands: dict[bytes, Callable[[list[bytes]], bytes]] = {
+        self._commands: dict[bytes, Callable[[list[bytes], Permissions | None], bytes]] = {
             b"workers": self._workers,
             b"status": self._status,
             b"prioritystatus": self._priority_status,
             b"show": self._show,
-            b"cancel": self._cancel,
-            b"create": self._create,
-            b"drop": self._drop,
-            b"maxqueue": self._maxqueue,
-            b"retry": failures.retry,
-            b"purge": failures.purge,
-            b"retries": failures.retries,
-            b"version": lambda _args: VERSION_REPLY,
-            b"getpid": lambda _args: f"OK {self.facts.pid}\n".encode(),
-            b"verbose": lambda _args: f"OK {self.facts.verbose}\n".encode(),
+            b"cancel": lambda args, _who: self._cancel(args),
+            b"create": lambda args, _who: self._create(args),
+            b"drop": lambda args, _who: self._drop(args),
+            b"maxqueue": lambda args, _who: self._maxqueue(args),
+            b"retry": lambda args, _who: failures.retry(args),
+            b"purge": lambda args, _who: failures.purge(args),
+            b"retries": lambda args, _who: failures.retries(args),
+            b"version": lambda _args, _who: VERSION_REPLY,
+            b"getpid": lambda _args, _who: f"OK {self.facts.pid}\n".encode(),
+            b"verbose": lambda _args, _who: f"OK {self.facts.verbose}\n".encode(),
         }
 
-    def execute(self, line: bytes) -> bytes:
+    def execute(self, line: bytes, who: Permissions | None = None) -> bytes:
+        """The reply to one admin line. `who` is the connection's permissions under --acl
+        (None: no ACL, everything allowed): changes need admin rights, and listings show a
+        non-admin only the functions it may use."""
         # Runs of spaces collapse, but a leading space makes an empty command word, and TAB is
         # not a separator: all as gearmand splits lines (§4).
         words = line.split(b" ")
@@ -87,22 +101,32 @@ class AdminProtocol:
         if 1 + len(args) > MAX_ADMIN_TOKENS:
             # gearmand closes the connection here; a line is resynchronisable, so we answer.
             return _err("INVALID_ARGUMENTS", "Too many arguments")
-        handler = self._commands.get(command.lower())
+        word = command.lower()
+        handler = self._commands.get(word)
         if handler is None:
             return _unknown_command(command)
-        return handler(args)
+        if who is not None:
+            if who.admin:
+                who = None  # an admin may do everything and sees every listing whole
+            elif word in MUTATING_COMMANDS and not _may_change(word, args, who):
+                return _PERMISSION_DENIED
+        return handler(args, who)
 
     # -- lists
 
-    def _workers(self, _args: list[bytes]) -> bytes:
+    def _workers(self, _args: list[bytes], who: Permissions | None) -> bytes:
         lines = []
         for peer in self.engine.peers.values():
             # Every CAN_DO, duplicates included, latest first, as gearmand lists them.
             registered: list[tuple[int, bytes]] = []
             if peer.abilities is not None:
                 for function, registration in peer.abilities.registrations.items():
+                    if who is not None and not who.may_see(function.name):
+                        continue
                     name = listed(function.name)
                     registered.extend((stamp, name) for stamp in registration.stamp_list())
+            if who is not None and not registered:
+                continue  # a non-admin sees only the workers of functions it may use
             registered.sort(reverse=True)
             functions = b"".join(b" " + name for _, name in registered)
             client_id = listed(peer.client_id)
@@ -110,17 +134,28 @@ class AdminProtocol:
         lines.append(_LIST_END)
         return b"".join(lines)
 
-    def _status(self, _args: list[bytes]) -> bytes:
+    def _functions(self, who: Permissions | None) -> Iterable[Function]:
+        functions = self.engine.functions.values()
+        if who is None:
+            return functions
+        return [f for f in functions if who.may_see(f.name)]
+
+    def _jobs(self, who: Permissions | None) -> Iterable[Job]:
+        if who is None:
+            return self.engine.iter_jobs()
+        return [job for job in self.engine.iter_jobs() if who.may_invoke(job.function.name)]
+
+    def _status(self, _args: list[bytes], who: Permissions | None) -> bytes:
         lines = [
             b"%s\t%d\t%d\t%d\n" % (listed(f.name), f.total, f.running, f.registrations)
-            for f in self.engine.functions.values()
+            for f in self._functions(who)
         ]
         lines.append(_LIST_END)
         return b"".join(lines)
 
-    def _priority_status(self, _args: list[bytes]) -> bytes:
+    def _priority_status(self, _args: list[bytes], who: Permissions | None) -> bytes:
         lines = []
-        for f in self.engine.functions.values():
+        for f in self._functions(who):
             high, normal, low = f.queued
             # Epoch jobs not yet due are NORMAL priority jobs waiting in the queue (§3.11).
             normal += f.waiting
@@ -130,7 +165,7 @@ class AdminProtocol:
         lines.append(_LIST_END)
         return b"".join(lines)
 
-    def _show(self, args: list[bytes]) -> bytes:
+    def _show(self, args: list[bytes], who: Permissions | None) -> bytes:
         if not args:
             return _unknown_command(b"show")
         keywords = [arg.lower() for arg in args]
@@ -139,14 +174,16 @@ class AdminProtocol:
                 # The `ignore` column is always 0: cancelled and abandoned jobs are forgotten at
                 # once here rather than lingering until a worker reaps them.
                 b"%s\t%d\t0\t%d\n" % (listed(job.handle), job.retries, int(job.background))
-                for job in self.engine.iter_jobs()
+                for job in self._jobs(who)
             ]
         elif keywords == [b"unique", b"jobs"]:
-            lines = [listed(job.unique) + b"\n" for job in self.engine.iter_jobs()]
+            lines = [listed(job.unique) + b"\n" for job in self._jobs(who)]
         elif keywords[:2] == [b"dead", b"jobs"] and len(args) <= 3:
-            return self._failures.show_dead(args[2] if len(args) == 3 else None)
+            visible = None if who is None else who.may_invoke
+            return self._failures.show_dead(args[2] if len(args) == 3 else None, visible)
         elif keywords[0] == b"job" and len(args) == 2:
-            return self._failures.show_job(args[1])
+            visible = None if who is None else who.may_invoke
+            return self._failures.show_job(args[1], visible)
         else:
             return _err("UNKNOWN_SHOW_ARGUMENTS")
         lines.append(_LIST_END)
@@ -203,3 +240,13 @@ class AdminProtocol:
         assert len(limits) == len(Priority)
         self.engine.set_max_queue(args[0], limits)
         return _OK
+
+
+def _may_change(command: bytes, args: list[bytes], who: Permissions) -> bool:
+    """A non-admin may read `retries <function>` of a function it uses, and set it for one it
+    may register: the worker SDK sets its functions' retry policy that way."""
+    if command != b"retries" or not args:
+        return False
+    if len(args) == 1:
+        return who.may_see(args[0])
+    return who.may_register(args[0])

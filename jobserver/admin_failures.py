@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 from .admin_text import err, listed
 from .engine import Engine
@@ -47,7 +48,10 @@ class FailureCommands:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def show_dead(self, function: bytes | None) -> bytes:
+    def show_dead(
+        self, function: bytes | None, visible: Callable[[bytes], bool] | None = None
+    ) -> bytes:
+        """`show dead jobs [<function>]`; `visible` (with --acl) picks the functions shown."""
         lines = [
             b"\t".join(
                 (
@@ -61,13 +65,17 @@ class FailureCommands:
             )
             + b"\n"
             for dead in self.engine.dead.of_function(function)
+            if visible is None or visible(dead.function)
         ]
         lines.append(_LIST_END)
         return b"".join(lines)
 
-    def show_job(self, handle: bytes) -> bytes:
+    def show_job(self, handle: bytes, visible: Callable[[bytes], bool] | None = None) -> bytes:
+        """`show job <handle>`; a job of a function not `visible` (with --acl) is unknown."""
         engine = self.engine
         job = engine.jobs.get(handle)
+        if job is not None and visible is not None and not visible(job.function.name):
+            job = None
         if job is not None:
             policy = engine.policy_of(job.function.name)
             failure = engine.failure_of(job)
@@ -80,6 +88,8 @@ class FailureCommands:
                 state, due = b"queued", 0
             return b"OK %s %d %d %d\n" % (state, attempts, policy.retries, due)
         dead = engine.dead.find(handle)
+        if dead is not None and visible is not None and not visible(dead.function):
+            dead = None
         if dead is not None:
             policy = engine.policy_of(dead.function)
             return b"OK dead %d %d 0\n" % (dead.attempts, policy.retries)

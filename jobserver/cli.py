@@ -15,6 +15,7 @@ import trio
 import typer
 
 from . import __version__, gc_policy, logs
+from .acl import AclError, load_acl
 from .admin import ServerFacts
 from .admin_failures import MAX_BASE_DELAY, MAX_RETRIES
 from .daemon import PidFile, Readiness, detach
@@ -74,6 +75,21 @@ def _check_prefix(prefix: str | None) -> str | None:
     if any(ch.isspace() or ch == "\0" for ch in prefix):
         raise typer.BadParameter("must not contain spaces or NUL (admin commands split on spaces)")
     return prefix
+
+
+def _check_tls_options(
+    cert: Path | None, key: Path | None, ca: Path | None, tls_port: int | None, port: int
+) -> None:
+    """Combinations that cannot mean anything, refused before anything starts."""
+    if cert is None:
+        for name, value in (("--tls-key", key), ("--tls-ca", ca), ("--tls-port", tls_port)):
+            if value is not None:
+                raise typer.BadParameter("needs --tls-cert", param_hint=name)
+    elif tls_port is not None and tls_port == port and port != 0:
+        raise typer.BadParameter(
+            f"is the Gearman port too ({port}); leave --tls-port out to serve TLS on it",
+            param_hint="--tls-port",
+        )
 
 
 def _version(value: bool) -> None:
@@ -333,12 +349,80 @@ def serve(
     backlog: Annotated[
         int, typer.Option("--backlog", min=1, help="Listen backlog.")
     ] = DEFAULT_BACKLOG,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-cert",
+            metavar="PEM",
+            help="Serve TLS with this certificate (chain): on --tls-port, or on the Gearman "
+            "port itself if --tls-port is not given.",
+            show_default=False,
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-key",
+            metavar="PEM",
+            help="The certificate's private key (default: inside the --tls-cert file).",
+            show_default=False,
+        ),
+    ] = None,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-ca",
+            metavar="PEM",
+            help="Require TLS clients to present a certificate signed by this CA (mTLS); "
+            "its subject CN is the client's identity for --acl.",
+            show_default=False,
+        ),
+    ] = None,
+    tls_port: Annotated[
+        int | None,
+        typer.Option(
+            "--tls-port",
+            min=0,
+            max=65535,
+            help="Serve TLS on this port, beside plaintext on the Gearman port (e.g. TLS for "
+            "remote workers, plaintext on --listen 127.0.0.1).",
+            show_default=False,
+        ),
+    ] = None,
+    acl: Annotated[
+        Path | None,
+        typer.Option(
+            "--acl",
+            metavar="TOML",
+            help="Who may submit (invoke), register and administer, per client-certificate "
+            "identity; see deploy/tls.md. Without it everyone may do everything.",
+            show_default=False,
+        ),
+    ] = None,
+    loopback_identity: Annotated[
+        str | None,
+        typer.Option(
+            "--loopback-identity",
+            metavar="NAME",
+            help="With --acl: plaintext connections from 127.0.0.1/::1 get the rights of "
+            "this identity of the ACL file (e.g. an admin one for local gearadmin).",
+            show_default=False,
+        ),
+    ] = None,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
     ] = False,
 ) -> None:
     prefix = _check_prefix(job_handle_prefix)
+    _check_tls_options(
+        tls_cert, tls_key, tls_ca, tls_port, port if port_argument is None else port_argument
+    )
+    if loopback_identity is not None and acl is None:
+        raise typer.BadParameter("needs --acl", param_hint="--loopback-identity")
+    tls_cert, tls_key, tls_ca, acl = (
+        None if path is None else path.resolve() for path in (tls_cert, tls_key, tls_ca, acl)
+    )  # a daemon changes directory to /
     if port_argument is not None:
         port = port_argument
     data_dir = data_dir.resolve()  # a daemon changes directory to /
@@ -387,7 +471,19 @@ def serve(
         read_timeout=read_timeout,
         memory_budget=memory_budget,
         facts=ServerFacts(verbose=verbose.value),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
+        tls_port=tls_port,
+        loopback_identity=loopback_identity,
     )
+    if acl is not None:
+        try:
+            config.acl = load_acl(acl)
+        except AclError as error:
+            startup.fail(str(error))
+        if loopback_identity is not None and not config.acl.knows(loopback_identity):
+            startup.fail(f"--loopback-identity {loopback_identity!r} is not an identity in {acl}")
     gc_policy.install()
     try:
         trio.run(_run, config, claimed, startup)
@@ -486,7 +582,10 @@ async def _run(config: ServerConfig, pid_file: PidFile | None, startup: _Startup
 def _log_started(server: Server, listeners: list[trio.SocketListener]) -> None:
     """The lifecycle lines an operator looks for, at NOTICE (shown by default)."""
     config = server.config
-    addresses = ", ".join(str(listener.socket.getsockname()[0]) for listener in listeners)
+    plaintext = [listener for listener in listeners if listener not in server.tls_listeners]
+    addresses = ", ".join(
+        str(listener.socket.getsockname()[0]) for listener in plaintext or listeners
+    )
     log.log(
         NOTICE,
         "jobserver %s (pid %d) listening on %s port %d",
@@ -502,6 +601,23 @@ def _log_started(server: Server, listeners: list[trio.SocketListener]) -> None:
         server.budget.limit,
         f"{config.read_timeout:g} s" if config.read_timeout else "off",
     )
+    if server.tls_port is not None:
+        log.log(
+            NOTICE,
+            "TLS on port %d%s",
+            server.tls_port,
+            "; client certificates required (mTLS)" if config.tls_ca is not None else "",
+        )
+    if config.acl is not None:
+        log.log(
+            NOTICE,
+            "ACL %s: %d identities%s",
+            config.acl.path,
+            len(config.acl.identities),
+            f"; plaintext loopback peers are {config.loopback_identity!r}"
+            if config.loopback_identity
+            else "",
+        )
     if server.store is None:
         log.log(NOTICE, "store: memory only (--store memory): background jobs are lost on exit")
     else:

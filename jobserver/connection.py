@@ -14,6 +14,7 @@ import socket
 
 import trio
 
+from .acl import Permissions
 from .engine import Peer
 from .memory_budget import MemoryBudget
 from .protocol import Decoder
@@ -60,6 +61,7 @@ class Connection:
         "pending",
         "scope",
         "stream",
+        "who",
     )
 
     def __init__(
@@ -75,6 +77,7 @@ class Connection:
         self.input_held = 0  # the part of `held` that is partial input in the decoder
         self.closing = False
         self.scope: trio.CancelScope | None = None  # cancels this connection's tasks
+        self.who: Permissions | None = None  # with --acl: what this peer may do (acl.py)
         self._has_output = trio.lowlevel.ParkingLot()
         self._output_drained = trio.lowlevel.ParkingLot()
 
@@ -179,3 +182,69 @@ class Connection:
                         break
             self.pending = bytearray()
             await trio.aclose_forcefully(self.stream)
+
+
+class TlsConnection(Connection):
+    """A peer on the TLS listener. The same bookkeeping as Connection, but bytes go through
+    trio.SSLStream, which only has async calls: `flush` queues the output and wakes the writer
+    task instead of writing at once, and reads come from `receive`."""
+
+    __slots__ = ("tls",)
+
+    def __init__(
+        self,
+        tls: trio.SSLStream[trio.SocketStream],
+        peer: Peer,
+        decoder: Decoder,
+        budget: MemoryBudget,
+    ) -> None:
+        super().__init__(tls.transport_stream, peer, decoder, budget)
+        self.tls = tls
+
+    def flush(self) -> None:
+        outbox = self.peer.outbox
+        size = len(outbox)
+        if not self.pending:
+            self.pending = outbox
+            self.peer.outbox = bytearray()
+            self._has_output.unpark_all()
+        else:
+            self.pending += outbox
+            outbox.clear()
+        self.budget.change(self, size)
+
+    async def receive(self) -> bytes:
+        """The next decrypted bytes; b"" when the peer closed. Raises OSError when the
+        connection broke (a reset, or a TLS error such as a bad record)."""
+        try:
+            return await self.tls.receive_some(RECEIVE_SIZE)
+        except trio.BrokenResourceError as error:
+            raise ConnectionResetError(str(error.__cause__ or error)) from None
+
+    async def write_loop(self) -> None:
+        while True:
+            while not self.pending:
+                if self.closing:
+                    return
+                await self._has_output.park()
+            # The whole backlog in one record stream; new output queues in a fresh buffer
+            # meanwhile, so `pending` is never mutated while SSLStream holds it.
+            data, self.pending = self.pending, bytearray()
+            try:
+                await self.tls.send_all(data)
+            except trio.BrokenResourceError as error:
+                raise ConnectionResetError(str(error.__cause__ or error)) from None
+            self.budget.change(self, -len(data))
+            self._output_drained.unpark_all()
+
+    async def close_gracefully(self) -> None:
+        """At shutdown: send what is pending and close_notify, within SHUTDOWN_DRAIN_TIMEOUT."""
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + SHUTDOWN_DRAIN_TIMEOUT
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                if self.pending:
+                    await self.tls.send_all(self.pending)
+                self.pending = bytearray()
+                await self.tls.aclose()
+        self.pending = bytearray()
+        await trio.aclose_forcefully(self.stream)

@@ -26,10 +26,12 @@ from pathlib import Path
 
 import trio
 
+from .access import SCREENED_TYPES, screen
+from .acl import AccessList, Permissions
 from .admin import AdminProtocol, ServerFacts
 from .admin_text import listed
 from .commits import Committer, write
-from .connection import RECEIVE_SIZE, Connection
+from .connection import RECEIVE_SIZE, Connection, TlsConnection
 from .engine import Engine
 from .engine.counters import StoreCommits
 from .engine.dead_set import DEFAULT_DEAD_TTL, DEFAULT_MAX_DEAD
@@ -52,6 +54,7 @@ from .protocol import (
 from .store import JobStore, open_store
 from .store.location import default_data_dir
 from .tcp import enable_keepalive
+from .tls import HandshakeFailures, TlsConfigError, handshake, peer_identity, server_context
 
 log = logging.getLogger("jobserver")
 
@@ -127,6 +130,10 @@ threads for as long as the outage lasts."""
 DEFAULT_BACKLOG = 1024
 """Listen backlog; gearmand's 32 overflows when thousands of workers reconnect at once."""
 
+DENIALS_LOGGED_IN_FULL = 1000
+"""ACL denials logged at WARNING before the rest go to DEBUG: enough to diagnose every
+misconfigured client of a cluster, bounded against one peer retrying a denied submit forever."""
+
 OVERSIZED_ERROR = b"ARGUMENT_TOO_LARGE"
 """ERROR code for a packet over max_packet_size (libgearman's GEARMAN_ARGUMENT_TOO_LARGE).
 gearmand has no size limit to answer for; it buffers whatever a header announces."""
@@ -156,6 +163,12 @@ class ServerConfig:
     max_connections: int | None = None  # None: RLIMIT_NOFILE less a reserve (listener.py)
     read_timeout: float = DEFAULT_READ_TIMEOUT  # 0: never close a connection stalled mid-packet
     memory_budget: int | None = None  # bytes; None: from the machine and limits (memory_budget.py)
+    tls_cert: Path | None = None  # serve TLS (tls.py): on tls_port, or on port if that is None
+    tls_key: Path | None = None  # None: the key is in tls_cert's file
+    tls_ca: Path | None = None  # require client certificates signed by this CA (mTLS)
+    tls_port: int | None = None  # a TLS listener beside the plaintext one on `port`
+    acl: AccessList | None = None  # --acl: who may submit, register, administer (acl.py)
+    loopback_identity: str | None = None  # the ACL identity of plaintext loopback peers
 
 
 class StartError(Exception):
@@ -175,6 +188,10 @@ class Server:
         self._committer: Committer | None = None
         self._ownership: Ownership | None = None  # with a shared store: its lease
         self._http_listeners: list[trio.SocketListener] = []  # --http (http_status.py)
+        self.tls_listeners: list[trio.SocketListener] = []  # served with TLS (tls.py)
+        self.tls_port: int | None = None
+        self.tls_failures = HandshakeFailures()
+        self._denials_logged = 0  # ACL denials logged at WARNING (see _log_denial)
         self.store_commits = StoreCommits()  # each batch's time and refusals, for /metrics
         self._commit_wakeup = trio.lowlevel.ParkingLot()
         self._removes_due: float | None = None  # when removes waiting for company must go
@@ -193,16 +210,32 @@ class Server:
         Raises StoreError (bad database) or OSError (port busy, bad address) before serving
         anything, so the CLI can report it plainly."""
         config = self.config
+        self._tls_context = None
+        if config.tls_cert is not None:
+            try:
+                self._tls_context = server_context(config.tls_cert, config.tls_key, config.tls_ca)
+            except TlsConfigError as error:
+                raise StartError(str(error)) from None
         if config.port:  # a bad database should fail before we take the port
             self.store = self._open_store(config.port)
+        listeners: list[trio.SocketListener] = []
         try:
             listeners = await trio.open_tcp_listeners(
                 config.port, host=config.listen, backlog=config.backlog
             )
             self.port = listeners[0].socket.getsockname()[1]
+            if self._tls_context is not None:
+                if config.tls_port is None:
+                    self.tls_listeners = list(listeners)
+                    self.tls_port = self.port
+                else:
+                    self.tls_listeners = await self._open_tls_listeners(config.tls_port)
+                    listeners += self.tls_listeners
             if not config.port:
                 self.store = self._open_store(self.port)
         except BaseException:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
             self.close_store()
             raise
         prefix = config.handle_prefix or default_prefix(socket.gethostname(), self.port)
@@ -244,8 +277,23 @@ class Server:
                 ) from None
         for listener in listeners:
             address = listener.socket.getsockname()
-            log.info("listening on %s port %d", address[0], address[1])
+            tls = " (TLS)" if listener in self.tls_listeners else ""
+            log.info("listening on %s port %d%s", address[0], address[1], tls)
         return listeners
+
+    async def _open_tls_listeners(self, port: int) -> list[trio.SocketListener]:
+        config = self.config
+        try:
+            tls_listeners = await trio.open_tcp_listeners(
+                port, host=config.listen, backlog=config.backlog
+            )
+        except OSError as error:
+            where = config.listen or "all addresses"
+            raise StartError(
+                f"cannot listen for TLS on {where} port {port}: {error.strerror or error}"
+            ) from None
+        self.tls_port = tls_listeners[0].socket.getsockname()[1]
+        return tls_listeners
 
     def _open_store(self, port: int) -> JobStore | None:
         config = self.config
@@ -290,7 +338,10 @@ class Server:
 
                     nursery.start_soon(serve_http, self, self._http_listeners)
                 for listener in listeners:
-                    nursery.start_soon(self.gate.serve, listener, self._serve_connection, nursery)
+                    handler = (
+                        self._serve_tls if listener in self.tls_listeners else self._serve_plain
+                    )
+                    nursery.start_soon(self.gate.serve, listener, handler, nursery)
                 task_status.started(listeners)
         finally:
             self.gate.close()
@@ -299,22 +350,59 @@ class Server:
 
     # ------------------------------------------------------------------ connections
 
-    async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        engine = self.engine
-        assert engine is not None
-        sock = stream.socket
+    async def _serve_plain(self, stream: trio.SocketStream) -> None:
         try:
-            address = sock.getpeername()[0]
+            address = stream.socket.getpeername()[0]
         except OSError:
             await trio.aclose_forcefully(stream)
             return  # gone before we looked at it
+        who = None
+        acl = self.config.acl
+        if acl is not None:
+            loopback = self.config.loopback_identity is not None and _is_loopback(address)
+            who = acl.permissions(self.config.loopback_identity if loopback else None)
+        await self._serve_connection(stream, address, None, who)
+
+    async def _serve_tls(self, stream: trio.SocketStream) -> None:
+        try:
+            address = stream.socket.getpeername()[0]
+        except OSError:
+            await trio.aclose_forcefully(stream)
+            return
+        assert self._tls_context is not None
+        tls, cause = await handshake(stream, self._tls_context)
+        if tls is None:
+            self.tls_failures.note(address, cause)
+            await trio.aclose_forcefully(stream)
+            return
+        who = None
+        if self.config.acl is not None:
+            who = self.config.acl.permissions(peer_identity(tls))
+            log.debug("TLS connection from %s: identity %s", address, who.name)
+        await self._serve_connection(stream, address, tls, who)
+
+    async def _serve_connection(
+        self,
+        stream: trio.SocketStream,
+        address: str,
+        tls: trio.SSLStream[trio.SocketStream] | None,
+        who: Permissions | None,
+    ) -> None:
+        engine = self.engine
+        assert engine is not None
+        sock = stream.socket
         if self.config.keepalive:
             enable_keepalive(
                 sock, idle=KEEPALIVE_IDLE, interval=KEEPALIVE_INTERVAL, count=KEEPALIVE_COUNT
             )
         peer = engine.connect(sock.fileno(), address)
         decoder = Decoder(max_packet_size=self.config.max_packet_size, skip_oversized=True)
-        connection = Connection(stream, peer, decoder, self.budget)
+        connection: Connection
+        if tls is None:
+            connection = Connection(stream, peer, decoder, self.budget)
+        else:
+            connection = TlsConnection(tls, peer, decoder, self.budget)
+        connection.who = who
         peer.transport = connection
         try:
             async with trio.open_nursery() as nursery:
@@ -362,6 +450,8 @@ class Server:
         peer = connection.peer
         try:
             with trio.CancelScope() as stalled:  # its deadline: mid-packet for too long
+                if isinstance(connection, TlsConnection):
+                    return await self._read_loop_tls(connection, stalled)
                 return await self._read_loop(connection, stalled)
         except Exception:
             # A bug of ours, or MemoryError, must cost one connection, never the server.
@@ -378,10 +468,7 @@ class Server:
                 )
 
     async def _read_loop(self, connection: Connection, stalled: trio.CancelScope) -> bool:
-        peer = connection.peer
-        decoder = connection.decoder
         fd = connection.fd
-        read_timeout = self.config.read_timeout
         more_waiting = False
         while True:
             # Reads go straight to the fd. After a short read the next one would almost
@@ -402,29 +489,47 @@ class Server:
             if not data:
                 return True
             more_waiting = len(data) == RECEIVE_SIZE
+            if not await self._take(connection, data, stalled):
+                return False
+
+    async def _read_loop_tls(self, connection: TlsConnection, stalled: trio.CancelScope) -> bool:
+        while True:
             try:
-                events = decoder.feed(data)
-            except ProtocolError as error:
-                log.error("closing connection from %s (fd %d): %s", peer.address, peer.id, error)
+                data = await connection.receive()
+            except (OSError, trio.ClosedResourceError):
                 return False
-            connection.account_input()
-            if self.budget.total > self.budget.limit:
-                self._enforce_budget()
-                if peer.closed:
-                    return False
-            if read_timeout:
-                if decoder.in_packet:
-                    now = trio.current_time()
-                    if stalled.deadline == math.inf:
-                        stalled.deadline = now + read_timeout
-                    else:
-                        stalled.deadline = min(
-                            now + read_timeout, stalled.deadline + len(data) / MIN_READ_RATE
-                        )
-                elif stalled.deadline != math.inf:
-                    stalled.deadline = math.inf
-            if events and not await self._apply(connection, events, stalled):
+            if not data:
+                return True
+            if not await self._take(connection, data, stalled):
                 return False
+
+    async def _take(self, connection: Connection, data: bytes, stalled: trio.CancelScope) -> bool:
+        """Decode one read and serve its requests; False when the peer must be dropped."""
+        peer = connection.peer
+        decoder = connection.decoder
+        read_timeout = self.config.read_timeout
+        try:
+            events = decoder.feed(data)
+        except ProtocolError as error:
+            log.error("closing connection from %s (fd %d): %s", peer.address, peer.id, error)
+            return False
+        connection.account_input()
+        if self.budget.total > self.budget.limit:
+            self._enforce_budget()
+            if peer.closed:
+                return False
+        if read_timeout:
+            if decoder.in_packet:
+                now = trio.current_time()
+                if stalled.deadline == math.inf:
+                    stalled.deadline = now + read_timeout
+                else:
+                    stalled.deadline = min(
+                        now + read_timeout, stalled.deadline + len(data) / MIN_READ_RATE
+                    )
+            elif stalled.deadline != math.inf:
+                stalled.deadline = math.inf
+        return not events or await self._apply(connection, events, stalled)
 
     async def _apply(
         self, connection: Connection, events: list[Event], stalled: trio.CancelScope
@@ -438,14 +543,24 @@ class Server:
         peer = connection.peer
         if self._ownership is not None and self._ownership.check():
             self._flush()  # before this read's GRAB_JOBs, which may not get held jobs
+        who = connection.who
         room = OUTBOX_HIGH_WATER - len(connection.pending)
         turn = 0
         for event in events:
             kind = type(event)
             if kind is Packet:
-                engine.handle_packet(peer, event)  # type: ignore[arg-type]
+                if who is not None and event.type in SCREENED_TYPES:  # type: ignore[union-attr]
+                    denial = screen(who, event, engine)  # type: ignore[arg-type]
+                    if denial is not None:
+                        peer.send(denial.reply)
+                        if denial.reason is not None:
+                            self._log_denial(peer, denial.reason)
+                    else:
+                        engine.handle_packet(peer, event)  # type: ignore[arg-type]
+                else:
+                    engine.handle_packet(peer, event)  # type: ignore[arg-type]
             elif kind is AdminLine:
-                peer.send(admin.execute(event.text))  # type: ignore[union-attr]
+                peer.send(admin.execute(event.text, who))  # type: ignore[union-attr]
             else:
                 self._bad_packet(peer, event)  # type: ignore[arg-type]
             turn += 1
@@ -465,6 +580,13 @@ class Server:
                 turn = 0
         self._flush()
         return not peer.closed
+
+    def _log_denial(self, peer, reason: str) -> None:
+        """A request the ACL refused: WARNING for the first DENIALS_LOGGED_IN_FULL, then DEBUG,
+        so a peer retrying a denied submit in a loop cannot flood the log."""
+        self._denials_logged += 1
+        level = logging.WARNING if self._denials_logged <= DENIALS_LOGGED_IN_FULL else logging.DEBUG
+        log.log(level, "denied %s (fd %d): %s", peer.address, peer.id, reason)
 
     def _bad_packet(self, peer, event: BadPacket | OversizedPacket) -> None:
         engine = self.engine
@@ -719,3 +841,8 @@ class Server:
         with contextlib.suppress(Exception):  # out of memory even for the log line
             log.exception("internal error in %s; going on", where)
         await trio.sleep(INTERNAL_ERROR_PAUSE)
+
+
+def _is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1, and IPv4 loopback mapped into IPv6 (a dual-stack listener's view)."""
+    return address.startswith("127.") or address == "::1" or address.startswith("::ffff:127.")

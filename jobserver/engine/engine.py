@@ -290,7 +290,7 @@ class Engine(WorkerRequests, DurableJobs, FailedJobs):
         # A unique id never holds a NUL (SUBMIT_* separates on it), and STATUS_RES_UNIQUE
         # could not carry one: look up and echo the part before it, as GET_STATUS does.
         unique = args[0].split(b"\0", 1)[0]
-        job = self._uniques.find_any(unique) if unique else None
+        job = self.find_unique(unique) if unique else None
         if job is None:
             peer.send(encode(T.STATUS_RES_UNIQUE, unique, b"0", b"0", b"0", b"0", b"0"))
             return
@@ -701,6 +701,10 @@ class Engine(WorkerRequests, DurableJobs, FailedJobs):
 
     def iter_jobs(self) -> Iterator[Job]:
         return iter(self.jobs.values())
+
+    def find_unique(self, unique: bytes) -> Job | None:
+        """The job GET_STATUS_UNIQUE reports for `unique`: one of any function."""
+        return self._uniques.find_any(unique)
 
 
 def _status_numbers(job: Job) -> tuple[bytes, bytes, bytes]:
