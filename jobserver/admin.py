@@ -38,7 +38,7 @@ MUTATING_COMMANDS = frozenset(
 """Commands that change state: with --acl, only an identity with `admin = true` may run them
 (`retries` also by an identity that may register the function, and anyone may read it)."""
 
-_PERMISSION_DENIED = _err("PERMISSION_DENIED", "this identity may not change the server")
+PERMISSION_DENIED_REPLY = _err("PERMISSION_DENIED", "this identity may not change the server")
 
 
 def _unknown_command(command: bytes) -> bytes:
@@ -109,7 +109,7 @@ class AdminProtocol:
             if who.admin:
                 who = None  # an admin may do everything and sees every listing whole
             elif word in MUTATING_COMMANDS and not _may_change(word, args, who):
-                return _PERMISSION_DENIED
+                return PERMISSION_DENIED_REPLY
         return handler(args, who)
 
     # -- lists

@@ -230,6 +230,17 @@ class SnapshotCollector(Collector):
             "Batches the store refused in whole or in part (their submits got an ERROR).",
             snapshot.store_errors,
         )
+        yield CounterMetricFamily(
+            "jobserver_tls_handshake_failures",
+            "TLS connections closed before their handshake finished (no or a rejected client "
+            "certificate, not TLS, timed out).",
+            facts.tls_handshake_failures,
+        )
+        yield CounterMetricFamily(
+            "jobserver_acl_denials",
+            "Requests refused by --acl (submits, registrations, admin changes).",
+            facts.acl_denials,
+        )
 
 
 def render(snapshot: Snapshot) -> bytes:

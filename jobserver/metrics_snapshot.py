@@ -161,6 +161,8 @@ class ServerFactsCopy:
     port: int | None
     connections: int
     max_connections: int
+    tls_handshake_failures: int = 0
+    acl_denials: int = 0
 
 
 @dataclass
@@ -241,6 +243,8 @@ async def take_snapshot(server: Server, started: float, *, details: bool) -> Sna
         port=server.port,
         connections=server.gate.open,
         max_connections=server.gate.max_connections,
+        tls_handshake_failures=server.tls_failures.total,
+        acl_denials=server.acl_denials,
     )
     store_commits = server.store_commits  # filled by the server as batches come back
     snapshot = Snapshot(

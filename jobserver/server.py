@@ -28,7 +28,7 @@ import trio
 
 from .access import SCREENED_TYPES, screen
 from .acl import AccessList, Permissions
-from .admin import AdminProtocol, ServerFacts
+from .admin import PERMISSION_DENIED_REPLY, AdminProtocol, ServerFacts
 from .admin_text import listed
 from .commits import Committer, write
 from .connection import RECEIVE_SIZE, Connection, TlsConnection
@@ -191,7 +191,7 @@ class Server:
         self.tls_listeners: list[trio.SocketListener] = []  # served with TLS (tls.py)
         self.tls_port: int | None = None
         self.tls_failures = HandshakeFailures()
-        self._denials_logged = 0  # ACL denials logged at WARNING (see _log_denial)
+        self.acl_denials = 0  # requests refused by --acl, for /metrics
         self.store_commits = StoreCommits()  # each batch's time and refusals, for /metrics
         self._commit_wakeup = trio.lowlevel.ParkingLot()
         self._removes_due: float | None = None  # when removes waiting for company must go
@@ -560,7 +560,13 @@ class Server:
                 else:
                     engine.handle_packet(peer, event)  # type: ignore[arg-type]
             elif kind is AdminLine:
-                peer.send(admin.execute(event.text, who))  # type: ignore[union-attr]
+                reply = admin.execute(event.text, who)  # type: ignore[union-attr]
+                peer.send(reply)
+                if reply is PERMISSION_DENIED_REPLY:
+                    assert who is not None
+                    command = listed(event.text.split(b" ", 1)[0])  # type: ignore[union-attr]
+                    name = command.decode("utf-8", "backslashreplace")
+                    self._log_denial(peer, f"identity {who.name} may not run admin command {name}")
             else:
                 self._bad_packet(peer, event)  # type: ignore[arg-type]
             turn += 1
@@ -584,8 +590,8 @@ class Server:
     def _log_denial(self, peer, reason: str) -> None:
         """A request the ACL refused: WARNING for the first DENIALS_LOGGED_IN_FULL, then DEBUG,
         so a peer retrying a denied submit in a loop cannot flood the log."""
-        self._denials_logged += 1
-        level = logging.WARNING if self._denials_logged <= DENIALS_LOGGED_IN_FULL else logging.DEBUG
+        self.acl_denials += 1
+        level = logging.WARNING if self.acl_denials <= DENIALS_LOGGED_IN_FULL else logging.DEBUG
         log.log(level, "denied %s (fd %d): %s", peer.address, peer.id, reason)
 
     def _bad_packet(self, peer, event: BadPacket | OversizedPacket) -> None:
