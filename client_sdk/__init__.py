@@ -13,6 +13,9 @@
     with SyncClient(["10.0.0.1:4730"]) as client:                                # no async
         client.submit("resize", {"path": "a.png"})
 
+    async with Client(["jobs.example:4730"], tls=TlsFiles(ca="ca.pem")) as client:  # TLS
+        ...
+
 Files: client.py (the API), server_pool.py (which server, failover), session.py (one pipelined
 connection), jobs.py (handles, updates, waiters), stream.py (progress), submission.py (request
 checks and encoding), sync.py (SyncClient).
@@ -28,6 +31,7 @@ from jobserver.sdk.errors import (
     PayloadError,
     ServerError,
 )
+from jobserver.sdk.tls import TlsConfigError, TlsFiles
 
 from .client import Client
 from .jobs import Data, JobHandle, JobState, JobStatus, Status, Update, Warning
@@ -54,6 +58,8 @@ __all__ = [
     "Status",
     "SyncClient",
     "SyncJobStream",
+    "TlsConfigError",
+    "TlsFiles",
     "Update",
     "Warning",
 ]

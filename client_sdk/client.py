@@ -14,6 +14,7 @@ from jobserver.sdk.addresses import ServerSpec, parse_addresses
 from jobserver.sdk.errors import JobLost, JobTimeout, NoServerAvailable
 from jobserver.sdk.payload import decode_payload, encode_payload, get_codec
 from jobserver.sdk.tasks import background_nursery
+from jobserver.sdk.tls import TlsSettings, client_context
 
 from . import submission as checks
 from .jobs import CallTimer, JobHandle, JobStatus, JobWaiter
@@ -36,7 +37,11 @@ class Client:
     use and shared, pipelined, by every concurrent call. A server that leaves a request
     unanswered for `unresponsive_after` seconds gets no new work until it answers again.
     `max_packet_size` is the servers' `--max-packet-size`: a larger request raises
-    PayloadError before anything is sent.
+    PayloadError before anything is sent. `tls` connects with TLS: a `TlsFiles` (the CA that
+    signs the servers' certificates, and this client's certificate and key for servers that
+    require one) or an `ssl.SSLContext` of your own; a server whose certificate or host name
+    does not check out is an unreachable one, with the cause in NoServerAvailable's message.
+    Bad TLS files raise TlsConfigError here, naming the file.
 
     Example (with a server on 127.0.0.1:4730 and a worker for "resize")::
 
@@ -47,6 +52,12 @@ class Client:
                 print(result, await client.status(handle))
 
         asyncio.run(main())  # or trio.run(main)
+
+    Over TLS, with this client's certificate for a server started with --tls-ca::
+
+        tls = TlsFiles(ca="ca.pem", cert="client.pem", key="client.key")
+        async with Client(["jobs.example:4730"], tls=tls) as client:
+            await client.submit("resize", {"path": "a.png"})
     """
 
     def __init__(
@@ -56,8 +67,10 @@ class Client:
         *,
         unresponsive_after: float = UNRESPONSIVE_AFTER,
         max_packet_size: int = MAX_PACKET_SIZE,
+        tls: TlsSettings = None,
     ) -> None:
         self._addresses = parse_addresses(servers)
+        self._tls = client_context(tls)  # once, here: bad files fail the constructor
         self._codec = get_codec(codec)
         timeout = checks.check_timeout(unresponsive_after)
         if not timeout:
@@ -73,7 +86,10 @@ class Client:
         async with AsyncExitStack() as stack:
             nursery = await stack.enter_async_context(background_nursery())
             self._pool = ServerPool(
-                self._addresses, nursery, unresponsive_after=self._unresponsive_after
+                self._addresses,
+                nursery,
+                unresponsive_after=self._unresponsive_after,
+                tls=self._tls,
             )
             self._exit_stack = stack.pop_all()
         return self

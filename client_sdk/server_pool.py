@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -72,8 +73,10 @@ class Server:
         *,
         unresponsive_after: float = UNRESPONSIVE_AFTER,
         may_fail_over: Callable[[Server], bool] = lambda server: False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.address = address
+        self._tls = tls
         self.name = str(address)
         self.session: Session | None = None
         self.health = ServerHealthLog(log, self.name)
@@ -127,7 +130,7 @@ class Server:
             if self._failures != failures_seen and self._last_error is not None:
                 raise ConnectionLost(str(self._last_error))
             try:
-                connection = await ServerConnection.open(self.address)
+                connection = await ServerConnection.open(self.address, tls=self._tls)
             except ConnectionLost as error:
                 self.failed(error)
                 raise
@@ -165,9 +168,15 @@ class ServerPool:
         nursery: anyio.abc.TaskGroup,
         *,
         unresponsive_after: float = UNRESPONSIVE_AFTER,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.servers = [
-            Server(address, unresponsive_after=unresponsive_after, may_fail_over=self._has_other)
+            Server(
+                address,
+                unresponsive_after=unresponsive_after,
+                may_fail_over=self._has_other,
+                tls=tls,
+            )
             for address in addresses
         ]
         self._by_name = {server.name: server for server in self.servers}

@@ -18,6 +18,7 @@ from typing import Any, ParamSpec, TypeVar
 import trio
 
 from jobserver.sdk.addresses import ServerSpec
+from jobserver.sdk.tls import TlsSettings
 
 from .client import Client
 from .jobs import JobHandle, JobStatus, Update
@@ -33,7 +34,7 @@ class SyncClient:
     """`Client` without async: the same methods, blocking, safe to call from many threads.
 
     Use it with `with` (or `open()` / `close()`); the background loop thread starts on enter
-    and stops on exit.
+    and stops on exit. `tls` is as for `Client`: a `TlsFiles` or an `ssl.SSLContext`.
 
     Example (with a server on 127.0.0.1:4730 and a worker for "resize")::
 
@@ -43,6 +44,11 @@ class SyncClient:
                 for update in job:
                     print(update)
                 print(job.result())
+
+    Over TLS::
+
+        with SyncClient(["jobs.example:4730"], tls=TlsFiles(ca="ca.pem")) as client:
+            client.submit("resize", {"path": "a.png"})
     """
 
     def __init__(
@@ -52,6 +58,7 @@ class SyncClient:
         *,
         unresponsive_after: float = UNRESPONSIVE_AFTER,
         max_packet_size: int = MAX_PACKET_SIZE,
+        tls: TlsSettings = None,
     ) -> None:
         # The Client checks the arguments now, in the caller.
         self._client = Client(
@@ -59,6 +66,7 @@ class SyncClient:
             codec,
             unresponsive_after=unresponsive_after,
             max_packet_size=max_packet_size,
+            tls=tls,
         )
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None

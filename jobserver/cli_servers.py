@@ -7,6 +7,7 @@ A server that cannot be reached, closes, or stays silent past the timeout is an 
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated
@@ -47,14 +48,20 @@ class Answer:
 
 
 async def ask_all(
-    servers: Sequence[ServerAddress], command: bytes, *, listing: bool, timeout: float
+    servers: Sequence[ServerAddress],
+    command: bytes,
+    *,
+    listing: bool,
+    timeout: float,
+    tls: ssl.SSLContext | None = None,
 ) -> list[Answer]:
-    """Send `command` to every server at once; the answers in the servers' order."""
+    """Send `command` to every server at once (over TLS with a context: cli_tls.py); the
+    answers in the servers' order."""
     answers: dict[ServerAddress, Answer] = {}
 
     async def ask(server: ServerAddress) -> None:
         try:
-            lines = await admin_request(server, command, listing=listing, timeout=timeout)
+            lines = await admin_request(server, command, listing=listing, timeout=timeout, tls=tls)
         except GearmanError as error:  # ConnectionLost (unreachable, silent), ProtocolViolation
             answers[server] = Answer(server, [], _without_server(str(error), server))
             return

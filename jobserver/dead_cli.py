@@ -10,10 +10,12 @@ know the commands (gearmand) is reported, and the exit status is then 1.
     jobserver dead list --servers 10.0.0.1:4730,10.0.0.2:4730 [FUNCTION]
     jobserver dead retry --servers ... FUNCTION | --all | --handle H
     jobserver dead purge --servers ... FUNCTION | --all
+    jobserver dead list --servers ... --tls-ca ca.pem [--tls-cert me.pem --tls-key me.key]
 """
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 from typing import Annotated
 
@@ -30,6 +32,7 @@ from .cli_servers import (
     table,
     text,
 )
+from .cli_tls import TlsCaOption, TlsCertOption, TlsKeyOption, tls_context
 from .sdk.addresses import ServerAddress
 from .sdk.admin import ADMIN_TIMEOUT, check_admin_word, is_error
 from .sdk.names import check_function_name
@@ -92,11 +95,15 @@ def list_dead(
     every: AllOption = False,
     servers: ServersOption = DEFAULT_SERVERS,
     timeout: AdminTimeoutOption = ADMIN_TIMEOUT,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
 ) -> None:
     addresses = parse_servers(servers)
+    tls = tls_context(tls_ca, tls_cert, tls_key, command="jobserver dead")
     target = _target(function, every, required=False)
     command = b"show dead jobs" + (b" " + target if target != b"all" else b"") + b"\n"
-    answers = _run(addresses, command, listing=True, timeout=timeout)
+    answers = _run(addresses, command, listing=True, timeout=timeout, tls=tls)
     rows, failed = dead_rows(answers)
     if rows:
         typer.echo(table(LIST_COLUMNS, rows))
@@ -119,21 +126,29 @@ def retry_dead(
     ] = None,
     servers: ServersOption = DEFAULT_SERVERS,
     timeout: AdminTimeoutOption = ADMIN_TIMEOUT,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
 ) -> None:
     addresses = parse_servers(servers)
+    tls = tls_context(tls_ca, tls_cert, tls_key, command="jobserver dead")
     if handle is not None:
         if function is not None or every:
             raise typer.BadParameter(
                 "give either --handle or FUNCTION / --all", param_hint="--handle"
             )
         word = _word(handle, "handle", "--handle")
-        answers = _run(addresses, b"retry dead job " + word + b"\n", listing=False, timeout=timeout)
+        answers = _run(
+            addresses, b"retry dead job " + word + b"\n", listing=False, timeout=timeout, tls=tls
+        )
         if _report_counts("RETRIED", answers, len(addresses)) == 0:
             typer.echo(f"jobserver dead: no server has a dead job {handle!r}", err=True)
             raise typer.Exit(1)
         return
     target = _target(function, every, required=True)
-    answers = _run(addresses, b"retry dead jobs " + target + b"\n", listing=False, timeout=timeout)
+    answers = _run(
+        addresses, b"retry dead jobs " + target + b"\n", listing=False, timeout=timeout, tls=tls
+    )
     _report_counts("RETRIED", answers, len(addresses))
 
 
@@ -143,10 +158,16 @@ def purge_dead(
     every: AllOption = False,
     servers: ServersOption = DEFAULT_SERVERS,
     timeout: AdminTimeoutOption = ADMIN_TIMEOUT,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
 ) -> None:
     addresses = parse_servers(servers)
+    tls = tls_context(tls_ca, tls_cert, tls_key, command="jobserver dead")
     target = _target(function, every, required=True)
-    answers = _run(addresses, b"purge dead jobs " + target + b"\n", listing=False, timeout=timeout)
+    answers = _run(
+        addresses, b"purge dead jobs " + target + b"\n", listing=False, timeout=timeout, tls=tls
+    )
     _report_counts("PURGED", answers, len(addresses))
 
 
@@ -159,10 +180,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(
-    servers: Sequence[ServerAddress], command: bytes, *, listing: bool, timeout: float
+    servers: Sequence[ServerAddress],
+    command: bytes,
+    *,
+    listing: bool,
+    timeout: float,
+    tls: ssl.SSLContext | None,
 ) -> list[Answer]:
     async def run() -> list[Answer]:
-        return await ask_all(servers, command, listing=listing, timeout=timeout)
+        return await ask_all(servers, command, listing=listing, timeout=timeout, tls=tls)
 
     return anyio.run(run, backend="trio")
 

@@ -11,6 +11,7 @@ server with its state: `up`, `unreachable` (refused, closed, or silent past `--t
     jobserver status --servers 10.0.0.1:4730,10.0.0.2:4730          # one table
     jobserver status --servers ... --watch                          # redrawn every second
     jobserver status --servers ... --json                           # one JSON document
+    jobserver status --servers ... --tls-ca ca.pem                  # over TLS (cli_tls.py)
 
 The exit status is 1 when some server did not answer (the table is then incomplete, as with
 `jobserver dead`), 2 for bad usage; `--watch` runs until Ctrl-C or SIGTERM and exits 0.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +43,7 @@ from .cli_servers import (
     table,
     text,
 )
+from .cli_tls import TlsCaOption, TlsCertOption, TlsKeyOption, tls_context
 from .sdk.addresses import ServerAddress
 from .sdk.admin import ADMIN_TIMEOUT, is_error
 
@@ -141,13 +144,16 @@ class ClusterStatus:
 # --- asking the servers ------------------------------------------------------------------------
 
 
-async def poll(servers: Sequence[ServerAddress], timeout: float) -> ClusterStatus:
+async def poll(
+    servers: Sequence[ServerAddress], timeout: float, tls: ssl.SSLContext | None = None
+) -> ClusterStatus:
     """Ask every server for `status` and `prioritystatus`, all at once, each bounded by
-    `timeout` (connect included): the whole poll takes at most about `timeout` seconds."""
+    `timeout` (connect and TLS handshake included): the whole poll takes at most about
+    `timeout` seconds."""
     answers: dict[bytes, list[Answer]] = {}
 
     async def ask(command: bytes) -> None:
-        answers[command] = await ask_all(servers, command, listing=True, timeout=timeout)
+        answers[command] = await ask_all(servers, command, listing=True, timeout=timeout, tls=tls)
 
     async with anyio.create_task_group() as tasks:
         for command in (b"status\n", b"prioritystatus\n"):
@@ -332,12 +338,16 @@ def status(
         ),
     ] = False,
     timeout: AdminTimeoutOption = ADMIN_TIMEOUT,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
 ) -> None:
     addresses = parse_servers(servers)
+    tls = tls_context(tls_ca, tls_cert, tls_key, command="jobserver status")
     if watch:
-        anyio.run(_watch, addresses, timeout, as_json, backend="trio")
+        anyio.run(_watch, addresses, timeout, as_json, tls, backend="trio")
         return
-    cluster = anyio.run(poll, addresses, timeout, backend="trio")
+    cluster = anyio.run(poll, addresses, timeout, tls, backend="trio")
     if as_json:
         typer.echo(json.dumps(status_document(cluster, time.time()), indent=2))
     else:
@@ -360,7 +370,9 @@ def main(argv: list[str] | None = None) -> None:
 Show = Callable[[ClusterStatus, float], None]
 
 
-async def _watch(servers: Sequence[ServerAddress], timeout: float, as_json: bool) -> None:
+async def _watch(
+    servers: Sequence[ServerAddress], timeout: float, as_json: bool, tls: ssl.SSLContext | None
+) -> None:
     """Poll and show every WATCH_INTERVAL until SIGINT or SIGTERM. On a terminal the table is
     redrawn in place (rich's Live); otherwise each poll is printed after the last, so that a
     log or a pipe gets every snapshot, and --json prints one document per line."""
@@ -380,7 +392,7 @@ async def _watch(servers: Sequence[ServerAddress], timeout: float, as_json: bool
             with live if live is not None else nullcontext():
                 while True:
                     started = anyio.current_time()
-                    cluster = await poll(servers, timeout)
+                    cluster = await poll(servers, timeout, tls)
                     show(cluster, time.time())
                     await anyio.sleep_until(started + WATCH_INTERVAL)
 

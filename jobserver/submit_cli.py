@@ -17,6 +17,7 @@ stderr; 2 for bad usage; 130 on Ctrl-C.
     jobserver submit resize '{"path": "a.png"}' --servers 10.0.0.1:4730,10.0.0.2:4730
     echo hello | jobserver submit reverse - --codec raw --timeout 10
     jobserver submit resize '{"path": "b.png"}' --background --priority high --unique b.png
+    jobserver submit resize '{"path": "c.png"}' --servers jobs.example:4730 --tls-ca ca.pem
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import typer
 from client_sdk import Client, Data, GearmanError, JobHandle, Status, Update
 
 from .cli_servers import DEFAULT_SERVERS, ServersOption, parse_servers, text
+from .cli_tls import TlsCaOption, TlsCertOption, TlsKeyOption, tls_context
 from .sdk.names import check_function_name
 
 if TYPE_CHECKING:
@@ -291,8 +293,12 @@ def submit(
             show_default=False,
         ),
     ] = None,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
 ) -> None:
     addresses = parse_servers(servers)
+    tls = tls_context(tls_ca, tls_cert, tls_key, command="jobserver submit")
     try:
         check_function_name(function)
     except ValueError as error:
@@ -303,13 +309,13 @@ def submit(
     logging.getLogger("client_sdk").addHandler(logging.NullHandler())
 
     async def queue() -> JobHandle:
-        async with Client(addresses, codec=codec.value) as client:
+        async with Client(addresses, codec=codec.value, tls=tls) as client:
             return await client.submit_background(
                 function, arg, unique=unique, priority=priority.value, timeout=timeout
             )
 
     async def wait(view: ProgressView) -> Any:
-        async with Client(addresses, codec=codec.value) as client:
+        async with Client(addresses, codec=codec.value, tls=tls) as client:
             return await run_foreground(
                 client,
                 function,

@@ -8,11 +8,15 @@ Example:
     ...     await job.status(1, 3)
     ...     return {"ok": True}
     >>> # worker.run()   # or `await worker.serve()` inside trio
+
+Over TLS: `Worker([...], tls=TlsFiles(ca="ca.pem", cert="worker.pem", key="worker.key"))`.
 """
+
+from jobserver.sdk.tls import TlsConfigError, TlsFiles
 
 from .functions import WorkerFunction
 from .job import Job, SyncJob
 from .retry import Retry
 from .worker import Worker
 
-__all__ = ["Job", "Retry", "SyncJob", "Worker", "WorkerFunction"]
+__all__ = ["Job", "Retry", "SyncJob", "TlsConfigError", "TlsFiles", "Worker", "WorkerFunction"]

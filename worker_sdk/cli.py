@@ -10,6 +10,9 @@ from typing import Annotated
 
 import typer
 
+from jobserver.cli_tls import TlsCaOption, TlsCertOption, TlsKeyOption, tls_files, usage_error
+from jobserver.sdk.tls import TlsConfigError
+
 from .worker import MAX_CONCURRENCY, Worker
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
@@ -101,6 +104,9 @@ def worker(
     log_level: Annotated[
         str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
     ] = "INFO",
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
 ) -> None:
     level = logging.getLevelName(log_level.upper())
     if not isinstance(level, int):
@@ -121,6 +127,13 @@ def worker(
         chosen.grace_period = grace_period
     if client_id is not None:
         chosen.client_id = client_id
+    # Any --tls-* option replaces the code's TLS settings; none leaves them as they are.
+    files = tls_files(tls_ca, tls_cert, tls_key, command="jobserver worker")
+    if files is not None:
+        try:
+            chosen.tls = files  # the setter loads the files
+        except TlsConfigError as error:
+            usage_error("jobserver worker", str(error))
     if not chosen.functions:
         typer.echo(f"jobserver worker: {target} has no functions registered", err=True)
         raise typer.Exit(2)

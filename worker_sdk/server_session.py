@@ -22,6 +22,7 @@ under it; its result is then dropped (the server has requeued the job).
 from __future__ import annotations
 
 import logging
+import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -127,8 +128,10 @@ class ServerSession:
         start_job: StartJob,
         *,
         unresponsive_after: float = UNRESPONSIVE_AFTER,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.address = address
+        self._tls = tls
         self.health = ServerHealthLog(log, str(address))
         self._unresponsive_after = unresponsive_after
         self._registration = encode_request(
@@ -153,7 +156,7 @@ class ServerSession:
         joined_before = False
         while not self._stopping.is_set():
             try:
-                connection = await ServerConnection.open(self.address)
+                connection = await ServerConnection.open(self.address, tls=self._tls)
             except ConnectionLost as error:
                 reason: GearmanError = error
             else:

@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
@@ -22,6 +23,7 @@ import trio
 from jobserver.sdk.addresses import ServerAddress, ServerSpec, parse_addresses
 from jobserver.sdk.payload import get_codec
 from jobserver.sdk.tasks import background_nursery
+from jobserver.sdk.tls import TlsSettings, client_context
 
 from .execution import run_job
 from .functions import WorkerFunction, check_registration
@@ -56,7 +58,10 @@ class Worker:
     `client_id` is what `gearadmin --workers` shows (default "<hostname>-<pid>").
     `grace_period` is how long a stop waits for jobs in flight before cancelling them.
     `unresponsive_after`: a server that leaves a GRAB unanswered this long is logged as not
-    responding (no job slot waits on it meanwhile).
+    responding (no job slot waits on it meanwhile). `tls` connects with TLS: a `TlsFiles`
+    (the CA that signs the servers' certificates, and this worker's certificate and key for
+    servers that require one) or an `ssl.SSLContext` of your own. A server whose certificate
+    is refused, or that refuses the worker's, is logged and retried like an unreachable one.
 
     Example:
         >>> from worker_sdk import Worker
@@ -66,6 +71,11 @@ class Worker:
         ...     await job.status(1, 3)
         ...     return {"ok": True, "path": job.arg["path"]}
         >>> # worker.run()  # blocks until SIGTERM/SIGINT or worker.stop()
+
+    Over TLS (bad files raise TlsConfigError here, naming the file)::
+
+        worker = Worker(["jobs.example:4730"],
+                        tls=TlsFiles(ca="ca.pem", cert="worker.pem", key="worker.key"))
     """
 
     def __init__(
@@ -77,8 +87,10 @@ class Worker:
         client_id: str | None = None,
         grace_period: float = DEFAULT_GRACE_PERIOD,
         unresponsive_after: float = UNRESPONSIVE_AFTER,
+        tls: TlsSettings = None,
     ) -> None:
         self.servers = servers  # the setter parses
+        self.tls = tls  # the setter builds the context: bad files fail here
         self.concurrency = concurrency
         self.codec = get_codec(codec).name
         self.client_id = client_id if client_id is not None else default_client_id()
@@ -104,6 +116,24 @@ class Worker:
     @servers.setter
     def servers(self, specs: Iterable[ServerSpec] | str) -> None:
         self._servers = parse_addresses(specs)
+
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        """The TLS context connections use (None: plain TCP). Assign a `TlsFiles`, an
+        `ssl.SSLContext` or None to change it (takes effect at the next serve()); files are
+        loaded on assignment, so a bad one raises TlsConfigError then.
+
+        Example:
+            >>> from worker_sdk import Worker
+            >>> worker = Worker(["127.0.0.1:4730"])
+            >>> worker.tls is None
+            True
+        """
+        return self._tls
+
+    @tls.setter
+    def tls(self, tls: TlsSettings) -> None:
+        self._tls = client_context(tls)
 
     @property
     def concurrency(self) -> int:
@@ -363,6 +393,7 @@ class _Run:
                     self.stopping,
                     self.start_job,
                     unresponsive_after=worker.unresponsive_after,
+                    tls=worker.tls,
                 )
                 sessions.start_soon(session.run, name=f"worker session {address}")
             await self._run_jobs()

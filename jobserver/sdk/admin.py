@@ -10,6 +10,7 @@ to a listing is a single `ERR` line. gearmand answers the commands it does not k
 from __future__ import annotations
 
 import re
+import ssl
 
 import anyio
 
@@ -58,21 +59,30 @@ def is_error(line: bytes) -> bool:
 
 
 async def admin_request(
-    address: ServerAddress, command: bytes, *, listing: bool, timeout: float = ADMIN_TIMEOUT
+    address: ServerAddress,
+    command: bytes,
+    *,
+    listing: bool,
+    timeout: float = ADMIN_TIMEOUT,
+    tls: ssl.SSLContext | None = None,
 ) -> list[bytes]:
     """Send one text command on a connection of its own and return the reply's lines: the
     one line, or a listing's lines without the final `.` (an error to a listing: its one
     `ERR` line). Raises ConnectionLost when the server cannot be reached, closes, or does not
-    answer within `timeout`, ProtocolViolation when it answers with something else.
+    answer within `timeout` (a TLS handshake that fails: ConnectionLost with its cause),
+    ProtocolViolation when it answers with something else. `tls`: a context from
+    tls.client_context, for a server that serves TLS.
 
     Example::
 
         lines = await admin_request(parse_address("127.0.0.1:4730"), b"show dead jobs\\n",
-                                    listing=True)
+                                    listing=True, tls=client_context(TlsFiles(ca="ca.pem")))
     """
     lines: list[bytes] = []
     with anyio.move_on_after(timeout) as waited:
-        connection = await ServerConnection.open(address, timeout=min(timeout, CONNECT_TIMEOUT))
+        connection = await ServerConnection.open(
+            address, timeout=min(timeout, CONNECT_TIMEOUT), tls=tls
+        )
         try:
             connection.accept_text = True
             await connection.send_bytes(command)
