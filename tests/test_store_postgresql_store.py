@@ -61,6 +61,36 @@ def test_a_batch_is_written_and_removed_either_way(store, pg_database, count):
     assert [row[1] for row in rows(pg_database)] == list(range(count + 1, 2 * count + 1))
 
 
+@pytest.mark.parametrize("count", [SMALL, LARGE], ids=["statement", "copy"])
+def test_every_field_comes_back_as_written_either_way(pg_database, count):
+    """Both writers (APPLY's arrays, COPY's hand-packed binary rows: pg_copy.py) keep every
+    field exactly, at the edges of each column's type: NUL and non-UTF-8 bytes, empty
+    fields, the widest ids and times, negative epochs, a non-ASCII owner."""
+    edge = StoredJob(
+        2**63 - 1,
+        b"f\x00\xff\xc3",
+        b"",
+        2,
+        -(2**63),
+        b"reduce\x00r",
+        b"\x00" * 3 + bytes(range(256)),
+        2**31 - 1,
+        2**63 - 1,
+        b"boom\n\x00\xfe",
+    )
+    written = [*jobs(1, count - 1), edge]
+    store = PostgresStore.open(pg_database, "nœud-ä", 5)
+    try:
+        store.apply(written, [])
+    finally:
+        store.close()
+    reopened = PostgresStore.open(pg_database, "nœud-ä", 5)
+    try:
+        assert sorted(reopened.load()) == sorted(written)
+    finally:
+        reopened.close()
+
+
 def test_added_and_removed_in_one_batch_is_never_written(store, pg_database):
     store.apply(jobs(1, LARGE), [5, 6])
     assert {row[1] for row in rows(pg_database)} == set(range(1, LARGE + 1)) - {5, 6}

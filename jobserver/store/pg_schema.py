@@ -142,19 +142,6 @@ and the removes deleted. A peer that took the jobs over bumped the term first, i
 transaction that moved them, so a fenced server writes nothing."""
 
 COPY_JOBS = f"COPY jobserver_jobs (owner, {_JOB_COLUMNS}) FROM STDIN (FORMAT BINARY)"
-COPY_JOBS_TYPES = [
-    "text",
-    "int8",
-    "bytea",
-    "bytea",
-    "int2",
-    "int8",
-    "bytea",
-    "bytea",
-    "int4",
-    "int8",
-    "bytea",
-]
 """Large batches: COPY, in a transaction that first renews the lease (RENEW) under the term."""
 
 REMOVE = """

@@ -27,6 +27,7 @@ from . import StoreError
 from . import pg_schema as sql
 from .lease import DEFAULT_LEASE, MIN_LEASE, Adopted, Fenced, Lease
 from .pg_connection import RECONNECT_MAX_DELAY, PgConnection, Unavailable, redact
+from .pg_copy import job_rows
 
 log = logging.getLogger(__name__)
 
@@ -199,11 +200,9 @@ class PostgresStore:
             with db.transaction():
                 if db.execute(sql.RENEW, lease).fetchone() is None:
                     raise _FencedError  # rolls the transaction back
+                node = self.node_id
                 with db.cursor().copy(sql.COPY_JOBS) as copy:
-                    copy.set_types(sql.COPY_JOBS_TYPES)
-                    node = self.node_id
-                    for job in adds:
-                        copy.write_row((node, *job[:3], int(job[3]), *job[4:]))
+                    copy.write(job_rows(node, adds))
                 if removes:
                     db.execute(sql.REMOVE, {"node": node, "removes": removes})
                 if extras is not None:
