@@ -116,8 +116,7 @@ def open_store(
         return PostgresStore.open(kind, node, DEFAULT_LEASE if lease is None else lease)
     if kind != "sqlite":
         raise StoreError(
-            f"unknown store {kind!r}; choose one of {', '.join(STORE_KINDS)} "
-            "or a postgresql:// URI"
+            f"unknown store {kind!r}; choose one of {', '.join(STORE_KINDS)} or a postgresql:// URI"
         )
     from .sqlite import SqliteStore
 
