@@ -425,6 +425,17 @@ def test_bad_tls_files_fail_the_constructors_with_the_file_and_the_cause(pki, tm
         TlsFiles(key=pki.client_key)
 
 
+def test_a_ca_bundle_with_comments_between_its_certificates_loads(pki, tmp_path):
+    # Bundles such as certifi's name each CA in a comment, some in UTF-8.
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(
+        "# Issuer: CN=Főtanúsítvány\n".encode() + pki.other_ca.read_bytes() + pki.ca.read_bytes()
+    )
+    context = client_context(TlsFiles(ca=bundle))
+    assert context is not None and context.check_hostname
+    assert len(context.get_ca_certs()) == 2
+
+
 # --- the commands ------------------------------------------------------------------------------
 
 WORKER_MODULE = textwrap.dedent(

@@ -103,12 +103,13 @@ def _context_trusting(ca: str | Path | None) -> ssl.SSLContext:
     if _CERTIFICATE not in data and _TRUSTED_CERTIFICATE not in data:
         raise TlsConfigError(f"{what}: no PEM certificate in it")
     try:
-        # The bytes already read, not the path again: what was checked is what is loaded.
-        return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=data.decode("ascii"))
-    except UnicodeDecodeError:
-        raise TlsConfigError(f"{what}: not a PEM file (it is not text)") from None
+        # The path, not the bytes read: OpenSSL skips the text between certificates, and
+        # bundles such as certifi's have comments in UTF-8, which cadata= refuses.
+        return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
     except ssl.SSLError as error:
         _refuse(what, "a certificate in it is not valid PEM", error)
+    except OSError as error:  # replaced or removed since it was read
+        raise TlsConfigError(f"{what}: {error.strerror or error}") from None
 
 
 def _load_client_certificate(
