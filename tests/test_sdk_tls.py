@@ -2,14 +2,15 @@
 `status`, `dead` and `worker` connect with TLS when given a CA and, for servers that require
 one (mutual TLS), a client certificate.
 
-Against real servers: one jobserver serving TLS on --tls-port beside its plaintext port, and
-one that also requires client certificates (--tls-ca). Their certificates are made here with
-trustme: a CA, a server certificate for 127.0.0.1 only, a client certificate with CN
-"client-a", and a second CA that signed nothing these servers trust. A server whose TLS fails
-(certificate from another CA, wrong host name, a plaintext port, our certificate refused) is
-an unreachable server with the cause in the message, so failover and the health log work as
-for any other. The handshake's own failures that need no server process (silence, a peer that
-closes, one that does not speak TLS) are shown against small listeners written here.
+Against real servers: one jobserver serving TLS on --tls-port beside its plaintext port, one
+that also requires client certificates (--tls-ca), and one whose certificate names another
+host. Their certificates come from tests/tls_certs.py (trustme): a CA, server certificates, a
+client certificate with CN "client-a", and a second CA that signed nothing these servers
+trust. A server whose TLS fails (certificate from another CA, wrong host name, a plaintext
+port, our certificate refused) is an unreachable server with the cause in the message, so
+failover and the health log work as for any other. The handshake's own failures that need no
+server process (silence, a peer that closes, one that does not speak TLS) are shown against
+small listeners written here.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,7 @@ import anyio.abc
 import anyio.to_thread
 import pytest
 import servers
-import trustme
+import tls_certs
 from anyio.streams.tls import TLSStream
 
 from client_sdk import Client, NoServerAvailable, SyncClient, TlsConfigError, TlsFiles
@@ -51,120 +53,103 @@ HANDSHAKE_TIMEOUT = 0.5
 """The connect timeout given to connections against a silent listener: the test waits this
 long for the handshake to give up, so it is short."""
 
-MAX_START_ATTEMPTS = 3
-"""Tries to start a server whose --tls-port, found free, was taken before it bound it."""
-
 JOBSERVER = [sys.executable, "-m", "jobserver"]
 
 
-# --- certificates and servers ------------------------------------------------------------------
+# --- certificates and servers (tests/tls_certs.py) ---------------------------------------------
+
+tls_pki = tls_certs.tls_pki
 
 
 @dataclass(frozen=True)
 class Pki:
-    """The PEM files of the tests."""
+    """The PEM files these tests hand to the SDKs and commands."""
 
     ca: Path
     """Signs the servers' certificates and client-a's."""
     other_ca: Path
-    """Signs nothing the servers use."""
+    """Signs nothing the servers trust or present."""
     server_cert: Path
     server_key: Path
     client_cert: Path
+    """client-a's certificate (subject CN "client-a")."""
     client_key: Path
     client_cert_and_key: Path
     """client-a's certificate and key in one file."""
     garbage: Path
     """A file that is no PEM at all."""
+    certificates: tls_certs.Pki
+    """Where the files come from: more certificates can be issued from its CAs."""
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    directory = tmp_path_factory.mktemp("pki")
-    ca, other_ca = trustme.CA(), trustme.CA()
-    server = ca.issue_cert("127.0.0.1")  # not "localhost": the host-name test needs a mismatch
-    client = ca.issue_cert("client-a.example", common_name="client-a")
-    files = Pki(
-        ca=directory / "ca.pem",
-        other_ca=directory / "other-ca.pem",
-        server_cert=directory / "server.pem",
-        server_key=directory / "server.key",
-        client_cert=directory / "client.pem",
-        client_key=directory / "client.key",
-        client_cert_and_key=directory / "client-both.pem",
-        garbage=directory / "garbage.pem",
+def pki(tls_pki: tls_certs.Pki, tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    directory = tmp_path_factory.mktemp("sdk-tls")
+    client = tls_pki.client("client-a")
+    both = directory / "client-a-with-key.pem"
+    both.write_bytes(client.cert.read_bytes() + client.key.read_bytes())
+    garbage = directory / "garbage.pem"
+    garbage.write_text("this is not a certificate\n")
+    return Pki(
+        ca=tls_pki.ca_pem,
+        other_ca=tls_pki.other_ca_pem,
+        server_cert=tls_pki.server.cert,
+        server_key=tls_pki.server.key,
+        client_cert=client.cert,
+        client_key=client.key,
+        client_cert_and_key=both,
+        garbage=garbage,
+        certificates=tls_pki,
     )
-    ca.cert_pem.write_to_path(str(files.ca))
-    other_ca.cert_pem.write_to_path(str(files.other_ca))
-    files.server_cert.write_bytes(b"".join(blob.bytes() for blob in server.cert_chain_pems))
-    server.private_key_pem.write_to_path(str(files.server_key))
-    files.client_cert.write_bytes(b"".join(blob.bytes() for blob in client.cert_chain_pems))
-    client.private_key_pem.write_to_path(str(files.client_key))
-    client.private_key_and_cert_chain_pem.write_to_path(str(files.client_cert_and_key))
-    files.garbage.write_text("this is not a certificate\n")
-    return files
 
 
 @dataclass(frozen=True)
 class TlsServer:
-    server: servers.Server
+    """A jobserver serving TLS on a port of its own, as the SDKs write its addresses."""
+
+    plain: str
+    """Its plaintext Gearman port."""
+    tls: str
     tls_port: int
 
-    @property
-    def plain(self) -> str:
-        """The plaintext Gearman port's address."""
-        return self.server.address
 
-    @property
-    def tls(self) -> str:
-        return f"{servers.HOST}:{self.tls_port}"
-
-
-def start_tls_server(pki: Pki, *extra_args: str) -> TlsServer:
-    """A jobserver (memory store) serving TLS on a port of its own beside the plaintext one,
-    which tests/servers.py's readiness check (a plaintext ECHO) uses."""
-    for attempt in range(MAX_START_ATTEMPTS):
-        tls_port = servers.free_port()
-        try:
-            server = servers.start_jobserver(
-                "--store",
-                "memory",
-                "--tls-cert",
-                str(pki.server_cert),
-                "--tls-key",
-                str(pki.server_key),
-                "--tls-port",
-                str(tls_port),
-                *extra_args,
-            )
-        except servers.ServerStartError:
-            if attempt == MAX_START_ATTEMPTS - 1:
-                raise
-            continue
-        servers.wait_until(
-            lambda: servers.port_accepts(servers.HOST, tls_port),  # noqa: B023 - called here
-            what=f"the TLS port {tls_port}",
+@contextmanager
+def tls_jobserver(pki: Pki, *args: str) -> Iterator[TlsServer]:
+    started = tls_certs.start_tls_jobserver(pki.certificates, *args)
+    try:
+        yield TlsServer(
+            str(ServerAddress(*started.plain)), str(ServerAddress(*started.tls)), started.tls_port
         )
-        return TlsServer(server, tls_port)
-    raise AssertionError("unreachable")
+    finally:
+        started.stop()
 
 
 @pytest.fixture(scope="module")
 def tls_server(pki: Pki) -> Iterator[TlsServer]:
-    """Serves TLS to anyone (no client certificate asked)."""
-    started = start_tls_server(pki)
-    yield started
-    started.server.stop()
-    started.server.remove_workdir()
+    """Serves TLS to anyone (no client certificate asked); its certificate names 127.0.0.1
+    and localhost."""
+    with tls_jobserver(pki) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def mtls_server(pki: Pki) -> Iterator[TlsServer]:
     """Requires a client certificate signed by the test CA (mutual TLS)."""
-    started = start_tls_server(pki, "--tls-ca", str(pki.ca))
-    yield started
-    started.server.stop()
-    started.server.remove_workdir()
+    with tls_jobserver(pki, "--tls-ca", str(pki.ca)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def misnamed_server(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
+    """Presents a certificate from the test CA for the name jobs.example only."""
+    directory = tmp_path_factory.mktemp("misnamed")
+    leaf = pki.certificates.ca.issue_cert("jobs.example")
+    cert, key = directory / "jobs.example.pem", directory / "jobs.example.key"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(key))
+    # After the fixture's own --tls-cert/--tls-key: the last of an option given twice counts.
+    with tls_jobserver(pki, "--tls-cert", str(cert), "--tls-key", str(key)) as server:
+        yield server
 
 
 def with_client_certificate(pki: Pki) -> TlsFiles:
@@ -272,20 +257,22 @@ async def test_a_server_certificate_from_another_ca_is_refused(tls_server, pki):
 
 
 async def test_the_server_name_is_checked_unless_the_callers_context_turns_that_off(
-    tls_server, pki, anyio_backend
+    misnamed_server, pki, anyio_backend
 ):
-    # The certificate names 127.0.0.1 only; the same server as "localhost" is not that name.
-    by_name = f"localhost:{tls_server.tls_port}"
+    # The certificate names jobs.example; the server is addressed as 127.0.0.1.
     with anyio.fail_after(TEST_TIMEOUT):
-        async with Client([by_name], tls=TlsFiles(ca=pki.ca)) as client:
+        async with Client([misnamed_server.tls], tls=TlsFiles(ca=pki.ca)) as client:
             with pytest.raises(NoServerAvailable) as raised:
                 await client.submit_background("anything", b"x")
         context = ssl.create_default_context(cafile=str(pki.ca))
         context.check_hostname = False  # the chain is still verified
-        async with Client([by_name], tls=context) as client:
-            handle = await client.submit_background(f"by_name_{anyio_backend}", b"x")
-    assert "certificate is not valid for 'localhost'" in str(raised.value)
-    assert handle.server == by_name
+        async with Client([misnamed_server.tls], tls=context) as client:
+            handle = await client.submit_background(f"misnamed_{anyio_backend}", b"x")
+    assert (
+        f"{misnamed_server.tls}: TLS handshake failed: certificate verify failed: "
+        "IP address mismatch, certificate is not valid for '127.0.0.1'"
+    ) in str(raised.value)
+    assert handle.server == misnamed_server.tls
 
 
 async def test_clients_and_workers_fail_over_from_a_server_whose_tls_fails(
