@@ -296,7 +296,7 @@ def dead_job(as_identity) -> Callable[[bytes], bytes]:
 
 
 def mutating_commands(handle: bytes, dead: bytes) -> list[bytes]:
-    """One line of each admin command that changes the server (the README's list)."""
+    """A line of each admin command that changes the server (admin.MUTATING_COMMANDS)."""
     return [
         b"cancel job " + handle,
         b"CANCEL job " + handle,  # command words are case-insensitive
@@ -321,8 +321,11 @@ def test_a_non_admin_may_run_no_command_that_changes_the_server(who, as_identity
     for line in mutating_commands(handle, dead):
         assert console.admin(line) == DENIED_ADMIN, line
 
-    # Nothing changed: the job is still queued, the dead job still dead, no function made.
+    # Nothing changed: the job is still queued (and no queue limit keeps a second out), the
+    # function not dropped, the dead job still dead, no function made, no policy set.
     assert handle in ops.admin("show jobs")
+    ops.submit(function, b"second", packet_type=T.SUBMIT_JOB_BG)
+    assert function in listed_functions(ops.admin("status"))
     assert ops.admin(b"show job " + dead).startswith(b"OK dead ")
     assert b"resize_admin_made" not in listed_functions(ops.admin("status"))
     assert ops.admin("retries secret_admin").startswith(b"OK 0 ")

@@ -423,6 +423,63 @@ async def test_a_handshake_that_never_starts_ends_at_the_timeout_naming_it(tls_p
     assert trio.current_time() - started == pytest.approx(HANDSHAKE_TIMEOUT)  # virtual time
 
 
+async def server_handshake_with(pki: Pki, peer_sends: bytes, then_close: bool) -> tuple[str, float]:
+    """Run the server's handshake (mTLS context) against a peer that sends `peer_sends` and
+    then closes or stalls: (the failure's cause, the virtual seconds it took)."""
+    context = tls.server_context(pki.server.cert, pki.server.key, pki.ca_pem)
+    server_side, client_side = trio.testing.memory_stream_pair()
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+
+        async def peer() -> None:
+            if peer_sends:
+                await client_side.send_all(peer_sends)
+            if then_close:
+                await client_side.aclose()
+
+        nursery.start_soon(peer)
+        stream, cause = await tls.handshake(server_side, context)  # type: ignore[arg-type]
+    assert stream is None
+    return cause, trio.current_time() - started
+
+
+@pytest.mark.parametrize(
+    ("first_bytes", "cause"),
+    [
+        (encode_request(T.ECHO_REQ, b"x"), "not TLS (WRONG_VERSION_NUMBER)"),
+        (b"status\n", "not TLS (WRONG_VERSION_NUMBER)"),
+        (b"GET / HTTP/1.1\r\n\r\n", "not TLS (HTTP_REQUEST)"),
+    ],
+    ids=["binary", "admin text", "HTTP"],
+)
+async def test_a_plaintext_peers_handshake_fails_at_its_first_bytes_as_not_tls(
+    first_bytes, cause, tls_pki, autojump_clock
+):
+    # The peer stays open: only its bytes can end the handshake before the timeout.
+    failure, took = await server_handshake_with(tls_pki, first_bytes, then_close=False)
+
+    assert failure == cause
+    assert took < HANDSHAKE_TIMEOUT  # virtual time: it did not wait for the timeout
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="tls._cause maps a closed peer to 'connection closed during the handshake' only when "
+    "BrokenResourceError has no __cause__; trio always chains OpenSSL 3's SSLEOFError, so the "
+    "log says 'UNEXPECTED_EOF_WHILE_READING' (every TCP health probe of a TLS port)",
+)
+@pytest.mark.parametrize("sent", ["nothing", "half a ClientHello"])
+async def test_a_peer_that_closes_during_the_handshake_is_logged_as_closed(
+    sent, tls_pki, autojump_clock
+):
+    hello = client_hello(tls_pki.client_context())
+    first_bytes = b"" if sent == "nothing" else hello[: len(hello) // 2]
+
+    failure, _took = await server_handshake_with(tls_pki, first_bytes, then_close=True)
+
+    assert failure == "connection closed during the handshake"
+
+
 def test_failed_handshakes_are_logged_once_an_interval_with_the_count_and_latest_cause(
     monkeypatch, caplog
 ):
