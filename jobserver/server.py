@@ -130,6 +130,10 @@ threads for as long as the outage lasts."""
 DEFAULT_BACKLOG = 1024
 """Listen backlog; gearmand's 32 overflows when thousands of workers reconnect at once."""
 
+TLS_HANDSHAKE_RECORD = b"\x16\x03"
+"""How every TLS ClientHello starts (a handshake record, protocol version 3.x): met where a
+Gearman magic should be, the log says what it is rather than "bad magic"."""
+
 DENIALS_LOGGED_IN_FULL = 1000
 """ACL denials logged at WARNING before the rest go to DEBUG: enough to diagnose every
 misconfigured client of a cluster, bounded against one peer retrying a denied submit forever."""
@@ -511,7 +515,11 @@ class Server:
         try:
             events = decoder.feed(data)
         except ProtocolError as error:
-            log.error("closing connection from %s (fd %d): %s", peer.address, peer.id, error)
+            reason = str(error)
+            if data.startswith(TLS_HANDSHAKE_RECORD) and not isinstance(connection, TlsConnection):
+                tls_port = f" (TLS is on port {self.tls_port})" if self.tls_port else ""
+                reason = f"a TLS client on this plaintext port{tls_port}"
+            log.error("closing connection from %s (fd %d): %s", peer.address, peer.id, reason)
             return False
         connection.account_input()
         if self.budget.total > self.budget.limit:

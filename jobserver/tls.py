@@ -8,12 +8,21 @@ certificate never gets past the handshake.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import time
 from pathlib import Path
 
 import trio
+
+from .sdk.tls import (
+    MINIMUM_VERSION,
+    TlsConfigError,
+    check_ca_file,
+    load_certificate,
+    openssl_reason,
+)
 
 log = logging.getLogger("jobserver")
 
@@ -26,57 +35,31 @@ HANDSHAKE_LOG_INTERVAL = 10.0
 """Seconds between log lines about failed handshakes: a port scanner or a fleet of
 misconfigured clients is one line per interval with a count and the latest cause."""
 
+ALERT_SEND_TIMEOUT = 1.0
+"""Seconds to hand a failed handshake's alert (a few dozen bytes) to the kernel: it fits the
+socket buffer at once unless the peer is gone, and then nothing is lost by giving up."""
 
-class TlsConfigError(Exception):
-    """A certificate, key or CA file cannot be used; the message names the file and why."""
+__all__ = ["TlsConfigError", "handshake", "peer_identity", "server_context"]
 
 
 def server_context(cert: Path, key: Path | None, ca: Path | None) -> ssl.SSLContext:
     """The listener's context: the stdlib's defaults for a server (modern ciphers, no
     compression, no renegotiation), TLS 1.2 at least, and with `ca` a required client
-    certificate verified against it. Raises TlsConfigError naming the file at fault."""
+    certificate verified against it. Raises TlsConfigError naming the file at fault, with the
+    same checks and wording as the SDKs' client certificates (sdk/tls.py)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(cert, key)
-    except FileNotFoundError as error:
-        missing = error.filename or (cert if not cert.exists() else key)
-        raise TlsConfigError(f"TLS file {missing}: no such file") from None
-    except PermissionError as error:
-        raise TlsConfigError(f"TLS file {error.filename}: permission denied") from None
-    except ssl.SSLError as error:
-        raise TlsConfigError(_chain_problem(cert, key, error)) from None
-    except OSError as error:
-        raise TlsConfigError(f"TLS certificate {cert}: {error.strerror or error}") from None
+    context.minimum_version = MINIMUM_VERSION
+    load_certificate(context, cert, key)
     if ca is not None:
+        what = check_ca_file(ca)
         try:
             context.load_verify_locations(cafile=ca)
-        except FileNotFoundError:
-            raise TlsConfigError(f"TLS CA file {ca}: no such file") from None
-        except (ssl.SSLError, OSError) as error:
-            raise TlsConfigError(f"TLS CA file {ca}: not a PEM CA certificate ({error})") from None
+        except ssl.SSLError as error:
+            raise TlsConfigError(f"{what}: not valid PEM ({openssl_reason(error)})") from None
+        except OSError as error:  # replaced or removed since it was checked
+            raise TlsConfigError(f"{what}: {error.strerror or error}") from None
         context.verify_mode = ssl.CERT_REQUIRED
     return context
-
-
-def _chain_problem(cert: Path, key: Path | None, error: ssl.SSLError) -> str:
-    reason = (error.reason or "").upper()
-    if "KEY_VALUES_MISMATCH" in reason:
-        return f"TLS key {key} does not belong to the certificate {cert}"
-    if key is not None and reason in ("PEM_LIB", "") and not _has_pem(cert, "CERTIFICATE"):
-        return f"TLS certificate {cert}: not a PEM certificate"
-    if key is not None and reason in ("PEM_LIB", ""):
-        return f"TLS key {key}: not a PEM private key (or it is encrypted)"
-    if reason in ("PEM_LIB", ""):
-        return f"TLS certificate {cert}: not a PEM certificate with its private key"
-    return f"TLS certificate {cert}: {error.reason or error}"
-
-
-def _has_pem(path: Path, label: str) -> bool:
-    try:
-        return f"-----BEGIN {label}-----".encode() in path.read_bytes()
-    except OSError:
-        return False
 
 
 def peer_identity(stream: trio.SSLStream[trio.SocketStream]) -> str | None:
@@ -126,11 +109,28 @@ async def handshake(
         try:
             await tls.do_handshake()
         except trio.BrokenResourceError as error:
+            await _send_alert(tls, stream)
             return None, _cause(error.__cause__)
         except trio.ClosedResourceError:
             return None, "closed"
         return tls, ""
     return None, f"no handshake within {HANDSHAKE_TIMEOUT:g} s"
+
+
+async def _send_alert(tls: trio.SSLStream[trio.SocketStream], stream: trio.SocketStream) -> None:
+    """Send the TLS alert OpenSSL wrote on failing the handshake ("certificate required",
+    "unknown CA", ...), which trio.SSLStream leaves unsent: with it the client's error names
+    the cause instead of "connection closed". trio keeps that buffer in a private attribute;
+    if a trio release moves it, the peer just gets the close without the alert
+    (tests/test_server_tls.py notices)."""
+    outgoing = getattr(tls, "_outgoing", None)
+    if not isinstance(outgoing, ssl.MemoryBIO) or not outgoing.pending:
+        return
+    with (
+        trio.move_on_after(ALERT_SEND_TIMEOUT),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+    ):
+        await stream.send_all(outgoing.read())
 
 
 def _cause(error: BaseException | None) -> str:

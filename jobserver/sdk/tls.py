@@ -90,7 +90,7 @@ def client_context(tls: TlsSettings) -> ssl.SSLContext | None:
     context = _context_trusting(tls.ca)
     context.minimum_version = MINIMUM_VERSION
     if tls.cert is not None:
-        _load_client_certificate(context, tls.cert, tls.key)
+        load_certificate(context, tls.cert, tls.key)
     return context
 
 
@@ -98,10 +98,7 @@ def _context_trusting(ca: str | Path | None) -> ssl.SSLContext:
     """A client context trusting the certificates in `ca`, or the system's CAs."""
     if ca is None:
         return ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    what = f"TLS CA file {ca}"
-    data = _read_pem(ca, what)
-    if _CERTIFICATE not in data and _TRUSTED_CERTIFICATE not in data:
-        raise TlsConfigError(f"{what}: no PEM certificate in it")
+    what = check_ca_file(ca)
     try:
         # The path, not the bytes read: OpenSSL skips the text between certificates, and
         # bundles such as certifi's have comments in UTF-8, which cadata= refuses.
@@ -112,9 +109,19 @@ def _context_trusting(ca: str | Path | None) -> ssl.SSLContext:
         raise TlsConfigError(f"{what}: {error.strerror or error}") from None
 
 
-def _load_client_certificate(
-    context: ssl.SSLContext, cert: str | Path, key: str | Path | None
-) -> None:
+def check_ca_file(ca: str | Path) -> str:
+    """Raise TlsConfigError unless `ca` is a readable file with a PEM certificate in it;
+    returns how messages name it. (The server's --tls-ca is checked the same way.)"""
+    what = f"TLS CA file {ca}"
+    data = _read_pem(ca, what)
+    if _CERTIFICATE not in data and _TRUSTED_CERTIFICATE not in data:
+        raise TlsConfigError(f"{what}: no PEM certificate in it")
+    return what
+
+
+def load_certificate(context: ssl.SSLContext, cert: str | Path, key: str | Path | None) -> None:
+    """Load a certificate (chain) and its key into `context`, or raise TlsConfigError naming
+    the file at fault. Used for SDK client certificates and the server's --tls-cert."""
     cert_what = f"TLS certificate {cert}"
     cert_data = _read_pem(cert, cert_what)
     if _CERTIFICATE not in cert_data:
