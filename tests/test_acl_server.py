@@ -494,17 +494,25 @@ def test_status_by_unique_finds_ones_own_job_when_another_identity_uses_the_same
 
 
 def test_denials_are_logged_naming_the_peer_and_what_was_refused(acl_server, as_identity):
-    webapp = as_identity("webapp")
+    webapp, stranger = as_identity("webapp"), as_identity("stranger")
     webapp.send(T.SUBMIT_JOB_BG, b"secret_logged", b"", b"x")
     webapp.expect_error(b"PERMISSION_DENIED")
+    webapp.send(T.CAN_DO, b"resize_logged")
+    webapp.expect_error(b"PERMISSION_DENIED")
+    assert stranger.admin("Purge dead jobs all") == DENIED_ADMIN
 
-    def logged() -> str | None:
-        lines = acl_server.server.stderr_text().splitlines()
-        wanted = "identity 'webapp' may not submit jobs of 'secret_logged'"
-        return next((line for line in lines if wanted in line), None)
+    for refused in (
+        "identity 'webapp' may not submit jobs of 'secret_logged'",
+        "identity 'webapp' may not register 'resize_logged'",
+        "identity 'stranger' may not run admin command Purge",
+    ):
 
-    line = wait_until(logged, what="the denial in the log")
-    assert " WARNING denied 127.0.0.1 (fd " in line
+        def logged() -> str | None:
+            lines = acl_server.server.stderr_text().splitlines()
+            return next((line for line in lines if line.endswith(refused)), None)  # noqa: B023
+
+        line = wait_until(logged, what=f"{refused!r} in the log")
+        assert " WARNING denied 127.0.0.1 (fd " in line
 
 
 def test_the_start_log_names_the_acl_file_and_its_identities(acl_server, acl_file):
