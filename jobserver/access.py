@@ -10,6 +10,10 @@ peer is not running and hands jobs only for registered functions.
 
 from __future__ import annotations
 
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import NamedTuple
 
 from .acl import Permissions
@@ -34,6 +38,16 @@ SUBMIT_TYPES = frozenset(
 REGISTER_TYPES = frozenset({T.CAN_DO, T.CAN_DO_TIMEOUT})
 SCREENED_TYPES = SUBMIT_TYPES | REGISTER_TYPES | {T.GET_STATUS, T.GET_STATUS_UNIQUE}
 """The only packet types this module looks at; the server skips the call for the rest."""
+
+DENIAL_REPEAT_INTERVAL = 60.0
+"""Seconds between WARNING lines about the same denial (same identity, action and function).
+A misconfigured worker library that reconnects and registers again at once (gear does, ~20
+times a second) is one line a minute with a count, while every new kind of denial still
+shows at once."""
+
+MAX_DENIAL_KINDS = 1024
+"""Distinct denials remembered for the repeat interval; past it the oldest is forgotten (and
+logged again at WARNING if it recurs), so a peer cycling through names cannot grow it."""
 
 PERMISSION_DENIED = b"PERMISSION_DENIED"
 """ERROR code of a denied request (the issue's name; libgearman shows any code it gets)."""
@@ -77,3 +91,28 @@ def _denied(who: Permissions, action: str, function: bytes) -> Denial:
     name = function.decode("utf-8", "backslashreplace")
     text = f"identity {who.name} may not {action} {name!r}"
     return Denial(encode_response(T.ERROR, PERMISSION_DENIED, text.encode()), text)
+
+
+class DenialLog:
+    """Which denials to log at WARNING: the first of each kind, then at most one per
+    DENIAL_REPEAT_INTERVAL with how many were not logged; the rest at DEBUG."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total = 0
+        self._clock = clock
+        self._kinds: OrderedDict[str, tuple[float, int]] = OrderedDict()  # reason: logged, unlogged
+
+    def note(self, reason: str) -> tuple[int, int]:
+        """(log level, repeats not logged since the last WARNING of this kind)."""
+        self.total += 1
+        now = self._clock()
+        seen = self._kinds.get(reason)
+        if seen is not None and now - seen[0] < DENIAL_REPEAT_INTERVAL:
+            self._kinds[reason] = (seen[0], seen[1] + 1)
+            return logging.DEBUG, 0
+        repeats = seen[1] if seen is not None else 0
+        self._kinds[reason] = (now, 0)
+        self._kinds.move_to_end(reason)
+        if len(self._kinds) > MAX_DENIAL_KINDS:
+            self._kinds.popitem(last=False)
+        return logging.WARNING, repeats

@@ -244,7 +244,7 @@ async def take_snapshot(server: Server, started: float, *, details: bool) -> Sna
         connections=server.gate.open,
         max_connections=server.gate.max_connections,
         tls_handshake_failures=server.tls_failures.total,
-        acl_denials=server.acl_denials,
+        acl_denials=server.denials.total,
     )
     store_commits = server.store_commits  # filled by the server as batches come back
     snapshot = Snapshot(

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import trio
 
-from .access import SCREENED_TYPES, screen
+from .access import SCREENED_TYPES, DenialLog, screen
 from .acl import AccessList, Permissions
 from .admin import PERMISSION_DENIED_REPLY, AdminProtocol, ServerFacts
 from .admin_text import listed
@@ -134,10 +134,6 @@ TLS_HANDSHAKE_RECORD = b"\x16\x03"
 """How every TLS ClientHello starts (a handshake record, protocol version 3.x): met where a
 Gearman magic should be, the log says what it is rather than "bad magic"."""
 
-DENIALS_LOGGED_IN_FULL = 1000
-"""ACL denials logged at WARNING before the rest go to DEBUG: enough to diagnose every
-misconfigured client of a cluster, bounded against one peer retrying a denied submit forever."""
-
 OVERSIZED_ERROR = b"ARGUMENT_TOO_LARGE"
 """ERROR code for a packet over max_packet_size (libgearman's GEARMAN_ARGUMENT_TOO_LARGE).
 gearmand has no size limit to answer for; it buffers whatever a header announces."""
@@ -195,7 +191,7 @@ class Server:
         self.tls_listeners: list[trio.SocketListener] = []  # served with TLS (tls.py)
         self.tls_port: int | None = None
         self.tls_failures = HandshakeFailures()
-        self.acl_denials = 0  # requests refused by --acl, for /metrics
+        self.denials = DenialLog()  # requests refused by --acl: the log's and /metrics' count
         self.store_commits = StoreCommits()  # each batch's time and refusals, for /metrics
         self._commit_wakeup = trio.lowlevel.ParkingLot()
         self._removes_due: float | None = None  # when removes waiting for company must go
@@ -596,11 +592,9 @@ class Server:
         return not peer.closed
 
     def _log_denial(self, peer, reason: str) -> None:
-        """A request the ACL refused: WARNING for the first DENIALS_LOGGED_IN_FULL, then DEBUG,
-        so a peer retrying a denied submit in a loop cannot flood the log."""
-        self.acl_denials += 1
-        level = logging.WARNING if self.acl_denials <= DENIALS_LOGGED_IN_FULL else logging.DEBUG
-        log.log(level, "denied %s (fd %d): %s", peer.address, peer.id, reason)
+        level, repeats = self.denials.note(reason)
+        more = f" ({repeats} more times since the last report)" if repeats else ""
+        log.log(level, "denied %s (fd %d): %s%s", peer.address, peer.id, reason, more)
 
     def _bad_packet(self, peer, event: BadPacket | OversizedPacket) -> None:
         engine = self.engine
