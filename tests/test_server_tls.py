@@ -1,10 +1,11 @@
 """The server's TLS listener (issue 15, jobserver/tls.py): `--tls-cert/--tls-key` on the Gearman
 port or on `--tls-port` beside plaintext, `--tls-ca` requiring client certificates (mTLS), the
-handshake's bounds, its rate-limited failure log, and the start-up errors of bad files.
+handshake's bounds, the failure log naming the cause, and the start-up errors of bad files.
 
 Real server processes; the client side is the stdlib's ssl over plain sockets (tests/tls_certs.py
-wraps a tests/wire.py Wire), never the SDKs. No --acl here (tests/test_acl.py): everything works
-over TLS as it does in plaintext.
+wraps a tests/wire.py Wire), never the SDKs. No --acl here (tests/test_acl_server.py):
+everything works over TLS as it does in plaintext. The handshake's causes and the log's rate
+limit in-process: tests/test_tls_handshake.py.
 
 The handshake timeout (10 s) is waited for once: peers opened by the first test that stall the
 handshake are checked closed by the last one, the module's other tests running meanwhile.
@@ -12,12 +13,9 @@ handshake are checked closed by the last one, the module's other tests running m
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import socket
 import ssl
 import time
-import types
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,17 +23,21 @@ from dataclasses import dataclass, field
 import pytest
 import servers
 import tls_certs
-import trio
-import trio.testing
 from servers import HOST, wait_until
 from test_cli_support import one_line, run_jobserver
-from tls_certs import Pki, TlsServer, start_tls_jobserver, start_tls_only_jobserver, tls_wire
+from tls_certs import (
+    Pki,
+    TlsServer,
+    client_hello,
+    start_tls_jobserver,
+    start_tls_only_jobserver,
+    tls_wire,
+)
 from wire import Wire
 
-from jobserver import tls
 from jobserver.protocol import PacketType as T
 from jobserver.protocol import encode_request
-from jobserver.tls import HANDSHAKE_LOG_INTERVAL, HANDSHAKE_TIMEOUT, HandshakeFailures
+from jobserver.tls import HANDSHAKE_TIMEOUT
 
 # Fixtures (tests/tls_certs.py): the certificates, servers stopped at teardown, TLS Wires.
 tls_pki = tls_certs.tls_pki
@@ -120,15 +122,6 @@ def closed_by_server(sock: socket.socket) -> bool:
         return False
     except ConnectionResetError:
         return True
-
-
-def client_hello(context: ssl.SSLContext) -> bytes:
-    """The bytes a TLS client sends first, made without a connection."""
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls_object = context.wrap_bio(incoming, outgoing, server_hostname=HOST)
-    with contextlib.suppress(ssl.SSLWantReadError):
-        tls_object.do_handshake()
-    return outgoing.read()
 
 
 def stall_mid_handshake(address: tuple[str, int], hello: bytes) -> socket.socket:
@@ -422,101 +415,6 @@ def test_mutual_tls_refuses_with_an_alert_and_logs_the_cause(case, tls_pki, star
         f"TLS handshake failed 1 time(s) in the last 10 s; the latest from {HOST}: {cause}"
     )
     servers.echo(*server.plain)  # the server goes on
-
-
-# --- the handshake's failures, without a server process ---------------------------------------
-
-
-async def test_a_handshake_that_never_starts_ends_at_the_timeout_naming_it(tls_pki, autojump_clock):
-    context = tls.server_context(tls_pki.server.cert, tls_pki.server.key, None)
-    server_side, _client_side = trio.testing.memory_stream_pair()
-    started = trio.current_time()
-
-    stream, cause = await tls.handshake(server_side, context)  # type: ignore[arg-type]
-
-    assert stream is None
-    assert cause == f"no handshake within {HANDSHAKE_TIMEOUT:g} s"
-    assert trio.current_time() - started == pytest.approx(HANDSHAKE_TIMEOUT)  # virtual time
-
-
-async def server_handshake_with(pki: Pki, peer_sends: bytes, then_close: bool) -> tuple[str, float]:
-    """Run the server's handshake (mTLS context) against a peer that sends `peer_sends` and
-    then closes or stalls: (the failure's cause, the virtual seconds it took)."""
-    context = tls.server_context(pki.server.cert, pki.server.key, pki.ca_pem)
-    server_side, client_side = trio.testing.memory_stream_pair()
-    started = trio.current_time()
-    async with trio.open_nursery() as nursery:
-
-        async def peer() -> None:
-            if peer_sends:
-                await client_side.send_all(peer_sends)
-            if then_close:
-                await client_side.aclose()
-
-        nursery.start_soon(peer)
-        stream, cause = await tls.handshake(server_side, context)  # type: ignore[arg-type]
-    assert stream is None
-    return cause, trio.current_time() - started
-
-
-@pytest.mark.parametrize(
-    ("first_bytes", "cause"),
-    [
-        (encode_request(T.ECHO_REQ, b"x"), "not TLS (WRONG_VERSION_NUMBER)"),
-        (b"status\n", "not TLS (WRONG_VERSION_NUMBER)"),
-        (b"GET / HTTP/1.1\r\n\r\n", "not TLS (HTTP_REQUEST)"),
-    ],
-    ids=["binary", "admin text", "HTTP"],
-)
-async def test_a_plaintext_peers_handshake_fails_at_its_first_bytes_as_not_tls(
-    first_bytes, cause, tls_pki, autojump_clock
-):
-    # The peer stays open: only its bytes can end the handshake before the timeout.
-    failure, took = await server_handshake_with(tls_pki, first_bytes, then_close=False)
-
-    assert failure == cause
-    assert took < HANDSHAKE_TIMEOUT  # virtual time: it did not wait for the timeout
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="tls._cause maps a closed peer to 'connection closed during the handshake' only when "
-    "BrokenResourceError has no __cause__; trio always chains OpenSSL 3's SSLEOFError, so the "
-    "log says 'UNEXPECTED_EOF_WHILE_READING' (every TCP health probe of a TLS port)",
-)
-@pytest.mark.parametrize("sent", ["nothing", "half a ClientHello"])
-async def test_a_peer_that_closes_during_the_handshake_is_logged_as_closed(
-    sent, tls_pki, autojump_clock
-):
-    hello = client_hello(tls_pki.client_context())
-    first_bytes = b"" if sent == "nothing" else hello[: len(hello) // 2]
-
-    failure, _took = await server_handshake_with(tls_pki, first_bytes, then_close=True)
-
-    assert failure == "connection closed during the handshake"
-
-
-def test_failed_handshakes_are_logged_once_an_interval_with_the_count_and_latest_cause(
-    monkeypatch, caplog
-):
-    now = [1000.0]
-    monkeypatch.setattr(tls, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
-    caplog.set_level(logging.WARNING, logger="jobserver")
-    failures = HandshakeFailures()
-
-    failures.note("192.0.2.1", "not TLS (WRONG_VERSION_NUMBER)")  # the first: logged at once
-    for _ in range(5):
-        failures.note("192.0.2.2", "no client certificate")  # counted
-    now[0] += HANDSHAKE_LOG_INTERVAL
-    failures.note("192.0.2.3", "client certificate rejected: certificate has expired")
-
-    assert [record.getMessage() for record in caplog.records] == [
-        "TLS handshake failed 1 time(s) in the last 10 s; the latest from 192.0.2.1: "
-        "not TLS (WRONG_VERSION_NUMBER)",
-        "TLS handshake failed 6 time(s) in the last 10 s; the latest from 192.0.2.3: "
-        "client certificate rejected: certificate has expired",
-    ]
-    assert failures.total == 7
 
 
 # --- start-up errors --------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 - `start_tls_only_jobserver(pki, *args)`: TLS on the Gearman port itself; ready once it
   answers an ECHO over TLS.
 - `tls_wire(address, context)`: a tests/wire.py Wire whose socket speaks TLS.
+- `client_hello(context)`: the first bytes a TLS client sends, for peers that stall after them.
 
 A test module uses the fixtures by naming them at its top (`tls_pki = tls_certs.tls_pki`).
 The TLS client side is the stdlib's ssl, never the SDKs: these tests check the server.
@@ -15,6 +16,7 @@ The TLS client side is the stdlib's ssl, never the SDKs: these tests check the s
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import shutil
 import ssl
@@ -111,6 +113,15 @@ def tls_wire(address: tuple[str, int], context: ssl.SSLContext, timeout: float =
         wire.close()
         raise
     return wire
+
+
+def client_hello(context: ssl.SSLContext) -> bytes:
+    """The bytes a TLS client sends first, made without a connection."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls_object = context.wrap_bio(incoming, outgoing, server_hostname=servers.HOST)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls_object.do_handshake()
+    return outgoing.read()
 
 
 @dataclass(frozen=True)
