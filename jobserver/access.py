@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 from .acl import Permissions
 from .engine import Engine
+from .engine.engine import MAX_LOOKUP_ARGUMENT_SIZE
 from .protocol import Packet, encode_response
 from .protocol import PacketType as T
 
@@ -78,12 +79,10 @@ def screen(who: Permissions, packet: Packet, engine: Engine) -> Denial | None:
             return None
         return Denial(encode_response(T.STATUS_RES, handle, b"0", b"0", b"0", b"0"), None)
     if kind == T.GET_STATUS_UNIQUE:
-        unique = packet.args[0].split(b"\0", 1)[0]
-        job = engine.find_unique(unique) if unique else None
-        if job is None or who.may_invoke(job.function.name):
-            return None
-        reply = encode_response(T.STATUS_RES_UNIQUE, unique, b"0", b"0", b"0", b"0", b"0")
-        return Denial(reply, None)
+        if len(packet.args[0]) > MAX_LOOKUP_ARGUMENT_SIZE:
+            return None  # the engine's error answers it
+        # Several functions' jobs may share a unique: answer about one this peer may invoke.
+        return Denial(engine.status_by_unique(packet.args[0], who.may_invoke), None)
     return None
 
 

@@ -333,6 +333,8 @@ class Server:
                 if self._ownership is not None:
                     nursery.start_soon(self._watch_ownership)
                 nursery.start_soon(self._tend_dead_set)
+                if self.tls_listeners:
+                    nursery.start_soon(self.tls_failures.report_pending)
                 if self._http_listeners:
                     from .http_status import serve_http
 

@@ -82,21 +82,38 @@ class HandshakeFailures:
         self.total = 0
         self._unlogged = 0
         self._next_log = -float("inf")
+        self._latest = ("", "")
 
     def note(self, address: str, cause: str) -> None:
         self.total += 1
         self._unlogged += 1
-        now = time.monotonic()
-        if now >= self._next_log:
-            log.warning(
-                "TLS handshake failed %d time(s) in the last %g s; the latest from %s: %s",
-                self._unlogged,
-                HANDSHAKE_LOG_INTERVAL,
-                address,
-                cause,
-            )
-            self._unlogged = 0
-            self._next_log = now + HANDSHAKE_LOG_INTERVAL
+        self._latest = (address, cause)
+        if time.monotonic() >= self._next_log:
+            self.report()
+
+    def report(self) -> None:
+        """Log the failures not logged yet, if any: at once for the first of a quiet spell,
+        and from the server's timer for the rest of a burst (`report_pending`)."""
+        if not self._unlogged:
+            return
+        address, cause = self._latest
+        log.warning(
+            "TLS handshake failed %d time(s) in the last %g s; the latest from %s: %s",
+            self._unlogged,
+            HANDSHAKE_LOG_INTERVAL,
+            address,
+            cause,
+        )
+        self._unlogged = 0
+        self._next_log = time.monotonic() + HANDSHAKE_LOG_INTERVAL
+
+    async def report_pending(self) -> None:
+        """Runs beside a TLS listener: the tail of a burst is logged within an interval,
+        even if no failure comes after it."""
+        while True:
+            await trio.sleep(HANDSHAKE_LOG_INTERVAL)
+            if time.monotonic() >= self._next_log:
+                self.report()
 
 
 async def handshake(
@@ -134,6 +151,10 @@ async def _send_alert(tls: trio.SSLStream[trio.SocketStream], stream: trio.Socke
 
 
 def _cause(error: BaseException | None) -> str:
+    if error is None or isinstance(error, ssl.SSLEOFError):
+        # trio chains every close mid-handshake to SSLEOFError (UNEXPECTED_EOF_WHILE_READING):
+        # TCP health checks and port scanners, mostly.
+        return "connection closed during the handshake"
     if isinstance(error, ssl.SSLCertVerificationError):
         return f"client certificate rejected: {error.verify_message}"
     if isinstance(error, ssl.SSLError):
@@ -143,6 +164,4 @@ def _cause(error: BaseException | None) -> str:
         if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
             return "no client certificate"
         return reason
-    if error is None:
-        return "connection closed during the handshake"
     return str(error) or type(error).__name__

@@ -473,12 +473,6 @@ def test_status_of_a_job_one_may_not_invoke_is_unknown(as_identity):
     ops.expect(T.STATUS_RES, theirs, b"1", b"0", b"0", b"0")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GET_STATUS_UNIQUE screens only the first job engine.find_unique returns: another "
-    "identity's job with the same unique, queued first, hides the asker's own job (and so "
-    "tells it that the other job exists)",
-)
 def test_status_by_unique_finds_ones_own_job_when_another_identity_uses_the_same_unique(
     as_identity,
 ):

@@ -74,12 +74,6 @@ async def test_a_plaintext_peers_handshake_fails_at_its_first_bytes_as_not_tls(
     assert took < HANDSHAKE_TIMEOUT  # virtual time: it did not wait for the timeout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tls._cause maps a closed peer to 'connection closed during the handshake' only when "
-    "BrokenResourceError has no __cause__; trio always chains OpenSSL 3's SSLEOFError, so the "
-    "log says 'UNEXPECTED_EOF_WHILE_READING' (every TCP health probe of a TLS port)",
-)
 @pytest.mark.parametrize("sent", ["nothing", "half a ClientHello"])
 async def test_a_peer_that_closes_during_the_handshake_is_logged_as_closed(
     sent, tls_pki, autojump_clock
@@ -113,3 +107,26 @@ def test_failed_handshakes_are_logged_once_an_interval_with_the_count_and_latest
         "client certificate rejected: certificate has expired",
     ]
     assert failures.total == 7
+
+
+async def test_the_tail_of_a_burst_is_logged_by_the_timer_without_a_later_failure(
+    monkeypatch, caplog, autojump_clock
+):
+    now = [1000.0]
+    monkeypatch.setattr(tls, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    caplog.set_level(logging.WARNING, logger="jobserver")
+    failures = HandshakeFailures()
+    failures.note("192.0.2.1", "no client certificate")  # logged at once
+    for _ in range(499):
+        failures.note("192.0.2.2", "no client certificate")  # then silence
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(failures.report_pending)
+        now[0] += HANDSHAKE_LOG_INTERVAL
+        await trio.sleep(HANDSHAKE_LOG_INTERVAL * 1.5)
+        nursery.cancel_scope.cancel()
+    assert [record.getMessage() for record in caplog.records] == [
+        "TLS handshake failed 1 time(s) in the last 10 s; the latest from 192.0.2.1: "
+        "no client certificate",
+        "TLS handshake failed 499 time(s) in the last 10 s; the latest from 192.0.2.2: "
+        "no client certificate",
+    ]

@@ -287,15 +287,21 @@ class Engine(WorkerRequests, DurableJobs, FailedJobs):
         if len(args[0]) > MAX_LOOKUP_ARGUMENT_SIZE:
             self._error(peer, errors.UNIQUE_LOOKUP_TOO_LARGE)  # gearmand: no reply (§3.14)
             return
+        peer.send(self.status_by_unique(args[0]))
+
+    def status_by_unique(
+        self, argument: bytes, visible: Callable[[bytes], bool] | None = None
+    ) -> bytes:
+        """The STATUS_RES_UNIQUE answering GET_STATUS_UNIQUE `argument`; with `visible` (an
+        ACL), about the first job with that unique whose function it accepts, or "unknown"."""
         # A unique id never holds a NUL (SUBMIT_* separates on it), and STATUS_RES_UNIQUE
         # could not carry one: look up and echo the part before it, as GET_STATUS does.
-        unique = args[0].split(b"\0", 1)[0]
-        job = self.find_unique(unique) if unique else None
+        unique = argument.split(b"\0", 1)[0]
+        job = self._uniques.find_any(unique, visible) if unique else None
         if job is None:
-            peer.send(encode(T.STATUS_RES_UNIQUE, unique, b"0", b"0", b"0", b"0", b"0"))
-            return
+            return encode(T.STATUS_RES_UNIQUE, unique, b"0", b"0", b"0", b"0", b"0")
         clients = str(len(job.listeners or ())).encode()
-        peer.send(encode(T.STATUS_RES_UNIQUE, unique, b"1", *_status_numbers(job), clients))
+        return encode(T.STATUS_RES_UNIQUE, unique, b"1", *_status_numbers(job), clients)
 
     # ------------------------------------------------------------------ submitting
 
@@ -701,10 +707,6 @@ class Engine(WorkerRequests, DurableJobs, FailedJobs):
 
     def iter_jobs(self) -> Iterator[Job]:
         return iter(self.jobs.values())
-
-    def find_unique(self, unique: bytes) -> Job | None:
-        """The job GET_STATUS_UNIQUE reports for `unique`: one of any function."""
-        return self._uniques.find_any(unique)
 
 
 def _status_numbers(job: Job) -> tuple[bytes, bytes, bytes]:

@@ -8,6 +8,8 @@ plus a second index.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .job import Job
 
 
@@ -25,12 +27,17 @@ class UniqueIndex:
             return entry if entry.function.name == function else None
         return entry.get(function)
 
-    def find_any(self, unique: bytes) -> Job | None:
-        """A job with this unique under any function (GET_STATUS_UNIQUE ignores the function)."""
+    def find_any(self, unique: bytes, visible: Callable[[bytes], bool] | None = None) -> Job | None:
+        """A job with this unique under any function (GET_STATUS_UNIQUE ignores the function),
+        the first one added; with `visible`, the first whose function name it accepts."""
         entry = self._by_unique.get(unique)
-        if entry is None or isinstance(entry, Job):
-            return entry
-        return next(iter(entry.values()))
+        if entry is None:
+            return None
+        jobs = (entry,) if isinstance(entry, Job) else entry.values()
+        for job in jobs:
+            if visible is None or visible(job.function.name):
+                return job
+        return None
 
     def add(self, job: Job) -> None:
         unique = job.unique
