@@ -42,6 +42,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from bench.tls import ClientTls
 from jobserver.protocol import BadPacket, Decoder, Packet, encode_request
 from jobserver.protocol import PacketType as T
 
@@ -76,11 +77,19 @@ class Silence(LoadError):
     """Nothing arrived within the socket's timeout."""
 
 
-def connect(host: str, port: int, timeout: float = IO_TIMEOUT) -> socket.socket:
-    sock = socket.create_connection((host, port), timeout=timeout)
+def connect(spec: dict, timeout: float = IO_TIMEOUT) -> socket.socket:
+    """A connection to SPEC's server; with SPEC["tls"] (a ClientTls as a dict) a TLS one with
+    our client certificate, its handshake done before the caller's clock starts."""
+    sock = socket.create_connection((spec["host"], spec["port"]), timeout=timeout)
     # Requests are written in batches by us, never byte by byte: Nagle would only add delay.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+    if "tls" not in spec:
+        return sock
+    try:
+        return ClientTls(**spec["tls"]).wrap(sock, spec["host"])
+    except BaseException:
+        sock.close()
+        raise
 
 
 class Stream:
@@ -146,7 +155,7 @@ Role = Callable[[dict, Deadline], Callable[[], dict]]
 
 
 def pipelined(spec: dict, deadline: Deadline) -> Callable[[], dict]:
-    stream = Stream(connect(spec["host"], spec["port"]))
+    stream = Stream(connect(spec))
     requests = request_list(spec)
     expected = REQUEST_REPLY[spec["kind"]]
     count, window = len(requests), spec["window"]
@@ -174,7 +183,7 @@ def pipelined(spec: dict, deadline: Deadline) -> Callable[[], dict]:
 
 
 def drain_worker(spec: dict, deadline: Deadline) -> Callable[[], dict]:
-    stream = Stream(connect(spec["host"], spec["port"]))
+    stream = Stream(connect(spec))
     stream.send(encode_request(T.CAN_DO, FUNCTION))
     grab = encode_request(T.GRAB_JOB_UNIQ)
 
@@ -209,7 +218,7 @@ def drain_worker(spec: dict, deadline: Deadline) -> Callable[[], dict]:
 
 
 def fg_client(spec: dict, deadline: Deadline) -> Callable[[], dict]:
-    stream = Stream(connect(spec["host"], spec["port"]))
+    stream = Stream(connect(spec))
     payload = payload_of(spec["payload_size"])
     prefix = spec["unique_prefix"]
     count, window = spec["count"], spec["window"]
@@ -267,7 +276,7 @@ def stop_requested() -> bool:
 
 
 def fg_worker(spec: dict, deadline: Deadline) -> Callable[[], dict]:
-    stream = Stream(connect(spec["host"], spec["port"]))
+    stream = Stream(connect(spec))
     stream.sock.settimeout(IDLE_POLL)
     stream.send(encode_request(T.CAN_DO, FUNCTION))
     grab = encode_request(T.GRAB_JOB_UNIQ)
@@ -348,7 +357,7 @@ def idle(spec: dict, deadline: Deadline) -> Callable[[], dict]:
     gap, fast_in_a_row = 0.0, 0
     for _ in range(count):
         began = time.monotonic()
-        sock = socket.create_connection((spec["host"], spec["port"]), timeout=IO_TIMEOUT)
+        sock = connect(spec)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
         sockets.append(sock)
         if time.monotonic() - began > SLOW_CONNECT:
@@ -373,7 +382,7 @@ def idle(spec: dict, deadline: Deadline) -> Callable[[], dict]:
 
 
 def probe(spec: dict, deadline: Deadline) -> Callable[[], dict]:
-    stream = Stream(connect(spec["host"], spec["port"]))
+    stream = Stream(connect(spec))
     request = request_list({**spec, "count": 1})[0]
     expected = REQUEST_REPLY[spec["kind"]]
 
@@ -429,7 +438,10 @@ def main(argv: list[str]) -> int:
         if sys.stdin.readline().strip() != "go":
             return 0  # the driver gave up before starting us
         deadline.restart()
+        cpu_before = time.process_time()
         result = {"ok": True, **run()}
+        # What this process cost the machine while it ran: the load shares the server's cores.
+        result["cpu_s"] = time.process_time() - cpu_before
     except (LoadError, OSError, ValueError) as error:
         result = {"ok": False, "error": f"{role_name}: {type(error).__name__}: {error}"}
     say(json.dumps(result))

@@ -22,6 +22,16 @@ CEILING = "ceiling"
 REFERENCE = "gearmand"
 MEMORY = "jobserver-memory"
 DURABLE = ("jobserver-sqlite", "jobserver-postgresql")
+TLS = "jobserver-tls"
+
+TLS_FOREGROUND_TARGET = 0.6
+"""Issue 15: foreground jobs/s (d) over mutual TLS at least this fraction of plaintext's (the
+memory store, same run). Connections are long-lived, so what is compared is the per-record
+cost of TLS on every request and reply; the handshakes happen before the clock starts."""
+
+CPU_FIGURES = {"echo_rps": "echo", "submit_rps": "submit", "drain_rps": "drain", "fg_rps": "fg"}
+"""Rate metric -> the prefix of its `<prefix>_server_cpu_us` and `<prefix>_load_cpu_us`
+figures (CPU µs per job, scenarios._cpu_per_job)."""
 
 DURABLE_SUBMIT_TARGET = 0.5
 """Issues 4 and 12: a durable store's submit rate (b) is at least this fraction of the memory
@@ -191,6 +201,59 @@ def _per_commit(figures: dict[str, list[float]], prefix: str, key: str) -> list[
     return [count / n for count, n in zip(counts, commits, strict=True) if n]
 
 
+def tls_table(figures: dict[str, dict[str, list[float]]]) -> str | None:
+    """jobserver-tls against jobserver-memory (the same server in plaintext) on every metric
+    both have, with each side's CPU per job for the rates; None unless the run has both.
+
+    The ratio is of the medians; with several rounds the per-round ratios follow (the two
+    columns run next to each other in every round, so a round's ratio is little touched by
+    the machine's drift from round to round)."""
+    if MEMORY not in figures or TLS not in figures:
+        return None
+    plain, tls = figures[MEMORY], figures[TLS]
+    lines = [
+        "| metric | plaintext | TLS | TLS / plaintext | server CPU µs/job, plaintext → TLS "
+        "| load generator CPU µs/job, plaintext → TLS | note |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for metric in METRICS:
+        ours, theirs = tls.get(metric.key), plain.get(metric.key)
+        if not ours or not theirs:
+            continue
+        ratio = statistics.median(ours) / statistics.median(theirs)
+        shown = f"{ratio:.2f}x"
+        if len(ours) > 1 and len(ours) == len(theirs):
+            rounds = ", ".join(f"{a / b:.2f}" for a, b in zip(ours, theirs, strict=True))
+            shown += f" (rounds: {rounds})"
+        cpu = {"server": "", "load": ""}
+        if prefix := CPU_FIGURES.get(metric.key):
+            for side in cpu:
+                before = plain.get(f"{prefix}_{side}_cpu_us")
+                after = tls.get(f"{prefix}_{side}_cpu_us")
+                if before and after:
+                    cpu[side] = (
+                        f"{number(statistics.median(before))} → {number(statistics.median(after))}"
+                    )
+        note = ""
+        if metric.key == "fg_rps":
+            met = "met" if ratio >= TLS_FOREGROUND_TARGET else "**not met**"
+            note = f"target ≥ {TLS_FOREGROUND_TARGET}x plaintext: {met}"
+        arrow = "↑" if metric.higher_is_better else "↓"
+        lines.append(
+            f"| ({metric.scenario}) {metric.label} {arrow} | {_median_and_spread(theirs)} "
+            f"| {_median_and_spread(ours)} | {shown} | {cpu['server']} | {cpu['load']} "
+            f"| {note} |"
+        )
+    return "\n".join(lines)
+
+
+def _median_and_spread(values: list[float]) -> str:
+    median = number(statistics.median(values))
+    if len(values) == 1:
+        return median
+    return f"{median} ({number(min(values))}-{number(max(values))})"
+
+
 def takeover_table(takeovers: list[dict[str, float]], target_margin: float) -> str:
     lines = [
         "| lease, s | jobs on A | takeover, s (kill → every job run on B) | first job on B, s "
@@ -249,6 +312,7 @@ def markdown(
     minutes: float,
     stores: str | None = None,
     takeover: str | None = None,
+    tls: str | None = None,
 ) -> str:
     out = [
         f"Command: `{command}` — {rounds} round(s), started {started}, took {minutes:.1f} min.",
@@ -287,6 +351,20 @@ def markdown(
             "lease renewals (a commit of a few statements about every second).",
             "",
             stores,
+        ]
+    if tls:
+        out += [
+            "",
+            "### TLS against plaintext (issue 15)",
+            "",
+            f"{TLS} is {MEMORY} with mutual TLS on its port; median (min-max) of each, the "
+            "ratio of the medians, and CPU per job (or round trip) over the timed part: the "
+            "server's, and all load processes' together. Every connection is opened and its "
+            "handshake done before the clock starts, so this is the cost of TLS records on "
+            "long-lived connections. The load generator does TLS too, on the same cores as the "
+            "server: its extra CPU per job is taken from the server's share of the machine.",
+            "",
+            tls,
         ]
     if takeover:
         out += ["", "### Takeover (PostgreSQL store)", "", takeover]

@@ -16,6 +16,13 @@ killed server's jobs (bench/takeover.py). Just those, against the other stores:
         --servers jobserver-memory,jobserver-sqlite,jobserver-postgresql
 
 and only the takeover: `--postgresql --scenarios ''`.
+
+`--tls` (or naming jobserver-tls in `--servers`) adds the column jobserver-tls (issue 15): the
+memory store with mutual TLS on its port, certificates made for the run (bench/tls.py), and
+every load process speaking TLS to it; a section compares it with jobserver-memory. The
+foreground jobs over TLS against plaintext:
+
+    python -m bench.run --servers jobserver-memory,jobserver-tls --scenarios d
 """
 
 from __future__ import annotations
@@ -49,8 +56,10 @@ from bench.scenarios import (
     describe,
 )
 from bench.servers import ServerSpec, ServerStartError
+from bench.tls import CertificatesUnavailable, RunCertificates
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
+TLS_COLUMN = report.TLS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,7 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--servers",
         default=None,
         help="comma-separated server names to run (default all: ceiling, jobserver-memory, "
-        "jobserver-sqlite, gearmand, geard; jobserver-postgresql with --postgresql)",
+        "jobserver-sqlite, gearmand, geard; jobserver-postgresql with --postgresql; "
+        "jobserver-tls with --tls or when named here)",
     )
     parser.add_argument(
         "--postgresql",
@@ -76,6 +86,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also run jobserver with the postgresql store (column jobserver-postgresql; a "
         "private PostgreSQL cluster for the run, a fresh database per server) and measure the "
         "takeover time of a killed server's jobs",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also run jobserver-memory with mutual TLS on its port (column jobserver-tls; "
+        "certificates made for the run with trustme) and compare it with plaintext",
     )
     parser.add_argument(
         "--takeover-leases",
@@ -121,6 +137,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--takeover-leases: jobserver's --lease is at least 1")
     if args.takeover_jobs < 1:
         parser.error("--takeover-jobs must be at least 1")
+    if args.servers and TLS_COLUMN in args.servers.split(","):
+        args.tls = True
     return args
 
 
@@ -142,16 +160,25 @@ def raise_fd_limit(needed: int) -> None:
 
 
 def server_lineup(
-    args: argparse.Namespace, sizes: Sizes, fd_limit: int, postgres: BenchPostgres | str | None
+    args: argparse.Namespace,
+    sizes: Sizes,
+    fd_limit: int,
+    postgres: BenchPostgres | str | None,
+    certificates: RunCertificates | str | None = None,
 ) -> tuple[list[ServerSpec], dict[str, str], str | None]:
     """The servers to run, those left out with the reason, and gear's version. `postgres`:
-    the run's PostgreSQL cluster, or why there is none (with --postgresql), or None."""
+    the run's PostgreSQL cluster, or why there is none (with --postgresql), or None;
+    `certificates` likewise for the TLS column (with --tls)."""
     lineup = [servers.canned_spec(sizes.payload), *servers.jobserver_specs()]
     skipped: dict[str, str] = {}
     if isinstance(postgres, BenchPostgres):
         lineup.append(postgres.jobserver_spec())
     elif isinstance(postgres, str):
         skipped["jobserver-postgresql"] = postgres
+    if isinstance(certificates, RunCertificates):
+        lineup.append(servers.jobserver_tls_spec(certificates))
+    elif isinstance(certificates, str):
+        skipped[TLS_COLUMN] = certificates
     lineup.append(servers.gearmand_spec(args.gearmand_threads, fd_limit))
     if shutil.which(servers.GEARMAND) is None:
         lineup.pop()
@@ -222,19 +249,32 @@ def show(value: float) -> str:
     return report.number(value)
 
 
+def make_certificates() -> RunCertificates | str:
+    """The TLS column's certificates, or why it cannot run."""
+    if not servers.jobserver_has_tls():
+        return "this jobserver has no --tls-cert option"
+    try:
+        return RunCertificates(servers.HOST)
+    except CertificatesUnavailable as error:
+        return str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     postgres: BenchPostgres | str | None = None
-    if args.postgresql:
-        try:
-            postgres = BenchPostgres()
-        except PostgresUnavailable as error:
-            postgres = f"no PostgreSQL cluster: {error}"
+    certificates = make_certificates() if args.tls else None
     try:
-        return run(args, argv, postgres)
+        if args.postgresql:
+            try:
+                postgres = BenchPostgres()
+            except PostgresUnavailable as error:
+                postgres = f"no PostgreSQL cluster: {error}"
+        return run(args, argv, postgres, certificates)
     finally:
         if isinstance(postgres, BenchPostgres):
             postgres.stop()
+        if isinstance(certificates, RunCertificates):
+            certificates.remove()
 
 
 def measure_takeovers(
@@ -261,7 +301,10 @@ def measure_takeovers(
 
 
 def run(
-    args: argparse.Namespace, argv: list[str] | None, postgres: BenchPostgres | str | None
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    postgres: BenchPostgres | str | None,
+    certificates: RunCertificates | str | None = None,
 ) -> int:
     sizes = QUICK if args.quick else FULL
     if args.idle_connections is not None:
@@ -272,7 +315,7 @@ def run(
     started_at = time.strftime("%Y-%m-%d %H:%M %Z")
     began = time.monotonic()
 
-    lineup, skipped, gear_version = server_lineup(args, sizes, fd_limit, postgres)
+    lineup, skipped, gear_version = server_lineup(args, sizes, fd_limit, postgres, certificates)
     names = [spec.name for spec in lineup]
     scenarios = [s for s in SCENARIOS if s.key in args.scenarios]
     facts = report.machine_facts(servers.gearmand_version(), gear_version, servers.REPO_ROOT)
@@ -339,6 +382,7 @@ def run(
         minutes=(time.monotonic() - began) / 60,
         stores=report.store_table(figures),
         takeover=takeover_text,
+        tls=report.tls_table(figures),
     )
     print()
     print(generated)

@@ -124,12 +124,15 @@ def describe(sizes: Sizes) -> dict[str, str]:
 
 
 def _base_spec(server: RunningServer, sizes: Sizes) -> dict:
-    return {
+    spec = {
         "host": HOST,
         "port": server.port,
         "deadline_s": sizes.deadline_s,
         "max_seconds": sizes.measure_s,
     }
+    if server.spec.tls is not None:
+        spec["tls"] = server.spec.tls.as_spec()
+    return spec
 
 
 def _result_timeout(sizes: Sizes) -> float:
@@ -141,6 +144,33 @@ def _rate(results: list[dict]) -> float:
     total = sum(r["count"] for r in results)
     elapsed = max(r["end"] for r in results) - min(r["start"] for r in results)
     return total / elapsed if elapsed > 0 else math.inf
+
+
+def _run_timed(
+    group: LoadGroup, server: RunningServer, role: str, specs: list[dict], sizes: Sizes
+) -> tuple[list[dict], float]:
+    """`group.run`, and the CPU seconds the server used from just before the processes' `go`
+    until their last result (their connects and TLS handshakes come before)."""
+    processes = group.start(role, specs)
+    cpu_before = server.cpu_seconds()
+    group.go(processes)
+    results = group.results(processes, _result_timeout(sizes))
+    return results, server.cpu_seconds() - cpu_before
+
+
+def _cpu_per_job(
+    prefix: str, jobs: int, server_cpu_s: float, results: list[dict]
+) -> dict[str, float]:
+    """CPU µs per job (or round trip) of the server and of all the load processes together,
+    over the timed part: what each side pays per job, e.g. for TLS (issue 15). The load
+    processes count from their `go`, the server from just before it, so its figure also
+    holds what it did meanwhile for nobody (timers), which is little."""
+    if not jobs:
+        return {}
+    return {
+        f"{prefix}_server_cpu_us": server_cpu_s / jobs * 1e6,
+        f"{prefix}_load_cpu_us": sum(r["cpu_s"] for r in results) / jobs * 1e6,
+    }
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -172,18 +202,18 @@ def _submit_specs(
 
 def _submit(
     server: RunningServer, sizes: Sizes, logs: Path, total: int, *, timed: bool
-) -> tuple[int, float]:
+) -> tuple[int, float, dict[str, float]]:
     """Queue `total` background jobs from `sizes.connections` connections; returns how many
-    were queued and jobs/s. `timed`: stop after sizes.measure_s like every rate scenario; else
-    queue them all."""
+    were queued, jobs/s and the CPU per job (_cpu_per_job). `timed`: stop after
+    sizes.measure_s like every rate scenario; else queue them all."""
     per_connection = math.ceil(total / sizes.connections)
     max_seconds = sizes.measure_s if timed else sizes.deadline_s
     specs = _submit_specs(server, sizes, per_connection, max_seconds)
     with LoadGroup(logs) as group:
-        results = group.run("pipelined", specs, _result_timeout(sizes))
+        results, server_cpu = _run_timed(group, server, "pipelined", specs, sizes)
     queued = sum(r["count"] for r in results)
     _expect_queued(server, queued)
-    return queued, _rate(results)
+    return queued, _rate(results), _cpu_per_job("submit", queued, server_cpu, results)
 
 
 def _database_counters(server: RunningServer) -> dict[str, int] | None:
@@ -223,16 +253,17 @@ def echo_round_trips(server: RunningServer, sizes: Sizes, logs: Path) -> dict[st
         for _ in range(sizes.connections)
     ]
     with LoadGroup(logs) as group:
-        results = group.run("pipelined", specs, _result_timeout(sizes))
-    return {"echo_rps": _rate(results)}
+        results, server_cpu = _run_timed(group, server, "pipelined", specs, sizes)
+    done = sum(r["count"] for r in results)
+    return {"echo_rps": _rate(results), **_cpu_per_job("echo", done, server_cpu, results)}
 
 
 def submit_rate(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str, float]:
     total = sizes.submit_per_connection * sizes.connections
     before = _database_counters(server)
-    queued, rate = _submit(server, sizes, logs, total, timed=True)
+    queued, rate, cpu = _submit(server, sizes, logs, total, timed=True)
     counted = _per_commit(queued, before, _database_counters(server))
-    return {"submit_rps": rate, **{f"submit_{k}": v for k, v in counted.items()}}
+    return {"submit_rps": rate, **cpu, **{f"submit_{k}": v for k, v in counted.items()}}
 
 
 def drain_rate(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str, float]:
@@ -242,14 +273,19 @@ def drain_rate(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str, flo
     spec = _base_spec(server, sizes)
     before = _database_counters(server)
     with LoadGroup(logs) as group:
-        results = group.run("drain-worker", [spec] * sizes.drain_workers, _result_timeout(sizes))
+        specs = [spec] * sizes.drain_workers
+        results, server_cpu = _run_timed(group, server, "drain-worker", specs, sizes)
     done = sum(r["count"] for r in results)
     if not any(r["capped"] for r in results):
         if done != queued:
             raise ScenarioError(f"workers got NO_JOB after {done} jobs of {queued} queued")
         _expect_queued(server, 0)
     counted = _per_commit(done, before, _database_counters(server))
-    return {"drain_rps": _rate(results), **{f"drain_{k}": v for k, v in counted.items()}}
+    return {
+        "drain_rps": _rate(results),
+        **_cpu_per_job("drain", done, server_cpu, results),
+        **{f"drain_{k}": v for k, v in counted.items()},
+    }
 
 
 def foreground(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str, float]:
@@ -267,12 +303,11 @@ def foreground(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str, flo
     with LoadGroup(logs) as group:
         workers = group.start("fg-worker", [base] * sizes.fg_workers)
         group.go(workers)  # they grab, get NO_JOB and sleep until the first submit wakes them
-        clients = group.start("fg-client", client_specs)
-        group.go(clients)
-        results = group.results(clients, _result_timeout(sizes))
+        results, server_cpu = _run_timed(group, server, "fg-client", client_specs, sizes)
         for worker in workers:
             worker.tell("stop")
-        worked = sum(r["count"] for r in group.results(workers, _result_timeout(sizes)))
+        worker_results = group.results(workers, _result_timeout(sizes))
+    worked = sum(r["count"] for r in worker_results)
     done = sum(r["count"] for r in results)
     if server.spec.is_job_server and worked != done:  # the canned server completes jobs itself
         raise ScenarioError(f"workers ran {worked} jobs, clients got {done} results")
@@ -281,6 +316,7 @@ def foreground(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str, flo
         "fg_rps": _rate(results),
         "fg_p50_ms": percentile(latencies, 0.50),
         "fg_p99_ms": percentile(latencies, 0.99),
+        **_cpu_per_job("fg", done, server_cpu, results + worker_results),
     }
 
 

@@ -8,6 +8,7 @@ own, and is stopped by its own PID (SIGTERM, then SIGKILL). Memory is VmRSS from
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -23,6 +24,8 @@ from pathlib import Path
 
 from jobserver.protocol import Decoder, encode_request
 from jobserver.protocol import PacketType as T
+
+from .tls import ClientTls, RunCertificates
 
 HOST = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -86,6 +89,9 @@ class ServerSpec:
     database_counters: Callable[[int], dict[str, int]] | None = None
     """For a store in a database server (PostgreSQL): given the server's port, running totals
     of its database's `commits` and `statements`, read once the server's own counts settled."""
+    tls: ClientTls | None = None
+    """The server speaks TLS on its port and requires this client certificate: every
+    connection to it (load processes, readiness checks, admin `status`) is wrapped."""
 
 
 def free_port() -> int:
@@ -94,9 +100,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def jobserver_has_store() -> bool:
-    """Whether this checkout's jobserver has `--store` (added by the durable-store issue)."""
-    help_text = subprocess.run(
+@functools.cache
+def jobserver_help() -> str:
+    """`python -m jobserver --help`: which options this checkout's jobserver has."""
+    return subprocess.run(
         [sys.executable, "-m", "jobserver", "--help"],
         capture_output=True,
         text=True,
@@ -104,7 +111,16 @@ def jobserver_has_store() -> bool:
         timeout=60,
         env={**os.environ, "COLUMNS": "200"},
     ).stdout
-    return "--store" in help_text
+
+
+def jobserver_has_store() -> bool:
+    """Whether this checkout's jobserver has `--store` (added by the durable-store issue)."""
+    return "--store" in jobserver_help()
+
+
+def jobserver_has_tls() -> bool:
+    """Whether this checkout's jobserver serves TLS (`--tls-cert`, issue 15)."""
+    return "--tls-cert" in jobserver_help()
 
 
 def jobserver_specs() -> list[ServerSpec]:
@@ -135,6 +151,28 @@ def jobserver_specs() -> list[ServerSpec]:
             ],
         ),
     ]
+
+
+def jobserver_tls_spec(certificates: RunCertificates) -> ServerSpec:
+    """jobserver-memory with TLS on its Gearman port and client certificates required."""
+
+    def argv(port: int, _dir: Path) -> list[str]:
+        return [
+            *[sys.executable, "-m", "jobserver", "-L", HOST, "-p", str(port)],
+            *["--store", "memory"],
+            *["--tls-cert", str(certificates.server_cert)],
+            *["--tls-key", str(certificates.server_key), "--tls-ca", str(certificates.ca)],
+        ]
+
+    return ServerSpec(
+        "jobserver-tls",
+        argv,
+        tls=certificates.client,
+        note="`python -m jobserver --store memory --tls-cert --tls-key --tls-ca`: TLS on its "
+        "Gearman port, client certificates required (mTLS); ECDSA P-256 certificates made for "
+        "the run by trustme; every load process connects through the SDKs' client context "
+        "(jobserver.sdk.tls.client_context) and does TLS in Python's ssl, on the same 2 cores",
+    )
 
 
 def gearmand_spec(threads: int, fd_limit: int) -> ServerSpec:
@@ -335,8 +373,19 @@ class RunningServer:
             f"{self.spec.name} not ready within {timeout} s ({last_error!r}): {self.log_tail()}"
         )
 
+    def connect(self, timeout: float) -> socket.socket:
+        """A connection to the server, TLS (handshake done) when the spec says so."""
+        sock = socket.create_connection((HOST, self.port), timeout=timeout)
+        if self.spec.tls is None:
+            return sock
+        try:
+            return self.spec.tls.wrap(sock, HOST)
+        except BaseException:
+            sock.close()
+            raise
+
     def echo(self, data: bytes) -> None:
-        with socket.create_connection((HOST, self.port), timeout=1.0) as sock:
+        with self.connect(timeout=1.0) as sock:
             sock.sendall(encode_request(T.ECHO_REQ, data))
             decoder = Decoder(accept_admin=False)
             while True:
@@ -351,7 +400,7 @@ class RunningServer:
     def admin_status(self) -> dict[str, int]:
         """The admin `status` reply: function -> queued jobs (total, running included)."""
         reply = b""
-        with socket.create_connection((HOST, self.port), timeout=5.0) as sock:
+        with self.connect(timeout=5.0) as sock:
             sock.sendall(b"status\n")
             while not (reply == b".\n" or reply.endswith(b"\n.\n")):
                 chunk = sock.recv(65536)
@@ -370,6 +419,13 @@ class RunningServer:
         if not match:
             raise RuntimeError(f"no VmRSS for pid {self.pid}")
         return int(match.group(1)) * 1024
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server used so far, user and system, all its threads."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        # After the command name: state is field 3 of proc(5), utime 14 and stime 15.
+        utime, stime = int(fields[11]), int(fields[12])
+        return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))

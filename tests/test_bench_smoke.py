@@ -3,6 +3,8 @@
 `python -m bench.run --quick` runs every scenario against every server with tiny sizes and one
 round. This is not a timed test: it asserts only that the run completes, that every scenario
 has a figure for every server, and that no run failed. The figures themselves are not checked.
+Two opt-in columns get a quick run of their own: the PostgreSQL store (`--postgresql`) and
+TLS (jobserver-tls, issue 15).
 """
 
 from __future__ import annotations
@@ -124,3 +126,28 @@ def test_quick_postgresql_bench_measures_submits_drain_and_a_takeover(quick_post
     assert takeover["lost"] == 0 and takeover["run"] == 100
     assert "### Durable stores against the memory store" in markdown
     assert "### Takeover (PostgreSQL store)" in markdown
+
+
+@pytest.fixture(scope="module")
+def quick_tls_run(tmp_path_factory) -> tuple[dict, str]:
+    """The TLS column (issue 15) beside plaintext: ECHO, submits and foreground jobs, with
+    certificates the run makes (trustme) and every load process speaking mutual TLS."""
+    pytest.importorskip("trustme")
+    return run_quick_bench(
+        tmp_path_factory.mktemp("bench-tls"),
+        "--scenarios",
+        "abd",
+        "--servers",
+        "jobserver-memory,jobserver-tls",
+    )
+
+
+def test_quick_tls_bench_compares_tls_with_plaintext(quick_tls_run):
+    results, markdown = quick_tls_run
+    assert results["errors"] == []
+    assert results["servers"] == ["jobserver-memory", "jobserver-tls"]
+    figures = results["figures"]["jobserver-tls"]
+    for key in ("echo_rps", "submit_rps", "fg_rps", "fg_server_cpu_us", "fg_load_cpu_us"):
+        assert len(figures[key]) == 1, key
+    assert "### TLS against plaintext (issue 15)" in markdown
+    assert "target ≥ 0.6x plaintext" in markdown
