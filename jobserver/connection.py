@@ -18,6 +18,7 @@ from .acl import Permissions
 from .engine import Peer
 from .memory_budget import MemoryBudget
 from .protocol import Decoder
+from .tls import TlsSession
 
 RECEIVE_SIZE = 65536
 """Bytes asked of the kernel per read: big enough to take a burst of pipelined packets at once."""
@@ -185,66 +186,59 @@ class Connection:
 
 
 class TlsConnection(Connection):
-    """A peer on the TLS listener. The same bookkeeping as Connection, but bytes go through
-    trio.SSLStream, which only has async calls: `flush` queues the output and wakes the writer
-    task instead of writing at once, and reads come from `receive`."""
+    """A peer on the TLS listener: the same bookkeeping, reads and writes as Connection, with
+    the bytes passing through its TlsSession (tls.py). `pending` holds records, already
+    encrypted; the reader decrypts each read with `decrypt` before decoding it."""
 
     __slots__ = ("tls",)
 
     def __init__(
         self,
-        tls: trio.SSLStream[trio.SocketStream],
+        stream: trio.SocketStream,
+        tls: TlsSession,
         peer: Peer,
         decoder: Decoder,
         budget: MemoryBudget,
     ) -> None:
-        super().__init__(tls.transport_stream, peer, decoder, budget)
+        super().__init__(stream, peer, decoder, budget)
         self.tls = tls
 
     def flush(self) -> None:
         outbox = self.peer.outbox
-        size = len(outbox)
-        if not self.pending:
-            self.pending = outbox
-            self.peer.outbox = bytearray()
-            self._has_output.unpark_all()
-        else:
-            self.pending += outbox
-            outbox.clear()
-        self.budget.change(self, size)
+        records = self.tls.encrypt(outbox)
+        outbox.clear()
+        self._send(records)
 
-    async def receive(self) -> bytes:
-        """The next decrypted bytes; b"" when the peer closed. Raises OSError when the
-        connection broke (a reset, or a TLS error such as a bad record)."""
+    def decrypt(self, data: bytes) -> tuple[bytes, bool]:
+        """The plaintext of one read, and whether the peer ended the TLS stream. Raises
+        ssl.SSLError (an OSError) for a corrupt record."""
+        plaintext, closed = self.tls.decrypt(data)
+        answer = self.tls.encrypt(b"")  # rare: what reading made OpenSSL send (KeyUpdate)
+        if answer:
+            self._send(answer)
+        return plaintext, closed
+
+    def _send(self, records: bytes) -> None:
+        """As Connection.flush, for bytes already encrypted: one write when nothing is
+        pending, the rest (or all of it) queued for the writer task."""
+        if not records:
+            return
+        if self.pending:
+            self.pending += records
+            self.budget.change(self, len(records))
+            return
         try:
-            return await self.tls.receive_some(RECEIVE_SIZE)
-        except trio.BrokenResourceError as error:
-            raise ConnectionResetError(str(error.__cause__ or error)) from None
-
-    async def write_loop(self) -> None:
-        while True:
-            while not self.pending:
-                if self.closing:
-                    return
-                await self._has_output.park()
-            # The whole backlog in one record stream; new output queues in a fresh buffer
-            # meanwhile, so `pending` is never mutated while SSLStream holds it.
-            data, self.pending = self.pending, bytearray()
-            try:
-                await self.tls.send_all(data)
-            except trio.BrokenResourceError as error:
-                raise ConnectionResetError(str(error.__cause__ or error)) from None
-            self.budget.change(self, -len(data))
-            self._output_drained.unpark_all()
+            sent = os.write(self.fd, records)
+        except OSError:
+            sent = 0  # full (EAGAIN), or broken: the writer's write finds out and reports
+        if sent == len(records):
+            return
+        self.pending = bytearray(memoryview(records)[sent:])
+        self._has_output.unpark_all()
+        self.budget.change(self, len(self.pending))
 
     async def close_gracefully(self) -> None:
-        """At shutdown: send what is pending and close_notify, within SHUTDOWN_DRAIN_TIMEOUT."""
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + SHUTDOWN_DRAIN_TIMEOUT
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                if self.pending:
-                    await self.tls.send_all(self.pending)
-                self.pending = bytearray()
-                await self.tls.aclose()
-        self.pending = bytearray()
-        await trio.aclose_forcefully(self.stream)
+        """At shutdown: close_notify after what is pending, then as a plaintext peer."""
+        with contextlib.suppress(OSError):
+            self._send(self.tls.close_notify())
+        await super().close_gracefully()

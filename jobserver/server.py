@@ -54,7 +54,7 @@ from .protocol import (
 from .store import JobStore, open_store
 from .store.location import default_data_dir
 from .tcp import enable_keepalive
-from .tls import HandshakeFailures, TlsConfigError, handshake, peer_identity, server_context
+from .tls import HandshakeFailures, TlsConfigError, TlsSession, handshake, server_context
 
 log = logging.getLogger("jobserver")
 
@@ -379,7 +379,7 @@ class Server:
             return
         who = None
         if self.config.acl is not None:
-            who = self.config.acl.permissions(peer_identity(tls))
+            who = self.config.acl.permissions(tls.identity)
             log.debug("TLS connection from %s: identity %s", address, who.name)
         await self._serve_connection(stream, address, tls, who)
 
@@ -387,7 +387,7 @@ class Server:
         self,
         stream: trio.SocketStream,
         address: str,
-        tls: trio.SSLStream[trio.SocketStream] | None,
+        tls: TlsSession | None,
         who: Permissions | None,
     ) -> None:
         engine = self.engine
@@ -403,7 +403,7 @@ class Server:
         if tls is None:
             connection = Connection(stream, peer, decoder, self.budget)
         else:
-            connection = TlsConnection(tls, peer, decoder, self.budget)
+            connection = TlsConnection(stream, tls, peer, decoder, self.budget)
         connection.who = who
         peer.transport = connection
         try:
@@ -452,8 +452,6 @@ class Server:
         peer = connection.peer
         try:
             with trio.CancelScope() as stalled:  # its deadline: mid-packet for too long
-                if isinstance(connection, TlsConnection):
-                    return await self._read_loop_tls(connection, stalled)
                 return await self._read_loop(connection, stalled)
         except Exception:
             # A bug of ours, or MemoryError, must cost one connection, never the server.
@@ -472,6 +470,18 @@ class Server:
     async def _read_loop(self, connection: Connection, stalled: trio.CancelScope) -> bool:
         fd = connection.fd
         more_waiting = False
+        decrypt = connection.decrypt if isinstance(connection, TlsConnection) else None
+        if decrypt is not None:
+            # What the client sent right behind its handshake is decrypted already: serve it
+            # before waiting for more, or both sides would wait.
+            try:
+                data, closed = decrypt(b"")
+            except OSError:
+                return False
+            if data and not await self._take(connection, data, stalled):
+                return False
+            if closed:
+                return True
         while True:
             # Reads go straight to the fd. After a short read the next one would almost
             # always find nothing (request/response traffic), so wait for readability first
@@ -491,17 +501,15 @@ class Server:
             if not data:
                 return True
             more_waiting = len(data) == RECEIVE_SIZE
-            if not await self._take(connection, data, stalled):
-                return False
-
-    async def _read_loop_tls(self, connection: TlsConnection, stalled: trio.CancelScope) -> bool:
-        while True:
-            try:
-                data = await connection.receive()
-            except (OSError, trio.ClosedResourceError):
-                return False
-            if not data:
-                return True
+            if decrypt is not None:
+                try:
+                    data, closed = decrypt(data)
+                except OSError:  # ssl.SSLError: a corrupt or forged record
+                    return False
+                if closed:  # close_notify: serve what came before it, then end as at EOF
+                    return not data or await self._take(connection, data, stalled)
+                if not data:
+                    continue  # part of a record
             if not await self._take(connection, data, stalled):
                 return False
 

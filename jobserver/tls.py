@@ -1,6 +1,7 @@
-"""The TLS listener's side: its SSL context, the handshake, and a peer's identity.
+"""The TLS listener's side: its SSL context, the handshake, a peer's identity, and the
+session that encrypts and decrypts a connection's bytes.
 
-`--tls-cert/--tls-key` serve TLS (the stdlib's ssl through trio.SSLStream); `--tls-ca` also
+`--tls-cert/--tls-key` serve TLS (the stdlib's ssl, on memory buffers); `--tls-ca` also
 requires a client certificate signed by that CA (mTLS), whose subject CN is the connection's
 identity for the ACL. gearmand's --ssl never verifies its peers; here a peer without a valid
 certificate never gets past the handshake.
@@ -35,11 +36,22 @@ HANDSHAKE_LOG_INTERVAL = 10.0
 """Seconds between log lines about failed handshakes: a port scanner or a fleet of
 misconfigured clients is one line per interval with a count and the latest cause."""
 
+HANDSHAKE_RECEIVE_SIZE = 16384
+"""Bytes read per step of the handshake: a ClientHello or a client's certificate chain is a
+few KiB; a larger flight just takes two reads."""
+
+DECRYPT_CHUNK = 65536
+"""Plaintext bytes taken from OpenSSL per call while decrypting a read: the size of a read
+(RECEIVE_SIZE), so one call nearly always empties it."""
+
+CLOSED_DURING_HANDSHAKE = "connection closed during the handshake"
+"""TCP health checks and port scanners, mostly."""
+
 ALERT_SEND_TIMEOUT = 1.0
 """Seconds to hand a failed handshake's alert (a few dozen bytes) to the kernel: it fits the
 socket buffer at once unless the peer is gone, and then nothing is lost by giving up."""
 
-__all__ = ["TlsConfigError", "handshake", "peer_identity", "server_context"]
+__all__ = ["TlsConfigError", "TlsSession", "handshake", "server_context"]
 
 
 def server_context(cert: Path, key: Path | None, ca: Path | None) -> ssl.SSLContext:
@@ -59,20 +71,10 @@ def server_context(cert: Path, key: Path | None, ca: Path | None) -> ssl.SSLCont
         except OSError as error:  # replaced or removed since it was checked
             raise TlsConfigError(f"{what}: {error.strerror or error}") from None
         context.verify_mode = ssl.CERT_REQUIRED
+    # TLS 1.2 renegotiation would make OpenSSL want to read while we write a reply, which
+    # the connection's one-write path does not do; no Gearman client renegotiates.
+    context.options |= ssl.OP_NO_RENEGOTIATION
     return context
-
-
-def peer_identity(stream: trio.SSLStream[trio.SocketStream]) -> str | None:
-    """The subject CN of the peer's verified certificate, or None (no client certificate
-    asked for or given)."""
-    certificate = stream.getpeercert()
-    if not certificate:
-        return None
-    for rdn in certificate.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
-    return None
 
 
 class HandshakeFailures:
@@ -116,32 +118,104 @@ class HandshakeFailures:
                 self.report()
 
 
+class TlsSession:
+    """One connection's TLS after its handshake, without I/O: OpenSSL between two memory
+    buffers. The connection (connection.py) moves bytes between them and the socket itself,
+    with the same single non-blocking read and write per batch as a plaintext connection, so
+    TLS costs the encryption and nothing more per reply: a trio.SSLStream instead needed a
+    writer task, its locks and a task switch for every reply (foreground jobs at 0.52x of
+    plaintext with it, bench/RESULTS.md "TLS")."""
+
+    __slots__ = ("_incoming", "_outgoing", "_tls", "identity")
+
+    def __init__(self, tls: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO):
+        self._tls = tls
+        self._incoming = incoming
+        self._outgoing = outgoing
+        self.identity = _common_name(tls.getpeercert())
+
+    def encrypt(self, data: bytes | bytearray) -> bytes:
+        """The records carrying `data`, ready for the socket."""
+        if data:
+            self._tls.write(data)  # a memory BIO takes all of it: no partial writes
+        return self._outgoing.read()
+
+    def decrypt(self, data: bytes) -> tuple[bytes, bool]:
+        """(the plaintext that `data` completes, whether the peer sent close_notify). Raises
+        ssl.SSLError (an OSError) for a corrupt or forged record: the connection is dropped.
+        What OpenSSL has to send meanwhile (a TLS 1.3 KeyUpdate answer) waits in `encrypt`'s
+        next result; `encrypt(b"")` collects it."""
+        if data:
+            self._incoming.write(data)
+        chunks = []
+        try:
+            while True:
+                chunk = self._tls.read(DECRYPT_CHUNK)
+                if not chunk:
+                    return b"".join(chunks), True
+                chunks.append(chunk)
+        except ssl.SSLWantReadError:
+            return b"".join(chunks), False
+        except ssl.SSLZeroReturnError:
+            return b"".join(chunks), True
+
+    def close_notify(self) -> bytes:
+        """The close_notify alert to send before closing, so the peer knows the stream is
+        complete (not cut)."""
+        with contextlib.suppress(ssl.SSLError):
+            self._tls.unwrap()  # writes close_notify; wants the peer's answer, not waited for
+        return self._outgoing.read()
+
+
+def _common_name(certificate: dict | None) -> str | None:
+    """The subject CN of the peer's verified certificate, or None (no client certificate
+    asked for or given)."""
+    if not certificate:
+        return None
+    for rdn in certificate.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
 async def handshake(
-    stream: trio.SocketStream, context: ssl.SSLContext
-) -> tuple[trio.SSLStream[trio.SocketStream] | None, str]:
-    """Run the server side of the handshake within HANDSHAKE_TIMEOUT: (the TLS stream, "") or
-    (None, why it failed). A plaintext peer fails at its first bytes, not at the timeout."""
-    tls = trio.SSLStream(stream, context, server_side=True)
+    stream: trio.abc.Stream, context: ssl.SSLContext
+) -> tuple[TlsSession | None, str]:
+    """Run the server side of the handshake within HANDSHAKE_TIMEOUT: (the session, "") or
+    (None, why it failed). A plaintext peer fails at its first bytes, not at the timeout; a
+    refused peer gets OpenSSL's alert (certificate required, unknown CA, ...) so that its
+    error names the cause."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_side=True)
     with trio.move_on_after(HANDSHAKE_TIMEOUT):
         try:
-            await tls.do_handshake()
-        except trio.BrokenResourceError as error:
-            await _send_alert(tls, stream)
-            return None, _cause(error.__cause__)
-        except trio.ClosedResourceError:
-            return None, "closed"
-        return tls, ""
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    pass
+                if outgoing.pending:
+                    await stream.send_all(outgoing.read())
+                data = await stream.receive_some(HANDSHAKE_RECEIVE_SIZE)
+                if not data:
+                    return None, CLOSED_DURING_HANDSHAKE
+                incoming.write(data)
+            if outgoing.pending:  # the server's Finished, TLS 1.3 session tickets
+                await stream.send_all(outgoing.read())
+        except ssl.SSLError as error:
+            await _send_alert(stream, outgoing)
+            return None, _cause(error)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return None, CLOSED_DURING_HANDSHAKE  # reset by the peer
+        return TlsSession(tls, incoming, outgoing), ""
     return None, f"no handshake within {HANDSHAKE_TIMEOUT:g} s"
 
 
-async def _send_alert(tls: trio.SSLStream[trio.SocketStream], stream: trio.SocketStream) -> None:
-    """Send the TLS alert OpenSSL wrote on failing the handshake ("certificate required",
-    "unknown CA", ...), which trio.SSLStream leaves unsent: with it the client's error names
-    the cause instead of "connection closed". trio keeps that buffer in a private attribute;
-    if a trio release moves it, the peer just gets the close without the alert
-    (tests/test_server_tls.py notices)."""
-    outgoing = getattr(tls, "_outgoing", None)
-    if not isinstance(outgoing, ssl.MemoryBIO) or not outgoing.pending:
+async def _send_alert(stream: trio.abc.Stream, outgoing: ssl.MemoryBIO) -> None:
+    """Best effort: the alert OpenSSL wrote on failing the handshake."""
+    if not outgoing.pending:
         return
     with (
         trio.move_on_after(ALERT_SEND_TIMEOUT),
@@ -150,18 +224,14 @@ async def _send_alert(tls: trio.SSLStream[trio.SocketStream], stream: trio.Socke
         await stream.send_all(outgoing.read())
 
 
-def _cause(error: BaseException | None) -> str:
-    if error is None or isinstance(error, ssl.SSLEOFError):
-        # trio chains every close mid-handshake to SSLEOFError (UNEXPECTED_EOF_WHILE_READING):
-        # TCP health checks and port scanners, mostly.
-        return "connection closed during the handshake"
+def _cause(error: ssl.SSLError) -> str:
+    if isinstance(error, ssl.SSLEOFError):
+        return CLOSED_DURING_HANDSHAKE
     if isinstance(error, ssl.SSLCertVerificationError):
         return f"client certificate rejected: {error.verify_message}"
-    if isinstance(error, ssl.SSLError):
-        reason = error.reason or str(error)
-        if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNEXPECTED_MESSAGE"):
-            return f"not TLS ({reason})"
-        if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
-            return "no client certificate"
-        return reason
-    return str(error) or type(error).__name__
+    reason = error.reason or str(error)
+    if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNEXPECTED_MESSAGE"):
+        return f"not TLS ({reason})"
+    if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return "no client certificate"
+    return reason
