@@ -223,3 +223,19 @@ def test_a_version_1_database_is_migrated_and_keeps_its_jobs(pg_database):
     store.close()
     with psycopg.connect(pg_database) as db:
         assert db.execute("SELECT max(version) FROM jobserver_schema").fetchone() == (2,)
+
+
+@pytest.mark.parametrize("count", [SMALL, LARGE], ids=["statement", "copy"])
+def test_a_refused_batch_leaves_no_transaction_open_and_the_next_is_written(
+    store, pg_database, count
+):
+    """A batch the database refuses (here: record ids already stored, a primary-key
+    violation) is a StoreError, rolled back whole; the connection goes on with no transaction
+    left open, so the next batch is written and nothing of the refused one is."""
+    store.apply(jobs(1, count), [])
+    clash = [*jobs(count + 1, count - 1), jobs(1, 1)[0]]  # new ids, then one already stored
+    with pytest.raises(StoreError):
+        store.apply(clash, [])
+    store.apply(jobs(2 * count + 1, count), [])
+    ids = [row[1] for row in rows(pg_database)]
+    assert ids == [*range(1, count + 1), *range(2 * count + 1, 3 * count + 1)]

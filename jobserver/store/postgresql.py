@@ -16,10 +16,12 @@ handed to a worker runs again on its new owner.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import time
 
 import psycopg
+from psycopg.pq import TransactionStatus
 
 from ..engine.journal import DeadJob, RetryPolicy, StoredJob, StoreExtras
 from ..logs import NOTICE
@@ -37,6 +39,10 @@ then about 190,000 rows/s here); below it, with the single APPLY statement (one 
 about 55,000 rows/s: psycopg builds its arrays in Python). Measured on loopback with 100-byte
 payloads, per batch: 10 rows 0.50 ms by APPLY against 0.82 ms by COPY, 100 rows 2.0 against
 1.4 ms, 1,000 rows 17 against 5.2 ms."""
+
+PIPELINES = psycopg.Pipeline.is_supported()
+"""libpq's pipeline mode (libpq 14 and newer; psycopg's binary wheels bundle one): several
+statements in one round trip."""
 
 RENEWALS_PER_LEASE = 4
 RENEW_INTERVAL_MAX = 1.0
@@ -196,6 +202,45 @@ class PostgresStore:
             )
             assert row is not None
             return bool(row[0])
+        if not PIPELINES:
+            return self._write_by_copy_in_steps(db, adds, removes, extras, lease)
+        # Four round trips where one per statement took five or six: BEGIN with the renewal,
+        # the COPY's two (libpq cannot pipeline a COPY), the removes with COMMIT. The commit
+        # wait is what a submit waits for, so each round trip saved is submit latency.
+        node = self.node_id
+        try:
+            with db.pipeline():
+                db.execute("BEGIN")
+                renewed = db.execute(sql.RENEW, lease)
+            if renewed.fetchone() is None:
+                db.execute("ROLLBACK")
+                return False  # fenced
+            with db.cursor().copy(sql.COPY_JOBS) as copy:
+                copy.write(job_rows(node, adds))
+            with db.pipeline():
+                if removes:
+                    db.execute(sql.REMOVE, {"node": node, "removes": removes})
+                if extras is not None:
+                    self._write_extras(db, extras)
+                db.execute("COMMIT")
+        except BaseException:
+            # Leave no transaction open on a connection that is still usable (an error in a
+            # statement, a cancelled call); a broken one is reopened anyway.
+            if not db.closed and db.info.transaction_status != TransactionStatus.IDLE:
+                with contextlib.suppress(psycopg.Error):
+                    db.execute("ROLLBACK")
+            raise
+        return True
+
+    def _write_by_copy_in_steps(
+        self,
+        db: psycopg.Connection,
+        adds: list[StoredJob],
+        removes: list[int],
+        extras: StoreExtras | None,
+        lease: dict[str, object],
+    ) -> bool:
+        """_write's COPY branch where libpq has no pipeline mode: a statement at a time."""
         try:
             with db.transaction():
                 if db.execute(sql.RENEW, lease).fetchone() is None:
