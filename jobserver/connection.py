@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -40,8 +41,10 @@ class Connection:
 
     Output is written straight from `flush` with one non-blocking write when the socket takes
     it, which is nearly always: no task switch between a request and its reply. What the
-    kernel does not take moves to `pending`, and the writer task sends it when the socket is
-    writable. While anything is pending, new output queues behind it, so bytes leave in order.
+    kernel does not take moves to `pending`, and a writer task, started then and ending once
+    `pending` is empty, sends it as the socket becomes writable. While anything is pending, new
+    output queues behind it, so bytes leave in order. So an idle connection is one task (its
+    reader) and a few small objects: fleets of idle workers are the normal case.
 
     Moving the rest out of the engine's `peer.outbox` (instead of leaving it there) gives the
     peer an empty outbox again, so the engine lists it as dirty on its next reply and the
@@ -50,8 +53,8 @@ class Connection:
     """
 
     __slots__ = (
-        "_has_output",
         "_output_drained",
+        "_writing",
         "budget",
         "closing",
         "decoder",
@@ -61,26 +64,30 @@ class Connection:
         "peer",
         "pending",
         "scope",
-        "stream",
+        "sock",
+        "start_writer",
         "who",
     )
 
     def __init__(
-        self, stream: trio.SocketStream, peer: Peer, decoder: Decoder, budget: MemoryBudget
+        self, sock: trio.socket.SocketType, peer: Peer, decoder: Decoder, budget: MemoryBudget
     ) -> None:
-        self.stream = stream
+        self.sock = sock
         self.peer = peer
         self.decoder = decoder
         self.budget = budget
-        self.fd = stream.socket.fileno()
+        self.fd = sock.fileno()
         self.pending = bytearray()  # output the kernel has not taken yet, oldest first
         self.held = 0  # bytes this connection holds, as last told to the budget
         self.input_held = 0  # the part of `held` that is partial input in the decoder
         self.closing = False
-        self.scope: trio.CancelScope | None = None  # cancels this connection's tasks
+        # Cancels the reader: set by the server, with the read timeout as its deadline.
+        self.scope: trio.CancelScope | None = None
         self.who: Permissions | None = None  # with --acl: what this peer may do (acl.py)
-        self._has_output = trio.lowlevel.ParkingLot()
-        self._output_drained = trio.lowlevel.ParkingLot()
+        # Starts a task running `write_loop` (the server's, in its nursery).
+        self.start_writer: Callable[[Connection], None] | None = None
+        self._writing = False  # a writer task is running
+        self._output_drained: trio.lowlevel.ParkingLot | None = None  # made when waited on
 
     # ------------------------------------------------------------------ accounting
 
@@ -120,41 +127,54 @@ class Connection:
             del outbox[:sent]
             self.pending = outbox
             self.peer.outbox = bytearray()
-            self._has_output.unpark_all()
             self.budget.change(self, len(outbox))
+            self._wake_writer()
         else:
             size = len(outbox)
             pending += outbox
             outbox.clear()
             self.budget.change(self, size)
 
+    def _wake_writer(self) -> None:
+        """`pending` just stopped being empty: have a writer task send it."""
+        if not self._writing and self.start_writer is not None:
+            self._writing = True
+            self.start_writer(self)
+
     async def write_loop(self) -> None:
-        """Send `pending` whenever the socket can take some. Raises OSError when the peer is
-        gone; returns after `finish` once everything is sent."""
+        """The writer task: send `pending` as the socket takes it, and end once it is empty.
+        Raises OSError (or trio.ClosedResourceError) when the peer is gone."""
         fd = self.fd
-        while True:
-            while not self.pending:
-                if self.closing:
+        sock = self.sock
+        try:
+            while self.pending:
+                await trio.lowlevel.wait_writable(fd)
+                if sock.fileno() != fd:
+                    # Closed by the reader since this task was woken: the number may belong
+                    # to a newer connection already. (No await between here and the write.)
                     return
-                await self._has_output.park()
-            await trio.lowlevel.wait_writable(fd)
-            pending = self.pending
-            try:
-                sent = os.write(fd, pending)  # straight from the buffer: no copy of the backlog
-            except BlockingIOError:
-                continue
-            del pending[:sent]  # cheap: CPython moves a bytearray's start, not its contents
-            self.budget.change(self, -sent)
-            self._output_drained.unpark_all()
+                pending = self.pending
+                try:
+                    sent = os.write(fd, pending)  # straight from the buffer: no copy of it
+                except BlockingIOError:
+                    continue
+                del pending[:sent]  # cheap: CPython moves a bytearray's start, not its contents
+                self.budget.change(self, -sent)
+                if self._output_drained is not None:
+                    self._output_drained.unpark_all()
+        finally:
+            self._writing = False
 
     async def wait_output_below(self, limit: int) -> None:
+        """Wait until at most `limit` bytes are pending (the writer sends them)."""
         while len(self.pending) > limit:
+            if self._output_drained is None:
+                self._output_drained = trio.lowlevel.ParkingLot()
             await self._output_drained.park()
 
     def finish(self) -> None:
-        """Let the writer send what is queued, then stop."""
+        """The peer closed its side: what is pending still goes out (`wait_output_below(0)`)."""
         self.closing = True
-        self._has_output.unpark_all()
 
     # ------------------------------------------------------------------ closing
 
@@ -166,9 +186,10 @@ class Connection:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + SHUTDOWN_DRAIN_TIMEOUT
             with contextlib.suppress(OSError):
-                if self.pending:
-                    os.write(fd, self.pending)
-                self.stream.socket.shutdown(socket.SHUT_WR)
+                pending, self.pending = self.pending, bytearray()  # a writer task stops
+                if pending:
+                    os.write(fd, pending)
+                self.sock.shutdown(socket.SHUT_WR)
                 while True:
                     await trio.lowlevel.wait_readable(fd)
                     try:
@@ -182,7 +203,7 @@ class Connection:
                     if not os.read(fd, RECEIVE_SIZE):
                         break
             self.pending = bytearray()
-            await trio.aclose_forcefully(self.stream)
+            self.sock.close()
 
 
 class TlsConnection(Connection):
@@ -194,13 +215,13 @@ class TlsConnection(Connection):
 
     def __init__(
         self,
-        stream: trio.SocketStream,
+        sock: trio.socket.SocketType,
         tls: TlsSession,
         peer: Peer,
         decoder: Decoder,
         budget: MemoryBudget,
     ) -> None:
-        super().__init__(stream, peer, decoder, budget)
+        super().__init__(sock, peer, decoder, budget)
         self.tls = tls
 
     def flush(self) -> None:
@@ -234,8 +255,8 @@ class TlsConnection(Connection):
         if sent == len(records):
             return
         self.pending = bytearray(memoryview(records)[sent:])
-        self._has_output.unpark_all()
         self.budget.change(self, len(self.pending))
+        self._wake_writer()
 
     async def close_gracefully(self) -> None:
         """At shutdown: close_notify after what is pending, then as a plaintext peer."""

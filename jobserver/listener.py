@@ -94,11 +94,14 @@ class ConnectionGate:
     async def serve(
         self,
         listener: trio.SocketListener,
-        handler: Callable[[trio.SocketStream], Awaitable[None]],
+        handler: Callable[[trio.socket.SocketType], Awaitable[None]],
         nursery: trio.Nursery,
     ) -> None:
         """Accept on `listener` until cancelled, starting `handler` in `nursery` for each
-        connection admitted."""
+        connection admitted, with its socket (no trio.SocketStream: its two conflict
+        detectors are memory every idle connection would carry for nothing). The handler
+        calls `closed()` when it is done with the connection, however it ends: no wrapper
+        task frame per connection to count them."""
         sock = listener.socket
         async with listener:
             while True:
@@ -117,15 +120,11 @@ class ConnectionGate:
                     self._refused.note(self.open)
                     continue
                 self.open += 1
-                nursery.start_soon(self._run, handler, trio.SocketStream(client))
+                nursery.start_soon(handler, client)
 
-    async def _run(
-        self, handler: Callable[[trio.SocketStream], Awaitable[None]], stream: trio.SocketStream
-    ) -> None:
-        try:
-            await handler(stream)
-        finally:
-            self.open -= 1
+    def closed(self) -> None:
+        """A connection admitted by `serve` is over (its handler's last act)."""
+        self.open -= 1
 
     async def _refuse_without_descriptors(self, sock: trio.socket.SocketType) -> None:
         """Out of descriptors: give the reserve up for a moment to accept the oldest waiting

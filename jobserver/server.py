@@ -189,6 +189,7 @@ class Server:
         self._ownership: Ownership | None = None  # with a shared store: its lease
         self._http_listeners: list[trio.SocketListener] = []  # --http (http_status.py)
         self.tls_listeners: list[trio.SocketListener] = []  # served with TLS (tls.py)
+        self._nursery: trio.Nursery | None = None  # serve()'s: connections and their writers
         self.tls_port: int | None = None
         self.tls_failures = HandshakeFailures()
         self.denials = DenialLog()  # requests refused by --acl: the log's and /metrics' count
@@ -327,6 +328,7 @@ class Server:
         )
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery  # connections' writer tasks start here
                 nursery.start_soon(self._run_timers)
                 if self._committer is not None:
                     nursery.start_soon(self._pace_commits)
@@ -341,7 +343,9 @@ class Server:
                     nursery.start_soon(serve_http, self, self._http_listeners)
                 for listener in listeners:
                     handler = (
-                        self._serve_tls if listener in self.tls_listeners else self._serve_plain
+                        self._serve_tls
+                        if listener in self.tls_listeners
+                        else self._serve_connection
                     )
                     nursery.start_soon(self.gate.serve, listener, handler, nursery)
                 task_status.started(listeners)
@@ -352,47 +356,48 @@ class Server:
 
     # ------------------------------------------------------------------ connections
 
-    async def _serve_plain(self, stream: trio.SocketStream) -> None:
+    async def _serve_tls(self, sock: trio.socket.SocketType) -> None:
         try:
-            address = stream.socket.getpeername()[0]
+            address = sock.getpeername()[0]
         except OSError:
-            await trio.aclose_forcefully(stream)
-            return  # gone before we looked at it
-        who = None
-        acl = self.config.acl
-        if acl is not None:
-            loopback = self.config.loopback_identity is not None and _is_loopback(address)
-            who = acl.permissions(self.config.loopback_identity if loopback else None)
-        await self._serve_connection(stream, address, None, who)
-
-    async def _serve_tls(self, stream: trio.SocketStream) -> None:
-        try:
-            address = stream.socket.getpeername()[0]
-        except OSError:
-            await trio.aclose_forcefully(stream)
+            sock.close()
+            self.gate.closed()
             return
+        stream = trio.SocketStream(sock)  # for the handshake only
         assert self._tls_context is not None
-        tls, cause = await handshake(stream, self._tls_context)
+        try:
+            tls, cause = await handshake(stream, self._tls_context)
+        except BaseException:  # the server is stopping
+            sock.close()
+            self.gate.closed()
+            raise
         if tls is None:
             self.tls_failures.note(address, cause)
-            await trio.aclose_forcefully(stream)
+            sock.close()
+            self.gate.closed()
             return
-        who = None
-        if self.config.acl is not None:
-            who = self.config.acl.permissions(tls.identity)
-            log.debug("TLS connection from %s: identity %s", address, who.name)
-        await self._serve_connection(stream, address, tls, who)
+        del stream
+        await self._serve_connection(sock, tls)
 
     async def _serve_connection(
-        self,
-        stream: trio.SocketStream,
-        address: str,
-        tls: TlsSession | None,
-        who: Permissions | None,
+        self, sock: trio.socket.SocketType, tls: TlsSession | None = None
     ) -> None:
+        """Serve one peer until it closes, is dropped, or the server stops. A connection is
+        this one task (its reader), and a writer task only while output waits for the socket:
+        for an idle connection, that is the least memory trio allows."""
         engine = self.engine
         assert engine is not None
-        sock = stream.socket
+        try:
+            address = sock.getpeername()[0]
+        except OSError:
+            sock.close()
+            self.gate.closed()
+            return  # gone before we looked at it
+        who = self._permissions(address, tls)
+        with contextlib.suppress(OSError):
+            # Replies go out at once: each is a whole batch already (trio.SocketStream, not
+            # used here, would set this too).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.config.keepalive:
             enable_keepalive(
                 sock, idle=KEEPALIVE_IDLE, interval=KEEPALIVE_INTERVAL, count=KEEPALIVE_COUNT
@@ -401,20 +406,29 @@ class Server:
         decoder = Decoder(max_packet_size=self.config.max_packet_size, skip_oversized=True)
         connection: Connection
         if tls is None:
-            connection = Connection(stream, peer, decoder, self.budget)
+            connection = Connection(sock, peer, decoder, self.budget)
         else:
-            connection = TlsConnection(stream, tls, peer, decoder, self.budget)
+            connection = TlsConnection(sock, tls, peer, decoder, self.budget)
         connection.who = who
+        connection.start_writer = self._start_writer
         peer.transport = connection
         try:
-            async with trio.open_nursery() as nursery:
-                connection.scope = nursery.cancel_scope
-                nursery.start_soon(self._write, connection)
+            with trio.CancelScope() as scope:
+                # Cancelled to drop the peer (connection.release); its deadline is the read
+                # timeout while a packet is incomplete, then the drain after a clean close.
+                connection.scope = scope
                 if await self._read(connection):
                     connection.finish()
-                    nursery.cancel_scope.deadline = trio.current_time() + CLOSE_DRAIN_TIMEOUT
-                else:
-                    nursery.cancel_scope.cancel()
+                    scope.deadline = trio.current_time() + CLOSE_DRAIN_TIMEOUT
+                    await connection.wait_output_below(0)
+            if scope.cancelled_caught and not connection.closing:
+                log.error(
+                    "closing connection from %s (fd %d): inside a packet with no progress for "
+                    "%g s (read timeout)",
+                    peer.address,
+                    peer.id,
+                    self.config.read_timeout,
+                )
         finally:
             # Cancelled from outside (only the server stopping does that): close with FIN.
             stopping = trio.current_effective_deadline() == -math.inf
@@ -431,41 +445,50 @@ class Server:
                 if stopping:
                     await connection.close_gracefully()  # sends what is pending first
                 else:
-                    await trio.aclose_forcefully(stream)
+                    sock.close()  # abortive: the peer is gone or dropped
             finally:
                 connection.release()
+                self.gate.closed()
+
+    def _permissions(self, address: str, tls: TlsSession | None) -> Permissions | None:
+        """With --acl, what a new connection may do: its certificate's identity (TLS), the
+        --loopback-identity (plaintext from loopback), or anonymous."""
+        acl = self.config.acl
+        if acl is None:
+            return None
+        if tls is not None:
+            who = acl.permissions(tls.identity)
+            log.debug("TLS connection from %s: identity %s", address, who.name)
+            return who
+        loopback = self.config.loopback_identity is not None and _is_loopback(address)
+        return acl.permissions(self.config.loopback_identity if loopback else None)
+
+    def _start_writer(self, connection: Connection) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._write, connection)
 
     async def _write(self, connection: Connection) -> None:
+        """A connection's writer task: runs while its output waits for the socket."""
         try:
             await connection.write_loop()
-        except OSError:
+        except (OSError, trio.ClosedResourceError):
             pass  # the peer is gone
         except Exception:
             self._log_internal_error(connection.peer)
         else:
             return
-        assert connection.scope is not None
-        connection.scope.cancel()  # stop reading too
+        if connection.scope is not None:
+            connection.scope.cancel()  # stop reading too
 
     async def _read(self, connection: Connection) -> bool:
         """Serve requests until the peer closes (True) or must be dropped (False)."""
-        peer = connection.peer
+        assert connection.scope is not None
         try:
-            with trio.CancelScope() as stalled:  # its deadline: mid-packet for too long
-                return await self._read_loop(connection, stalled)
+            return await self._read_loop(connection, connection.scope)
         except Exception:
             # A bug of ours, or MemoryError, must cost one connection, never the server.
-            self._log_internal_error(peer)
+            self._log_internal_error(connection.peer)
             return False
-        finally:
-            if stalled.cancelled_caught:
-                log.error(
-                    "closing connection from %s (fd %d): inside a packet with no progress for "
-                    "%g s (read timeout)",
-                    peer.address,
-                    peer.id,
-                    self.config.read_timeout,
-                )
 
     async def _read_loop(self, connection: Connection, stalled: trio.CancelScope) -> bool:
         fd = connection.fd

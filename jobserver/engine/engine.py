@@ -39,7 +39,7 @@ from .functions import FunctionTable
 from .handles import HandleGenerator
 from .job import Job, JobState, Priority
 from .journal import Journal, RetryPolicy
-from .peer import MAX_CLIENT_ID_SIZE, Peer
+from .peer import MAX_CLIENT_ID_SIZE, NOT_LISTENING, Peer
 from .unique_index import UniqueIndex
 from .workers import COMPACT_MIN_TIMERS, WorkerRequests, timer_is_live
 
@@ -222,7 +222,7 @@ class Engine(WorkerRequests, DurableJobs, FailedJobs):
             job.listeners = [p for p in job.listeners if p is not peer] or None
             if job.listeners is None and not job.background:
                 self._abandon(job)
-        peer.listening.clear()
+        peer.listening = NOT_LISTENING
         for function in functions:
             self._forget_if_unused(function)
 
@@ -368,7 +368,9 @@ class Engine(WorkerRequests, DurableJobs, FailedJobs):
                 job.listeners = [peer]
             else:
                 job.listeners.append(peer)
-            peer.listening.add(job)
+            if peer.listening is NOT_LISTENING:
+                peer.listening = set()
+            peer.listening.add(job)  # type: ignore[union-attr]
         if record_id:
             peer.defer(record_id, encode(_JOB_CREATED, job.handle))
             journal.holding[peer] = None  # type: ignore[union-attr]

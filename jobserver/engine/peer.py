@@ -15,6 +15,11 @@ MAX_CLIENT_ID_SIZE = 127
 """gearmand truncates SET_CLIENT_ID to 127 bytes (§1); `workers` lines stay bounded."""
 
 
+NOT_LISTENING: frozenset[Job] = frozenset()
+"""`listening` of a peer waiting on no job, shared: an empty set of its own would be 216 bytes
+in every idle worker connection; the engine gives a peer a set at its first foreground job."""
+
+
 class Peer:
     """One connection. Gearman has no client or worker roles: any peer may submit and work.
 
@@ -52,7 +57,8 @@ class Peer:
         # connections are clients.
         self.abilities: Abilities | None = None
         self.held: dict[bytes, Job] = {}  # jobs this worker is running, by handle
-        self.listening: set[Job] = set()  # jobs this client waits on (fg submits)
+        # Jobs this client waits on (foreground submits); most peers never submit one.
+        self.listening: set[Job] | frozenset[Job] = NOT_LISTENING
         self.exceptions = exceptions  # OPTION_REQ "exceptions" (§3.8)
         self.sleeping = False  # sent PRE_SLEEP and was not woken since
         self.sleep_stamp = 0  # when it last went to sleep (engine-wide order), for fairness
