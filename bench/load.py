@@ -23,9 +23,10 @@ Roles (SPEC keys in brackets):
 - `drain-worker`: GRAB_JOB_UNIQ / WORK_COMPLETE until NO_JOB (the queue is empty).
 - `fg-client` [count, window, payload_size, unique_prefix]: foreground SUBMIT_JOB with `window`
   outstanding; latency is SUBMIT_JOB sent -> WORK_COMPLETE received.
-- `fg-worker` [record]: grabs, echoes the payload back in WORK_COMPLETE, sleeps (PRE_SLEEP) when
-  idle. With `record`, its result lists every job it was given as [unique, monotonic time of
-  the JOB_ASSIGN_UNIQ] (time.monotonic is one clock for every process of the machine).
+- `fg-worker` [record, ports]: grabs, echoes the payload back in WORK_COMPLETE, sleeps
+  (PRE_SLEEP) when idle; with `ports`, on a connection to each of those servers at once. With
+  `record`, its result lists every job it was given as [unique, monotonic time of the
+  JOB_ASSIGN_UNIQ] (time.monotonic is one clock for every process of the machine).
 - `idle` [connections]: opens that many connections and holds them, sending nothing.
 - `probe` [kind, count, warmup, payload_size]: sequential round trips, each one timed.
 """
@@ -36,6 +37,7 @@ import json
 import resource
 import select
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -275,50 +277,89 @@ def stop_requested() -> bool:
     return bool(readable) and sys.stdin.readline().strip() in ("stop", "")
 
 
-def fg_worker(spec: dict, deadline: Deadline) -> Callable[[], dict]:
-    stream = Stream(connect(spec))
-    stream.sock.settimeout(IDLE_POLL)
-    stream.send(encode_request(T.CAN_DO, FUNCTION))
-    grab = encode_request(T.GRAB_JOB_UNIQ)
-    pre_sleep = encode_request(T.PRE_SLEEP)
+class WorkerConnection:
+    """One connection of an `fg-worker` to one server: CAN_DO, then grab, echo the payload
+    back in WORK_COMPLETE, PRE_SLEEP when there is no job, grab again on NOOP."""
 
+    GRAB = encode_request(T.GRAB_JOB_UNIQ)
+    PRE_SLEEP = encode_request(T.PRE_SLEEP)
+
+    def __init__(self, spec: dict, port: int) -> None:
+        self.stream = Stream(connect({**spec, "port": port}))
+        self.stream.sock.settimeout(IDLE_POLL)
+        self.stream.send(encode_request(T.CAN_DO, FUNCTION))
+        self.sleeping = False
+
+    def answer(self, packets: list[Packet], now: float, runs: list | None) -> int:
+        """Send what `packets` call for, in one write; returns the jobs done. `runs`, when
+        given, gets [unique, now] for every job."""
+        out = []
+        done = 0
+        for packet in packets:
+            kind = packet.type
+            if kind == T.JOB_ASSIGN_UNIQ:
+                handle, _function, unique, data = packet.args
+                out.append(encode_request(T.WORK_COMPLETE, handle, data))
+                out.append(self.GRAB)
+                done += 1
+                if runs is not None:
+                    runs.append((unique.decode(), now))
+            elif kind == T.NO_JOB:
+                out.append(self.PRE_SLEEP)
+                self.sleeping = True
+            elif kind == T.NOOP:
+                if self.sleeping:  # one grab per wake-up, however many NOOPs arrive
+                    out.append(self.GRAB)
+                    self.sleeping = False
+            else:
+                raise LoadError(f"unexpected {packet!r}")
+        if out:
+            self.stream.send(b"".join(out))
+        return done
+
+
+def readable(connections: list[WorkerConnection]) -> list[WorkerConnection]:
+    """The connections that have something to read; raises Silence after IDLE_POLL without.
+
+    One connection needs no select: its recv waits up to IDLE_POLL itself (its socket's
+    timeout), one system call per batch as before several servers were served. A TLS socket
+    may hold decrypted bytes that select cannot see (SSLSocket.pending), so those go first."""
+    if len(connections) == 1:
+        return connections
+    buffered = [c for c in connections if isinstance(c.stream.sock, ssl.SSLSocket)]
+    buffered = [c for c in buffered if c.stream.sock.pending()]  # type: ignore[attr-defined]
+    if buffered:
+        return buffered
+    ready, _, _ = select.select([c.stream.sock for c in connections], [], [], IDLE_POLL)
+    if not ready:
+        raise Silence(f"no packet within {IDLE_POLL} s")
+    return [c for c in connections if c.stream.sock in ready]
+
+
+def fg_worker(spec: dict, deadline: Deadline) -> Callable[[], dict]:
+    """One worker process: a connection to each of SPEC["ports"] (or to SPEC["port"]), taking
+    jobs from all of them as the worker SDK does; each connection grabs on its own, as a
+    worker SDK with a concurrency of at least the number of servers would."""
+    ports = spec.get("ports") or [spec["port"]]
+    connections = [WorkerConnection(spec, port) for port in ports]
     record = spec.get("record", False)
 
     def run() -> dict:
         done = 0
         runs: list[tuple[str, float]] = []
-        sleeping = False
-        stream.send(grab)
+        for connection in connections:
+            connection.stream.send(WorkerConnection.GRAB)
         while True:
             try:
-                packets = stream.receive()
+                batches = [(c, c.stream.receive()) for c in readable(connections)]
             except Silence:
                 if stop_requested():
                     return {"count": done, "runs": runs} if record else {"count": done}
                 deadline.check(f"{done} jobs done")
                 continue
             now = time.monotonic()
-            out = []
-            for packet in packets:
-                kind = packet.type
-                if kind == T.JOB_ASSIGN_UNIQ:
-                    handle, _function, unique, data = packet.args
-                    out.append(encode_request(T.WORK_COMPLETE, handle, data))
-                    out.append(grab)
-                    done += 1
-                    if record:
-                        runs.append((unique.decode(), now))
-                elif kind == T.NO_JOB:
-                    out.append(pre_sleep)
-                    sleeping = True
-                elif kind == T.NOOP:
-                    if sleeping:  # one grab per wake-up, however many NOOPs arrive
-                        out.append(grab)
-                        sleeping = False
-                else:
-                    raise LoadError(f"unexpected {packet!r}")
-            if out:
-                stream.send(b"".join(out))
+            for connection, packets in batches:
+                done += connection.answer(packets, now, runs if record else None)
 
     return run
 

@@ -191,7 +191,7 @@ def store_table(figures: dict[str, dict[str, list[float]]]) -> str | None:
                 f"| {note} |"
             )
             first = False
-    return "\n".join(lines)
+    return "\n".join(lines) if len(lines) > 2 else None  # no (b) or (c) figures: no table
 
 
 def _per_commit(figures: dict[str, list[float]], prefix: str, key: str) -> list[float]:
@@ -313,6 +313,7 @@ def markdown(
     stores: str | None = None,
     takeover: str | None = None,
     tls: str | None = None,
+    scaling: str | None = None,
 ) -> str:
     out = [
         f"Command: `{command}` — {rounds} round(s), started {started}, took {minutes:.1f} min.",
@@ -321,24 +322,31 @@ def markdown(
         "",
         *[f"- {key}: {value}" for key, value in facts.items()],
         "",
-        "### Servers",
-        "",
-        *[f"- **{name}**: {text}" for name, text in setup.items()],
-        *[f"- **{name}**: not run — {reason}" for name, reason in skipped.items()],
-        "",
-        "### Scenarios",
-        "",
-        *[f"- ({key}) {text}" for key, text in scenarios.items()],
-        "",
-        "### Results",
-        "",
-        "Median over the rounds, min-max spread, and the median's ratio to gearmand's (for ↓ "
-        "metrics a ratio below 1 is better). Each figure comes from a freshly started server; "
-        "servers alternate within every round. `ceiling` is the same load against a server "
-        "that only returns canned replies: what the load generator itself can do here.",
-        "",
-        table(rows),
     ]
+    if setup or skipped:
+        out += [
+            "### Servers",
+            "",
+            *[f"- **{name}**: {text}" for name, text in setup.items()],
+            *[f"- **{name}**: not run — {reason}" for name, reason in skipped.items()],
+            "",
+        ]
+    if rows or scenarios:
+        out += [
+            "### Scenarios",
+            "",
+            *[f"- ({key}) {text}" for key, text in scenarios.items()],
+            "",
+            "### Results",
+            "",
+            "Median over the rounds, min-max spread, and the median's ratio to gearmand's (for ↓ "
+            "metrics a ratio below 1 is better). Each figure comes from a freshly started "
+            "server; servers alternate within every round. `ceiling` is the same load against "
+            "a server that only returns canned replies: what the load generator itself can do "
+            "here.",
+            "",
+            table(rows),
+        ]
     if stores:
         out += [
             "",
@@ -368,6 +376,8 @@ def markdown(
         ]
     if takeover:
         out += ["", "### Takeover (PostgreSQL store)", "", takeover]
+    if scaling:
+        out += ["", "### Scaling by processes (issue 16)", "", scaling]
     if errors:
         out += ["", "### Errors", "", *[f"- {error}" for error in errors]]
     return "\n".join(out) + "\n"

@@ -23,6 +23,13 @@ every load process speaking TLS to it; a section compares it with jobserver-memo
 foreground jobs over TLS against plaintext:
 
     python -m bench.run --servers jobserver-memory,jobserver-tls --scenarios d
+
+`--scaling` measures scaling by processes instead (issue 16, bench/scaling.py): jobserver as
+1, 2 and 4 processes and gearmand with --threads=1 and 2 (and as 2 and 4 processes), the load
+spread over them, foreground jobs/s and background submits/s in total. It runs none of the
+scenarios unless --scenarios is given too; write it away from the main table:
+
+    python -m bench.run --scaling --out /tmp/scaling.md
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python bench/run.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import report, servers, takeover
+from bench import report, scaling, servers, takeover
 from bench.loadproc import LoadProcessError
 from bench.postgres import BenchPostgres, PostgresUnavailable
 from bench.scenarios import (
@@ -70,15 +77,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write raw figures as JSON")
     parser.add_argument(
         "--scenarios",
-        default="abcdef",
-        help="which scenarios, e.g. 'bd' (default all; '' for none, e.g. only the takeover)",
+        default=None,
+        help="which scenarios, e.g. 'bd' (default all, none with --scaling; '' for none, e.g. "
+        "only the takeover)",
     )
     parser.add_argument(
         "--servers",
         default=None,
         help="comma-separated server names to run (default all: ceiling, jobserver-memory, "
         "jobserver-sqlite, gearmand, geard; jobserver-postgresql with --postgresql; "
-        "jobserver-tls with --tls or when named here)",
+        "jobserver-tls with --tls or when named here); with --scaling also which of ceiling, "
+        "jobserver-memory and gearmand to scale",
     )
     parser.add_argument(
         "--postgresql",
@@ -105,6 +114,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="background jobs on the server that is killed (default 1000; 100 quick)",
     )
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="measure scaling by processes (issue 16): N servers of each kind, the load spread "
+        "over them (bench/scaling.py); runs no scenario unless --scenarios says which",
+    )
+    parser.add_argument(
+        "--scaling-processes",
+        default=",".join(map(str, scaling.PROCESSES)),
+        help="with --scaling: comma-separated process counts (default %(default)s)",
+    )
     parser.add_argument("--gearmand-threads", type=int, default=servers.GEARMAND_THREADS)
     parser.add_argument(
         "--idle-connections", type=int, default=None, help="for (f); default 10,000 (200 quick)"
@@ -120,6 +140,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.rounds = 1 if args.quick else 3
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.scenarios is None:
+        args.scenarios = "" if args.scaling else "abcdef"
+    try:
+        args.processes = sorted({int(n) for n in args.scaling_processes.split(",") if n})
+    except ValueError:
+        parser.error(f"--scaling-processes: not numbers: {args.scaling_processes!r}")
+    if not args.processes or args.processes[0] < 1:
+        parser.error("--scaling-processes: at least one count, each at least 1")
     unknown = set(args.scenarios) - {s.key for s in SCENARIOS}
     if unknown:
         parser.error(f"unknown scenarios {''.join(sorted(unknown))}")
@@ -361,6 +389,23 @@ def run(
             + report.takeover_table(takeovers, takeover.TARGET_MARGIN_S)
         )
 
+    scaling_figures: scaling.Figures = {}
+    scaling_text = None
+    if args.scaling:
+        wanted = set(args.servers.split(",")) if args.servers else None
+        setups, scaling_skipped = scaling.lineup(args.processes, fd_limit, sizes.payload, wanted)
+        for name, reason in scaling_skipped.items():
+            print(f"bench: scaling: {name} not run: {reason}", flush=True)
+        scaling_sizes = scaling.sizes_for(sizes, args.quick)
+        scaling_figures = scaling.measure(setups, scaling_sizes, args.rounds, errors)
+        scaling_text = "\n\n".join(
+            [
+                scaling.describe(scaling_sizes, setups),
+                *[f"- **{name}**: not run — {reason}" for name, reason in scaling_skipped.items()],
+                scaling.table(scaling_figures, setups),
+            ]
+        )
+
     probe_notes = {
         spec.name: "GET_STATUS round trips: gear ignores ECHO_REQ"
         for spec in lineup
@@ -372,17 +417,18 @@ def run(
     generated = report.markdown(
         command=command.strip(),
         facts=facts,
-        setup=setup_notes(lineup, args, postgres_version),
+        setup=setup_notes(lineup, args, postgres_version) if scenarios else {},
         scenarios={s.key: described[s.key] for s in scenarios},
         rows=rows,
         rounds=args.rounds,
-        skipped=skipped,
+        skipped=skipped if scenarios else {},
         errors=errors,
         started=started_at,
         minutes=(time.monotonic() - began) / 60,
         stores=report.store_table(figures),
         takeover=takeover_text,
         tls=report.tls_table(figures),
+        scaling=scaling_text,
     )
     print()
     print(generated)
@@ -401,6 +447,7 @@ def run(
                     "metrics": {m.key: m.scenario for m in METRICS},
                     "figures": figures,
                     "takeovers": takeovers,
+                    "scaling": scaling_figures,
                     "errors": errors,
                 },
                 indent=1,

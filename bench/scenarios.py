@@ -147,15 +147,15 @@ def _rate(results: list[dict]) -> float:
 
 
 def _run_timed(
-    group: LoadGroup, server: RunningServer, role: str, specs: list[dict], sizes: Sizes
+    group: LoadGroup, servers: list[RunningServer], role: str, specs: list[dict], sizes: Sizes
 ) -> tuple[list[dict], float]:
-    """`group.run`, and the CPU seconds the server used from just before the processes' `go`
-    until their last result (their connects and TLS handshakes come before)."""
+    """`group.run`, and the CPU seconds the servers used (together) from just before the
+    processes' `go` until their last result (their connects and TLS handshakes come before)."""
     processes = group.start(role, specs)
-    cpu_before = server.cpu_seconds()
+    cpu_before = sum(server.cpu_seconds() for server in servers)
     group.go(processes)
     results = group.results(processes, _result_timeout(sizes))
-    return results, server.cpu_seconds() - cpu_before
+    return results, sum(server.cpu_seconds() for server in servers) - cpu_before
 
 
 def _cpu_per_job(
@@ -184,11 +184,12 @@ def _probe_kind(server: RunningServer) -> str:
 
 
 def _submit_specs(
-    server: RunningServer, sizes: Sizes, per_connection: int, max_seconds: float
+    servers: list[RunningServer], sizes: Sizes, per_connection: int, max_seconds: float
 ) -> list[dict]:
+    """One spec per connection; connection i goes to servers[i % len(servers)]."""
     return [
         {
-            **_base_spec(server, sizes),
+            **_base_spec(servers[i % len(servers)], sizes),
             "max_seconds": max_seconds,
             "kind": "submit_bg",
             "count": per_connection,
@@ -201,18 +202,20 @@ def _submit_specs(
 
 
 def _submit(
-    server: RunningServer, sizes: Sizes, logs: Path, total: int, *, timed: bool
+    servers: list[RunningServer], sizes: Sizes, logs: Path, total: int, *, timed: bool
 ) -> tuple[int, float, dict[str, float]]:
-    """Queue `total` background jobs from `sizes.connections` connections; returns how many
-    were queued, jobs/s and the CPU per job (_cpu_per_job). `timed`: stop after
-    sizes.measure_s like every rate scenario; else queue them all."""
+    """Queue `total` background jobs from `sizes.connections` connections, spread round robin
+    over `servers`; returns how many were queued (in all), jobs/s and the CPU per job
+    (_cpu_per_job). `timed`: stop after sizes.measure_s like every rate scenario; else queue
+    them all."""
     per_connection = math.ceil(total / sizes.connections)
     max_seconds = sizes.measure_s if timed else sizes.deadline_s
-    specs = _submit_specs(server, sizes, per_connection, max_seconds)
+    specs = _submit_specs(servers, sizes, per_connection, max_seconds)
     with LoadGroup(logs) as group:
-        results, server_cpu = _run_timed(group, server, "pipelined", specs, sizes)
+        results, server_cpu = _run_timed(group, servers, "pipelined", specs, sizes)
+    for index, server in enumerate(servers):
+        _expect_queued(server, sum(r["count"] for r in results[index :: len(servers)]))
     queued = sum(r["count"] for r in results)
-    _expect_queued(server, queued)
     return queued, _rate(results), _cpu_per_job("submit", queued, server_cpu, results)
 
 
@@ -253,7 +256,7 @@ def echo_round_trips(server: RunningServer, sizes: Sizes, logs: Path) -> dict[st
         for _ in range(sizes.connections)
     ]
     with LoadGroup(logs) as group:
-        results, server_cpu = _run_timed(group, server, "pipelined", specs, sizes)
+        results, server_cpu = _run_timed(group, [server], "pipelined", specs, sizes)
     done = sum(r["count"] for r in results)
     return {"echo_rps": _rate(results), **_cpu_per_job("echo", done, server_cpu, results)}
 
@@ -261,20 +264,28 @@ def echo_round_trips(server: RunningServer, sizes: Sizes, logs: Path) -> dict[st
 def submit_rate(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str, float]:
     total = sizes.submit_per_connection * sizes.connections
     before = _database_counters(server)
-    queued, rate, cpu = _submit(server, sizes, logs, total, timed=True)
+    queued, rate, cpu = _submit([server], sizes, logs, total, timed=True)
     counted = _per_commit(queued, before, _database_counters(server))
     return {"submit_rps": rate, **cpu, **{f"submit_{k}": v for k, v in counted.items()}}
+
+
+def submit_spread(servers: list[RunningServer], sizes: Sizes, logs: Path) -> dict[str, float]:
+    """(b) over several servers of one kind: connection i submits to servers[i % len(servers)];
+    the rate and the CPU are totals over the servers."""
+    total = sizes.submit_per_connection * sizes.connections
+    _queued, rate, cpu = _submit(servers, sizes, logs, total, timed=True)
+    return {"submit_rps": rate, **cpu}
 
 
 def drain_rate(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str, float]:
     per_connection = math.ceil(sizes.drain_jobs / sizes.connections)
     queued = per_connection * sizes.connections
-    _submit(server, sizes, logs, queued, timed=False)
+    _submit([server], sizes, logs, queued, timed=False)
     spec = _base_spec(server, sizes)
     before = _database_counters(server)
     with LoadGroup(logs) as group:
         specs = [spec] * sizes.drain_workers
-        results, server_cpu = _run_timed(group, server, "drain-worker", specs, sizes)
+        results, server_cpu = _run_timed(group, [server], "drain-worker", specs, sizes)
     done = sum(r["count"] for r in results)
     if not any(r["capped"] for r in results):
         if done != queued:
@@ -289,10 +300,16 @@ def drain_rate(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str, flo
 
 
 def foreground(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str, float]:
-    base = _base_spec(server, sizes)
+    return foreground_spread([server], sizes, logs)
+
+
+def foreground_spread(servers: list[RunningServer], sizes: Sizes, logs: Path) -> dict[str, float]:
+    """(d) over several servers of one kind: client i submits to servers[i % len(servers)],
+    and every worker process holds a connection to each server and takes jobs from all of
+    them, as the worker SDK does. With one server, this is (d)."""
     client_specs = [
         {
-            **base,
+            **_base_spec(servers[i % len(servers)], sizes),
             "count": sizes.fg_per_client,
             "window": sizes.fg_window,
             "payload_size": sizes.payload,
@@ -300,16 +317,18 @@ def foreground(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str, flo
         }
         for i in range(sizes.fg_clients)
     ]
+    worker_spec = {**_base_spec(servers[0], sizes), "ports": [s.port for s in servers]}
     with LoadGroup(logs) as group:
-        workers = group.start("fg-worker", [base] * sizes.fg_workers)
+        workers = group.start("fg-worker", [worker_spec] * sizes.fg_workers)
         group.go(workers)  # they grab, get NO_JOB and sleep until the first submit wakes them
-        results, server_cpu = _run_timed(group, server, "fg-client", client_specs, sizes)
+        results, server_cpu = _run_timed(group, servers, "fg-client", client_specs, sizes)
         for worker in workers:
             worker.tell("stop")
         worker_results = group.results(workers, _result_timeout(sizes))
     worked = sum(r["count"] for r in worker_results)
     done = sum(r["count"] for r in results)
-    if server.spec.is_job_server and worked != done:  # the canned server completes jobs itself
+    # The canned server completes jobs itself: no worker is involved there.
+    if servers[0].spec.is_job_server and worked != done:
         raise ScenarioError(f"workers ran {worked} jobs, clients got {done} results")
     latencies = [x / 1000 for r in results for x in r["latencies_us"]]
     return {
@@ -325,7 +344,7 @@ def memory_per_job(server: RunningServer, sizes: Sizes, logs: Path) -> dict[str,
     total = per_connection * sizes.connections
     time.sleep(sizes.settle_s)
     before = server.rss_bytes()
-    _submit(server, sizes, logs, total, timed=False)
+    _submit([server], sizes, logs, total, timed=False)
     time.sleep(sizes.settle_s)
     after = server.rss_bytes()
     return {"mem_per_job_bytes": (after - before) / total}

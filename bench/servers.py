@@ -447,15 +447,27 @@ class RunningServer:
 
 def start(spec: ServerSpec, attempts: int = 3) -> RunningServer:
     """Start `spec` on a free port and wait until it answers; retry when the port was taken."""
+    (server,) = start_many(spec, 1, attempts)
+    return server
+
+
+def start_many(spec: ServerSpec, count: int, attempts: int = 3) -> list[RunningServer]:
+    """`count` servers of `spec`, each on a free port of its own, all answering. They are
+    launched together and then waited for, so their start-ups overlap (a jobserver takes about
+    a second to import). When one fails to start, all are stopped; the group is started again
+    when a port was taken meanwhile."""
     for attempt in range(attempts):
-        server = RunningServer(spec)
+        group = [RunningServer(spec) for _ in range(count)]
         try:
-            server.wait_ready()
-            return server
+            for server in group:
+                server.wait_ready()
+            return group
         except ServerStartError:
-            server.stop()
-            taken = "in use" in server.log_tail().lower()
-            server.remove_workdir()
+            for server in group:
+                server.stop()
+            taken = any("in use" in server.log_tail().lower() for server in group)
+            for server in group:
+                server.remove_workdir()
             if not taken or attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")

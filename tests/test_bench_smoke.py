@@ -4,7 +4,7 @@
 round. This is not a timed test: it asserts only that the run completes, that every scenario
 has a figure for every server, and that no run failed. The figures themselves are not checked.
 Two opt-in columns get a quick run of their own: the PostgreSQL store (`--postgresql`) and
-TLS (jobserver-tls, issue 15).
+TLS (jobserver-tls, issue 15); so does the opt-in scaling measurement (`--scaling`, issue 16).
 """
 
 from __future__ import annotations
@@ -151,3 +151,31 @@ def test_quick_tls_bench_compares_tls_with_plaintext(quick_tls_run):
         assert len(figures[key]) == 1, key
     assert "### TLS against plaintext (issue 15)" in markdown
     assert "target ≥ 0.6x plaintext" in markdown
+
+
+@pytest.fixture(scope="module")
+def quick_scaling_run(tmp_path_factory) -> tuple[dict, str]:
+    """Scaling by processes (issue 16), at its smallest: jobserver as 1 and 2 processes, the
+    clients spread over them and every worker connected to both."""
+    return run_quick_bench(
+        tmp_path_factory.mktemp("bench-scaling"),
+        "--scaling",
+        "--scaling-processes",
+        "1,2",
+        "--servers",
+        "jobserver-memory",
+    )
+
+
+def test_quick_scaling_bench_measures_each_process_count_and_no_scenario(quick_scaling_run):
+    results, markdown = quick_scaling_run
+    assert results["errors"] == []
+    assert results["scenarios"] == []  # --scaling alone runs none of (a)-(f)
+    for shape, rate in (("d", "fg_rps"), ("b", "submit_rps")):
+        for processes in (1, 2):
+            figures = results["scaling"][f"{shape} jobserver-memory x{processes}"]
+            assert len(figures[rate]) == 1, (shape, processes)
+            assert len(figures["load_cores"]) == 1, (shape, processes)
+    assert "### Scaling by processes (issue 16)" in markdown
+    assert "| jobserver-memory | 2 |" in markdown
+    assert "### Results" not in markdown
