@@ -43,7 +43,7 @@ import shutil
 import sys
 import tempfile
 import time
-import traceback
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python bench/run.py`: make the repository importable
@@ -364,20 +364,9 @@ def run(
                 if spec.name == report.CEILING and not scenario.on_ceiling:
                     continue
                 where = f"round {round_index + 1} ({scenario.key}) {spec.name}"
-                try:
-                    values = run_one(spec, scenario, sizes)
-                except ScenarioError as error:
-                    errors.append(f"{where}: {error}")
-                    print(f"bench: {where}: ERROR {error}", flush=True)
-                    continue
-                except Exception:
-                    errors.append(f"{where}: {traceback.format_exc()}")
-                    print(f"bench: {where}: ERROR\n{traceback.format_exc()}", flush=True)
-                    continue
-                for key, value in values.items():
-                    figures[spec.name].setdefault(key, []).append(value)
-                shown = ", ".join(f"{k}={show(v)}" for k, v in values.items())
-                print(f"bench: {where}: {shown}", flush=True)
+                values = report.attempt(where, partial(run_one, spec, scenario, sizes), errors)
+                if values is not None:
+                    report.collect(figures[spec.name], values)
 
     takeovers, takeover_text = [], None
     if isinstance(postgres, BenchPostgres):

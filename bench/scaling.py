@@ -25,9 +25,9 @@ import os
 import shutil
 import statistics
 import tempfile
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from . import report, servers
@@ -165,21 +165,9 @@ def measure(setups: list[Setup], sizes: Sizes, rounds: int, errors: list[str]) -
         for shape in SHAPES:
             for setup in order:
                 where = f"scaling round {round_index + 1} ({shape.key}) {setup.label}"
-                try:
-                    values = run_setup(setup, shape, sizes)
-                except ScenarioError as error:
-                    errors.append(f"{where}: {error}")
-                    print(f"bench: {where}: ERROR {error}", flush=True)
-                    continue
-                except Exception:
-                    errors.append(f"{where}: {traceback.format_exc()}")
-                    print(f"bench: {where}: ERROR\n{traceback.format_exc()}", flush=True)
-                    continue
-                row = figures.setdefault(f"{shape.key} {setup.label}", {})
-                for key, value in values.items():
-                    row.setdefault(key, []).append(value)
-                shown = ", ".join(f"{k}={report.number(v)}" for k, v in values.items())
-                print(f"bench: {where}: {shown}", flush=True)
+                values = report.attempt(where, partial(run_setup, setup, shape, sizes), errors)
+                if values is not None:
+                    report.collect(figures.setdefault(f"{shape.key} {setup.label}", {}), values)
     return figures
 
 
