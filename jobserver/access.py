@@ -19,23 +19,9 @@ from typing import NamedTuple
 from .acl import Permissions
 from .engine import Engine
 from .engine.engine import MAX_LOOKUP_ARGUMENT_SIZE
-from .protocol import Packet, encode_response
+from .protocol import SUBMIT_TYPES, Packet, encode_response
 from .protocol import PacketType as T
 
-SUBMIT_TYPES = frozenset(
-    {
-        T.SUBMIT_JOB,
-        T.SUBMIT_JOB_BG,
-        T.SUBMIT_JOB_HIGH,
-        T.SUBMIT_JOB_HIGH_BG,
-        T.SUBMIT_JOB_LOW,
-        T.SUBMIT_JOB_LOW_BG,
-        T.SUBMIT_JOB_SCHED,
-        T.SUBMIT_JOB_EPOCH,
-        T.SUBMIT_REDUCE_JOB,
-        T.SUBMIT_REDUCE_JOB_BACKGROUND,
-    }
-)
 REGISTER_TYPES = frozenset({T.CAN_DO, T.CAN_DO_TIMEOUT})
 SCREENED_TYPES = SUBMIT_TYPES | REGISTER_TYPES | {T.GET_STATUS, T.GET_STATUS_UNIQUE}
 """The only packet types this module looks at; the server skips the call for the rest."""

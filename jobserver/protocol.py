@@ -142,7 +142,7 @@ ARGUMENT_COUNT: dict[int, int] = {
 }
 """Fixed number of arguments of every packet type (§2)."""
 
-HAS_DATA_TAIL: frozenset[int] = frozenset(
+SUBMIT_TYPES: frozenset[int] = frozenset(
     {
         T.SUBMIT_JOB,
         T.SUBMIT_JOB_BG,
@@ -154,6 +154,12 @@ HAS_DATA_TAIL: frozenset[int] = frozenset(
         T.SUBMIT_JOB_EPOCH,
         T.SUBMIT_REDUCE_JOB,
         T.SUBMIT_REDUCE_JOB_BACKGROUND,
+    }
+)
+"""Every packet type that submits a job; its first argument is the function name."""
+
+HAS_DATA_TAIL: frozenset[int] = SUBMIT_TYPES | frozenset(
+    {
         T.JOB_ASSIGN,
         T.JOB_ASSIGN_UNIQ,
         T.JOB_ASSIGN_ALL,
