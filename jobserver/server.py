@@ -190,6 +190,8 @@ class Server:
         self._http_listeners: list[trio.SocketListener] = []  # --http (http_status.py)
         self.tls_listeners: list[trio.SocketListener] = []  # served with TLS (tls.py)
         self._nursery: trio.Nursery | None = None  # serve()'s: connections and their writers
+        self._flush_wanted = False
+        self._flush_lot = trio.lowlevel.ParkingLot()
         self.tls_port: int | None = None
         self.tls_failures = HandshakeFailures()
         self.denials = DenialLog()  # requests refused by --acl: the log's and /metrics' count
@@ -329,6 +331,7 @@ class Server:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery  # connections' writer tasks start here
+                nursery.start_soon(self._flush_after_reads)
                 nursery.start_soon(self._run_timers)
                 if self._committer is not None:
                     nursery.start_soon(self._pace_commits)
@@ -621,8 +624,30 @@ class Server:
                     return False
                 room = OUTBOX_HIGH_WATER - len(connection.pending)
                 turn = 0
-        self._flush()
+        self._flush_soon()
         return not peer.closed
+
+    def _flush_soon(self) -> None:
+        """Send the output of this read once the other connections that are readable now
+        have been served too (`_flush_after_reads`)."""
+        if not self._flush_wanted:
+            self._flush_wanted = True
+            self._flush_lot.unpark_all()
+
+    async def _flush_after_reads(self) -> None:
+        """The end-of-read flush, run once per scheduler pass for every reader in it. A worker's
+        WORK_COMPLETE and the next client's submit often arrive in the same pass; flushed per
+        read, each reader's turn wrote to the peers it touched, so a client waiting on several
+        jobs got a write per completion; flushed here, each peer gets one write per pass
+        whatever number of readers produced for it. trio runs a task woken during a pass in
+        the next pass, after the readers woken with it."""
+        while True:
+            await self._flush_lot.park()
+            self._flush_wanted = False
+            try:
+                self._flush()
+            except Exception:
+                await self._internal_error("the flush task")
 
     def _log_denial(self, peer, reason: str) -> None:
         level, repeats = self.denials.note(reason)
