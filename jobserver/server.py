@@ -421,6 +421,9 @@ class Server:
                 # timeout while a packet is incomplete, then the drain after a clean close.
                 connection.scope = scope
                 if await self._read(connection):
+                    # The replies to its last reads may still wait for the pass's flush task,
+                    # which can run after this reader: send them before the wait below looks.
+                    self._flush()
                     connection.finish()
                     scope.deadline = trio.current_time() + CLOSE_DRAIN_TIMEOUT
                     await connection.wait_output_below(0)
@@ -436,6 +439,8 @@ class Server:
             # Cancelled from outside (only the server stopping does that): close with FIN.
             stopping = trio.current_effective_deadline() == -math.inf
             try:
+                if stopping:
+                    self._flush()  # replies produced this pass go out before the FIN
                 engine.disconnect(peer)
                 self._flush()
             except Exception:
