@@ -439,8 +439,9 @@ class Server:
             # Cancelled from outside (only the server stopping does that): close with FIN.
             stopping = trio.current_effective_deadline() == -math.inf
             try:
-                if stopping:
-                    self._flush()  # replies produced this pass go out before the FIN
+                # Replies produced this pass (the flush task may not have run yet) go out
+                # before the close: at shutdown, and before a protocol error ends the peer.
+                self._flush()
                 engine.disconnect(peer)
                 self._flush()
             except Exception:
