@@ -1,6 +1,6 @@
 """The PostgreSQL store on its own, against a real database (no server): both ways a batch is
-written, fencing on each, a node id joined twice, the schema's version, and how the database
-is named in messages.
+written (one statement; in a transaction with dead-set or policy changes), fencing on each, a
+node id joined twice, the schema's version, and how the database is named in messages.
 """
 
 from __future__ import annotations
@@ -12,10 +12,15 @@ from jobserver.engine.journal import DeadJob, RetryPolicy, StoredJob, StoreExtra
 from jobserver.store import StoreError
 from jobserver.store.lease import Fenced
 from jobserver.store.pg_connection import describe, redact
-from jobserver.store.postgresql import COPY_MIN_ROWS, PostgresStore
+from jobserver.store.postgresql import PostgresStore
 
-SMALL = COPY_MIN_ROWS - 1  # written by the one APPLY statement
-LARGE = COPY_MIN_ROWS * 2  # written by COPY
+COUNT = 100  # jobs per batch: enough that every array parameter has many elements
+WAYS = pytest.mark.parametrize(
+    "extras",
+    # The APPLY statement alone (autocommit), or in a transaction with the extras after it.
+    [None, StoreExtras([], [], [(b"other", RetryPolicy(2, 0.5))])],
+    ids=["statement", "transaction"],
+)
 
 
 def jobs(first: int, count: int) -> list[StoredJob]:
@@ -52,20 +57,21 @@ def fence(uri: str, node: str, *, by: str | None) -> None:
             db.execute("UPDATE jobserver_jobs SET owner = %s WHERE owner = %s", (by, node))
 
 
-@pytest.mark.parametrize("count", [SMALL, LARGE], ids=["statement", "copy"])
-def test_a_batch_is_written_and_removed_either_way(store, pg_database, count):
+@WAYS
+def test_a_batch_is_written_and_removed_either_way(store, pg_database, extras):
+    count = COUNT
     added = jobs(1, count)
-    store.apply(added, [])
+    store.apply(added, [], extras)
     assert rows(pg_database) == [("node-a", j.record_id, j.priority, j.payload) for j in added]
-    store.apply(jobs(count + 1, count), [j.record_id for j in added])
+    store.apply(jobs(count + 1, count), [j.record_id for j in added], extras)
     assert [row[1] for row in rows(pg_database)] == list(range(count + 1, 2 * count + 1))
 
 
-@pytest.mark.parametrize("count", [SMALL, LARGE], ids=["statement", "copy"])
-def test_every_field_comes_back_as_written_either_way(pg_database, count):
-    """Both writers (APPLY's arrays, COPY's hand-packed binary rows: pg_copy.py) keep every
-    field exactly, at the edges of each column's type: NUL and non-UTF-8 bytes, empty
-    fields, the widest ids and times, negative epochs, a non-ASCII owner."""
+@WAYS
+def test_every_field_comes_back_as_written_either_way(pg_database, extras):
+    """The hand-packed binary arrays (pg_arrays.py) keep every field exactly, at the edges
+    of each column's type: NUL and non-UTF-8 bytes, empty fields, the widest ids and times,
+    negative epochs, a non-ASCII owner."""
     edge = StoredJob(
         2**63 - 1,
         b"f\x00\xff\xc3",
@@ -78,10 +84,10 @@ def test_every_field_comes_back_as_written_either_way(pg_database, count):
         2**63 - 1,
         b"boom\n\x00\xfe",
     )
-    written = [*jobs(1, count - 1), edge]
+    written = [*jobs(1, COUNT - 1), edge]
     store = PostgresStore.open(pg_database, "nœud-ä", 5)
     try:
-        store.apply(written, [])
+        store.apply(written, [], extras)
     finally:
         store.close()
     reopened = PostgresStore.open(pg_database, "nœud-ä", 5)
@@ -92,15 +98,16 @@ def test_every_field_comes_back_as_written_either_way(pg_database, count):
 
 
 def test_added_and_removed_in_one_batch_is_never_written(store, pg_database):
-    store.apply(jobs(1, LARGE), [5, 6])
-    assert {row[1] for row in rows(pg_database)} == set(range(1, LARGE + 1)) - {5, 6}
+    store.apply(jobs(1, COUNT), [5, 6])
+    assert {row[1] for row in rows(pg_database)} == set(range(1, COUNT + 1)) - {5, 6}
 
 
-@pytest.mark.parametrize("count", [SMALL, LARGE], ids=["statement", "copy"])
-def test_a_fenced_node_rejoins_and_writes_the_batch_under_its_new_term(store, pg_database, count):
+@WAYS
+def test_a_fenced_node_rejoins_and_writes_the_batch_under_its_new_term(store, pg_database, extras):
+    count = COUNT
     store.apply(jobs(1, 3), [])
     fence(pg_database, "node-a", by="node-b")
-    store.apply(jobs(4, count), [1])  # the remove is a no-op: record 1 is node-b's now
+    store.apply(jobs(4, count), [1], extras)  # the remove is a no-op: record 1 is node-b's now
     news = list(store.lease.news)
     assert len(news) == 1 and isinstance(news[0], Fenced)
     assert news[0].below == 4 and news[0].new_term > news[0].old_term + 1
@@ -113,7 +120,7 @@ def test_a_node_id_joined_by_another_server_stores_nothing_more(store, pg_databa
     store.apply(jobs(1, 3), [])
     fence(pg_database, "node-a", by=None)
     with pytest.raises(StoreError, match="was joined by another server"):
-        store.apply(jobs(4, LARGE), [])
+        store.apply(jobs(4, COUNT), [])
     assert isinstance(store.lease.news[-1], Fenced)
     store.apply([], [1, 2])  # removes are dropped: the jobs are the other server's
     assert [row[1] for row in rows(pg_database)] == [1, 2, 3]
@@ -225,17 +232,31 @@ def test_a_version_1_database_is_migrated_and_keeps_its_jobs(pg_database):
         assert db.execute("SELECT max(version) FROM jobserver_schema").fetchone() == (2,)
 
 
-@pytest.mark.parametrize("count", [SMALL, LARGE], ids=["statement", "copy"])
+@WAYS
 def test_a_refused_batch_leaves_no_transaction_open_and_the_next_is_written(
-    store, pg_database, count
+    store, pg_database, extras
 ):
     """A batch the database refuses (here: record ids already stored, a primary-key
     violation) is a StoreError, rolled back whole; the connection goes on with no transaction
     left open, so the next batch is written and nothing of the refused one is."""
+    count = COUNT
     store.apply(jobs(1, count), [])
     clash = [*jobs(count + 1, count - 1), jobs(1, 1)[0]]  # new ids, then one already stored
     with pytest.raises(StoreError):
-        store.apply(clash, [])
-    store.apply(jobs(2 * count + 1, count), [])
+        store.apply(clash, [], extras)
+    store.apply(jobs(2 * count + 1, count), [], extras)
     ids = [row[1] for row in rows(pg_database)]
     assert ids == [*range(1, count + 1), *range(2 * count + 1, 3 * count + 1)]
+
+
+def test_the_batch_statement_is_never_prepared(store):
+    """psycopg prepares a statement run five times; APPLY's generic plan would scan the whole
+    jobs table for the removes (store/postgresql.py), so it must stay unprepared however many
+    batches run."""
+    for n in range(10):
+        store.apply(jobs(10 * n + 1, 10), [10 * n - 1] if n else [])
+    with store._db.call() as db:
+        prepared = db.execute(
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%unnest%'"
+        ).fetchone()
+    assert prepared == (0,)

@@ -141,9 +141,6 @@ server's term, and only if that matched (the server still owns its jobs) are the
 and the removes deleted. A peer that took the jobs over bumped the term first, in the same
 transaction that moved them, so a fenced server writes nothing."""
 
-COPY_JOBS = f"COPY jobserver_jobs (owner, {_JOB_COLUMNS}) FROM STDIN (FORMAT BINARY)"
-"""Large batches: COPY, in a transaction that first renews the lease (RENEW) under the term."""
-
 REMOVE = """
     DELETE FROM jobserver_jobs WHERE owner = %(node)s AND record_id = ANY(%(removes)s::bigint[])
 """
