@@ -1,18 +1,18 @@
 """A batch of job records as PostgreSQL arrays in binary form, built with struct, for APPLY.
 
 APPLY (pg_schema.py) inserts a batch from ten array parameters in one statement, so a batch is
-one round trip and one commit. Adapted by psycopg, those arrays cost ~18 µs of store-thread CPU
-per row (each element adapted in Python); packed here, ~2 µs. The binary array format: the
-number of dimensions (1), a has-nulls flag (0), the element type's oid, the length and lower
-bound (1) of the dimension, then each element as a 4-byte length and its bytes (integers
-big-endian at their type's width).
+one round trip and one commit. psycopg would adapt those arrays element by element in Python;
+packed here they cost ~1 µs per job in the store's thread (0.2 ms for 200 jobs of 100 bytes).
+The binary array format: the number of dimensions (1), a has-nulls flag (0), the element
+type's oid, the length and lower bound (1) of the dimension, then each element as a 4-byte
+length and its bytes (integers big-endian at their type's width).
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
-from itertools import repeat
+from itertools import chain, repeat
 
 from psycopg.adapt import AdaptersMap, Dumper
 from psycopg.pq import Format
@@ -85,12 +85,9 @@ def integers(array_type: type[_Array], values: Sequence[int]) -> _Array:
 
 def byteas(values: Sequence[bytes]) -> ByteaArray:
     """A bytea array of `values`."""
-    length = _LENGTH.pack
-    parts = [_HEADER.pack(1, 0, 17, len(values), 1)]
-    add = parts.extend
-    for value in values:
-        add((length(len(value)), value))
-    return ByteaArray(b"".join(parts))
+    lengths = map(_LENGTH.pack, map(len, values))
+    elements = chain.from_iterable(zip(lengths, values, strict=True))  # all in C
+    return ByteaArray(b"".join((_HEADER.pack(1, 0, 17, len(values), 1), *elements)))
 
 
 def job_columns(jobs: Iterable[StoredJob]) -> dict[str, _Array]:
