@@ -13,11 +13,15 @@ durable submits a second both show: a commit's result would wait longer than the
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .engine.journal import Batch
 from .store import JobStore, StoreError
@@ -34,6 +38,10 @@ cost this thread a switch interval (5 ms) per call. A shared store renews its le
 check and says how often that must be (`check_interval`, see store/postgresql.py)."""
 
 
+WAKEUP_DRAIN = 4096
+"""Bytes read at a time from the wake-up socket (one byte per batch handed over)."""
+
+
 class Written(NamedTuple):
     """What became of a batch: `failed` maps record ids that could not be stored to why;
     `seconds` is how long the store took (for the store-commit histogram, /metrics)."""
@@ -45,89 +53,253 @@ class Written(NamedTuple):
 
 
 class Committer:
+    """The store's thread. One batch at a time; or, for a store that pipelines
+    (`pipeline_depth` > 1, the PostgreSQL store), up to that many, sent back to back and
+    answered in the order sent. Results are taken in the order the batches were handed over."""
+
     def __init__(self, store: JobStore, on_written: Callable[[], None]) -> None:
         """`on_written` is called in the store's thread after each batch; it must only wake
         the serving thread (trio's run_sync_soon), never touch the engine."""
         self._store = store
         self._on_written = on_written
         self._condition = threading.Condition()
-        self._next: Batch | None = None
-        self._written: Written | None = None
-        self._busy = False  # a batch is handed over and its result not yet taken
+        self._handed: collections.deque[Batch] = collections.deque()  # not yet sent
+        self._results: collections.deque[Written] = collections.deque()
         self._stopping = False
         self._check_interval: float = getattr(store, "check_interval", CHECK_INTERVAL)
-        self._thread = threading.Thread(target=self._run, name="jobserver-store", daemon=True)
+        self._depth: int = getattr(store, "pipeline_depth", 1)
+        # The serving thread's own bookkeeping: batches handed over whose results it has not
+        # taken, and whether one of them must be alone (see may_hand_over).
+        self._outstanding = 0
+        self._alone = False
+        self._wakeup_reader, self._wakeup_writer = socket.socketpair()
+        self._wakeup_reader.setblocking(False)
+        run = self._run if self._depth == 1 else self._run_pipelined
+        self._thread = threading.Thread(target=run, name="jobserver-store", daemon=True)
         self._thread.start()
 
     @property
     def busy(self) -> bool:
-        return self._busy
+        """Whether a batch is handed over and its result not yet taken."""
+        return self._outstanding > 0
+
+    def may_hand_over(self, alone: bool) -> bool:
+        """Whether another batch may be handed over now. A batch that changes the dead set or
+        the policies goes `alone`, with nothing else in flight: the order of such changes
+        across batches matters (a dead job recorded, then retried), and two batches in
+        flight may be written again out of order after a failure."""
+        if self._outstanding == 0:
+            return True
+        return not alone and not self._alone and self._outstanding < self._depth
 
     def hand_over(self, batch: Batch) -> None:
-        assert not self._busy, "one batch at a time"
+        self._outstanding += 1
+        self._alone = self._alone or batch.extras is not None
         with self._condition:
-            self._busy = True
-            self._next = batch
+            self._handed.append(batch)
             self._condition.notify()
+        if self._depth > 1:
+            self._wake()
 
     def take_written(self) -> Written | None:
-        """The written batch's result, once; None while it is being written (or if idle)."""
-        written = self._written  # set by the store thread; an attribute read is atomic
-        if written is None:
+        """The oldest result not yet taken; None while it is being written (or if idle)."""
+        if not self._results:  # filled by the store thread; reading its length is atomic
             return None
         with self._condition:
-            self._written = None
-            self._busy = False
+            written = self._results.popleft()
+        self._outstanding -= 1
+        if not self._outstanding:
+            self._alone = False
         return written
 
-    def wait_written(self) -> Written | None:
-        """Block until the batch in flight (if any) is written; for shutdown only."""
+    def wait_written(self) -> list[Written]:
+        """Block until every batch handed over is written; their results. For shutdown."""
         with self._condition:
-            while self._busy and self._written is None:
+            while len(self._results) < self._outstanding:
                 self._condition.wait()
-        return self.take_written()
+        taken = []
+        while (written := self.take_written()) is not None:
+            taken.append(written)
+        return taken
 
     def stop(self) -> None:
         with self._condition:
             self._stopping = True
             self._condition.notify()
+        self._wake()
         self._thread.join()
+        self._wakeup_reader.close()
+        self._wakeup_writer.close()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full: a wake-up is pending anyway
+            self._wakeup_writer.send(b"\0")
+
+    def _post(self, written: Written, started: float) -> None:
+        written = written._replace(seconds=time.monotonic() - started)
+        with self._condition:
+            self._results.append(written)
+            self._condition.notify_all()
+
+    def _written(self) -> None:
+        try:
+            self._on_written()
+        except Exception:  # the serving thread is gone (shutting down); it polls anyway
+            log.debug("could not wake the serving thread", exc_info=True)
 
     def _run(self) -> None:
         next_check = time.monotonic() + self._check_interval
         while True:
             with self._condition:
-                if self._next is None and not self._stopping:
+                if not self._handed and not self._stopping:
                     self._condition.wait(max(0.0, next_check - time.monotonic()))
-                if self._next is None and self._stopping:
+                if not self._handed and self._stopping:
                     return
-                batch, self._next = self._next, None
+                batch = self._handed.popleft() if self._handed else None
             if time.monotonic() >= next_check:
                 self._check_store()
                 next_check = time.monotonic() + self._check_interval
             if batch is None:
                 continue
             started = time.monotonic()
-            try:
-                written = write(self._store, batch)
-            except Exception as error:  # a bug of ours: refuse the batch, never hang on it
-                log.exception("internal error writing a batch of %d records", len(batch.adds))
-                reason = f"Job could not be stored: internal error: {error!r}"
-                written = Written(batch, {r.record_id: reason for r in batch.adds}, True)
-            written = written._replace(seconds=time.monotonic() - started)
+            self._post(_write_safely(self._store, batch), started)
+            self._written()
+
+    def _run_pipelined(self) -> None:
+        """As _run, with up to `pipeline_depth` batches in flight (store/pg_pipeline.py).
+        A batch that comes back unwritten (fenced, or its statement failed) is written again
+        through `write`, as any batch, once the others in flight are back; the results after
+        it wait for it, so they are still taken in order."""
+        store: Any = self._store
+        in_flight: collections.deque[tuple[Batch, float]] = collections.deque()
+        held: list[tuple[Batch, float, bool]] = []  # come back, behind one to write again
+        next_check = time.monotonic() + self._check_interval
+        while True:
+            self._drain_wakeups()
+            now = time.monotonic()
+            check_due = now >= next_check
+            if not in_flight:
+                if held:
+                    for batch, started, written in held:
+                        self._post(
+                            Written(batch, {}, False) if written else _write_safely(store, batch),
+                            started,
+                        )
+                    held.clear()
+                    self._written()
+                    continue
+                if check_due:
+                    self._check_store()
+                    next_check = time.monotonic() + self._check_interval
+                    continue
+            if not check_due and not held:
+                self._send(store, in_flight)
+            if in_flight:
+                self._await_outcomes(store, in_flight, held)
+                continue
             with self._condition:
-                self._written = written
-                self._condition.notify_all()
+                if self._stopping and not self._handed:
+                    break
+            if not self._handed:
+                self._wait_readable(None, next_check - now)
+        store.end_pipeline()
+
+    def _send(self, store: Any, in_flight: collections.deque[tuple[Batch, float]]) -> None:
+        """Send handed-over batches while there is room in flight."""
+        while len(in_flight) < self._depth:
+            with self._condition:
+                if not self._handed:
+                    return
+                batch = self._handed.popleft()
+            started = time.monotonic()
             try:
-                self._on_written()
-            except Exception:  # the serving thread is gone (shutting down); it polls anyway
-                log.debug("could not wake the serving thread", exc_info=True)
+                if store.send_batch(batch):
+                    in_flight.append((batch, started))
+                    continue
+            except StoreError as failure:  # the connection is lost, with what was in flight
+                self._refuse(in_flight, failure)
+                self._post(_write_safely(store, batch), started)  # refused, or the store is back
+                self._written()
+                continue
+            if in_flight:  # it must go alone: after the others
+                with self._condition:
+                    self._handed.appendleft(batch)
+                return
+            self._post(_write_safely(store, batch), started)  # apply ends the pipeline first
+            self._written()
+
+    def _await_outcomes(
+        self,
+        store: Any,
+        in_flight: collections.deque[tuple[Batch, float]],
+        held: list[tuple[Batch, float, bool]],
+    ) -> None:
+        """Wait for the database, or a new batch, or the oldest batch's deadline; post what
+        came back."""
+        deadline = store.oldest_deadline
+        if not self._wait_readable(store.pipeline_fileno, deadline - time.monotonic()):
+            if time.monotonic() >= deadline:
+                failure = StoreError(store.abandon_pipeline(), busy=True)
+                self._refuse(in_flight, failure)
+            return
+        try:
+            outcomes = store.receive_batches()
+        except StoreError as failure:
+            self._refuse(in_flight, failure)
+            return
+        posted = False
+        for written in outcomes:
+            batch, started = in_flight.popleft()
+            if written and not held:
+                self._post(Written(batch, {}, False), started)
+                posted = True
+            else:
+                held.append((batch, started, written))
+        if posted:
+            self._written()
+
+    def _refuse(
+        self, in_flight: collections.deque[tuple[Batch, float]], failure: StoreError
+    ) -> None:
+        """The connection was lost with these batches in flight: none is acknowledged (a
+        commit whose answer was lost may have happened; the submitters are told it did not,
+        as when a single batch's connection is lost)."""
+        if not in_flight:
+            return
+        log.error("%s; %d batches in flight refused", failure, len(in_flight))
+        reason = f"Job could not be stored: {failure}"
+        while in_flight:
+            batch, started = in_flight.popleft()
+            refused = {record.record_id: reason for record in batch.adds}
+            self._post(Written(batch, refused, True), started)
+        self._written()
+
+    def _wait_readable(self, fileno: int | None, timeout: float) -> bool:
+        """Wait for a wake-up (a batch handed over, stop) or for `fileno`; True if `fileno`
+        is readable."""
+        watched = [self._wakeup_reader] if fileno is None else [self._wakeup_reader, fileno]
+        readable, _, _ = select.select(watched, [], [], max(0.0, timeout))
+        return fileno is not None and fileno in readable
+
+    def _drain_wakeups(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self._wakeup_reader.recv(WAKEUP_DRAIN):
+                pass
 
     def _check_store(self) -> None:
         try:
             self._store.check()
         except Exception:  # a bug of ours: the next batch is written all the same
             log.exception("internal error checking the store")
+
+
+def _write_safely(store: JobStore, batch: Batch) -> Written:
+    try:
+        return write(store, batch)
+    except Exception as error:  # a bug of ours: refuse the batch, never hang on it
+        log.exception("internal error writing a batch of %d records", len(batch.adds))
+        reason = f"Job could not be stored: internal error: {error!r}"
+        return Written(batch, {r.record_id: reason for r in batch.adds}, True)
 
 
 def write(store: JobStore, batch: Batch) -> Written:

@@ -769,8 +769,7 @@ class Server:
         it everything journalled since, as the next batch."""
         engine, committer = self.engine, self._committer
         assert engine is not None and engine.journal is not None and committer is not None
-        written = committer.take_written()
-        if written is not None:
+        while (written := committer.take_written()) is not None:
             engine.commit_finished(
                 written.batch, failed=written.failed, removes_failed=written.removes_failed
             )
@@ -779,7 +778,7 @@ class Server:
                 written.seconds, bool(written.failed) or written.removes_failed
             )
         journal = engine.journal
-        if committer.busy or not journal.has_work:
+        if not journal.has_work or not committer.may_hand_over(journal.has_extras):
             return
         if not journal.has_adds and (
             self._removes_failing or journal.removes_waiting < REMOVES_PER_COMMIT
@@ -816,12 +815,11 @@ class Server:
         if engine is None or committer is None or engine.journal is None:
             return
         self._committer = None
-        written = committer.wait_written()
-        committer.stop()
-        if written is not None:
+        for written in committer.wait_written():
             engine.commit_finished(
                 written.batch, failed=written.failed, removes_failed=written.removes_failed
             )
+        committer.stop()
         if engine.journal.has_work:
             write(self.store, engine.journal.take_batch())  # type: ignore[arg-type]
 

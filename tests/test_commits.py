@@ -16,7 +16,6 @@ import pytest
 from engine_helpers import connect, new_engine, send
 
 from jobserver.commits import Committer, Written
-from jobserver.engine.journal import Batch
 from jobserver.protocol import PacketType as T
 from jobserver.store import StoreError
 from jobserver.store.sqlite import SqliteStore
@@ -184,18 +183,20 @@ def test_at_shutdown_the_batch_in_flight_is_waited_for_and_reported(store):
     written = committer.wait_written()
     gate.set()
     committer.stop()
-    assert written[:3] == (batch, {}, False)
-    assert committer.wait_written() is None  # nothing more in flight
+    assert len(written) == 1 and written[0][:3] == (batch, {}, False)
+    assert committer.wait_written() == []  # nothing more in flight
     assert stored_uniques(store) == [b"a"]
 
 
 def test_one_batch_at_a_time(store):
+    """A store that does not pipeline (sqlite) takes a batch only once the last is reported."""
     committer = Committer(store, lambda: None)
     try:
         _, batch = batch_of(b"a")
+        assert committer.may_hand_over(alone=False)
         committer.hand_over(batch)
-        with pytest.raises(AssertionError):
-            committer.hand_over(Batch([], [], [], batch.end))
+        assert committer.busy and not committer.may_hand_over(alone=False)
     finally:
-        committer.wait_written()
+        assert len(committer.wait_written()) == 1
         committer.stop()
+    assert not committer.busy and committer.may_hand_over(alone=True)

@@ -119,6 +119,11 @@ class Journal:
         return bool(self._adds or self._extras)
 
     @property
+    def has_extras(self) -> bool:
+        """Whether a dead-set or policy change waits to be written."""
+        return self._extras is not None
+
+    @property
     def removes_waiting(self) -> int:
         return len(self._removes)
 

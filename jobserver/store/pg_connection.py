@@ -111,36 +111,49 @@ class PgConnection:
         """The connection, for one statement or transaction that must finish within the
         deadline (longer by `size` bytes written). A failure of the connection closes it and
         raises Unavailable; the next call connects again once the backoff allows."""
-        connection = self._connection
-        if connection is None or connection.closed:
-            now = time.monotonic()
-            if now < self._retry_at:
-                raise Unavailable(
-                    f"database {self.description} unreachable ({self._last_problem}); "
-                    f"next attempt in {self._retry_at - now:.1f} s"
-                )
-            try:
-                connection = self._open()
-            except Unavailable as problem:
-                self._back_off(str(problem))
-                raise
-            self._connection = connection
-            self.connected_at = time.monotonic()
-            self._delay = RECONNECT_FIRST_DELAY
-            log.warning("database %s reachable again", self.description)
+        connection = self.open_connection()
         self._deadline = time.monotonic() + CALL_DEADLINE + size * DEADLINE_PER_BYTE
         try:
             yield connection
         except (psycopg.OperationalError, psycopg.InterfaceError) as problem:
             if not connection.closed and not _connection_lost(connection):
                 raise  # the statement failed (a lock timeout, say); the connection is fine
-            self._drop(connection)
-            cause = redact(str(problem).strip().splitlines()[0] if str(problem) else "", self.uri)
-            cause = cause or type(problem).__name__
-            self._back_off(cause, first=True)
-            raise Unavailable(f"database {self.description} unreachable: {cause}") from None
+            raise self.lost(connection, problem) from None
         finally:
             self._deadline = None
+
+    def open_connection(self) -> psycopg.Connection:
+        """The connection, opened again if it was lost and the backoff allows; raises
+        Unavailable. For a caller that keeps its own deadlines (the pipeline); `call` for
+        the rest."""
+        connection = self._connection
+        if connection is not None and not connection.closed:
+            return connection
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise Unavailable(
+                f"database {self.description} unreachable ({self._last_problem}); "
+                f"next attempt in {self._retry_at - now:.1f} s"
+            )
+        try:
+            connection = self._open()
+        except Unavailable as problem:
+            self._back_off(str(problem))
+            raise
+        self._connection = connection
+        self.connected_at = time.monotonic()
+        self._delay = RECONNECT_FIRST_DELAY
+        log.warning("database %s reachable again", self.description)
+        return connection
+
+    def lost(self, connection: psycopg.Connection, problem: BaseException) -> Unavailable:
+        """Close a connection that failed (or stopped answering), start the backoff, and
+        return the Unavailable that says so."""
+        self._drop(connection)
+        cause = redact(str(problem).strip().splitlines()[0] if str(problem) else "", self.uri)
+        cause = cause or type(problem).__name__
+        self._back_off(cause, first=True)
+        return Unavailable(f"database {self.description} unreachable: {cause}")
 
     def close(self) -> None:
         self._closed = True
