@@ -11,7 +11,7 @@ import threading
 
 import psycopg
 import pytest
-from test_store_postgresql_store import fence, jobs, rows
+from test_store_postgresql_store import fence, jobs, node_a_store, rows  # noqa: F401 (fixture)
 
 from jobserver.commits import Committer
 from jobserver.engine.journal import Batch, RetryPolicy, StoredJob, StoreExtras
@@ -38,14 +38,6 @@ def outcomes_of(store: PostgresStore, expected: int) -> list[bool]:
         assert readable, f"no answer within {ANSWER_TIMEOUT} s; got {outcomes}"
         outcomes += store.receive_batches()
     return outcomes
-
-
-@pytest.fixture
-def store(pg_database):
-    opened = PostgresStore.open(pg_database, "node-a", 5)
-    assert opened.load() == []
-    yield opened
-    opened.close()
 
 
 def test_the_store_pipelines(store):

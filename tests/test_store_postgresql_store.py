@@ -30,8 +30,10 @@ def jobs(first: int, count: int) -> list[StoredJob]:
     ]
 
 
-@pytest.fixture
-def store(pg_database):
+@pytest.fixture(name="store")
+def node_a_store(pg_database):
+    """A PostgresStore as node-a, joined, on a new database (test_store_postgresql_pipeline.py
+    uses it too)."""
     opened = PostgresStore.open(pg_database, "node-a", 5)
     assert opened.load() == []
     yield opened
