@@ -320,9 +320,7 @@ class Server:
             listeners = await self.bind()
         if self.store is not None:
             token = trio.lowlevel.current_trio_token()
-            self._committer = Committer(
-                self.store, lambda: token.run_sync_soon(self._commit_wakeup.unpark_all)
-            )
+            self._committer = Committer(self.store, lambda: token.run_sync_soon(self._take_commits))
         log.info(
             "serving at most %d connections; memory budget %d MiB for peers' buffers",
             self.gate.max_connections,
@@ -807,6 +805,15 @@ class Server:
                 self._flush()
             except Exception:
                 await self._internal_error("the commit pacer")
+
+    def _take_commits(self) -> None:
+        """The store's thread has written a batch: take its results and send their replies
+        now, in trio's own callback, rather than a scheduling pass later in the pacer task."""
+        try:
+            self._flush()
+        except Exception:
+            self._commit_wakeup.unpark_all()  # the pacer retries, logs and pauses
+            log.exception("internal error taking a written batch")
 
     def _final_commit(self) -> None:
         """At shutdown: report the batch in flight, then write what is journalled, so jobs

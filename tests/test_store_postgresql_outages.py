@@ -69,8 +69,16 @@ def servers_on(pg_database):
 
 def run_server_expecting_failure(store: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "jobserver", str(free_port()), "--listen", "127.0.0.1",
-         "--store", store],
+        [
+            sys.executable,
+            "-m",
+            "jobserver",
+            str(free_port()),
+            "--listen",
+            "127.0.0.1",
+            "--store",
+            store,
+        ],
         capture_output=True,
         text=True,
         timeout=STARTUP_DEADLINE,

@@ -3,15 +3,15 @@
 Written one at a time, each batch left the database idle while its result travelled back, the
 store's thread handed it over, and the serving thread took the next batch and passed it down
 (under the submit benchmark's load the statement ran 0.5 ms of the 2.4 ms a batch took). A
-database on another machine adds its network round trip to every batch. In pipeline mode the next batch's statement is
-sent while the database is still executing the one before, so the database goes from one to
-the next at once. Each statement is followed by its own Sync, so each is its own transaction:
-the database runs them one after another, in the order sent, as if they had been sent one at a
-time, and one that fails does not abort the ones behind it.
+database on another machine adds its network round trip to every batch. In pipeline mode the
+next batch's statement is sent while the database is still executing the one before, so the
+database goes from one to the next at once. Each statement is followed by its own Sync, so each
+is its own transaction: the database runs them one after another, in the order sent, as if they
+had been sent one at a time, and one that fails does not abort the ones behind it.
 
 psycopg's own pipeline waits for results whenever it syncs, so this drives libpq directly
-(psycopg.pq) with the statement in its numbered form; it never blocks: the store's thread
-waits for the connection's socket itself (commit_pipeline.py).
+(psycopg.pq) with the statement in its numbered form; it never blocks: the store's thread waits
+for the connection's socket itself (commits.py).
 """
 
 from __future__ import annotations
