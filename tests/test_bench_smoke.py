@@ -179,3 +179,11 @@ def test_quick_scaling_bench_measures_each_process_count_and_no_scenario(quick_s
     assert "### Scaling by processes (issue 16)" in markdown
     assert "| jobserver-memory | 2 |" in markdown
     assert "### Results" not in markdown
+
+
+def test_the_engine_floor_runs_a_job_through_the_engine():
+    """bench/engine_floor.py's jobs really go through (it checks each JOB_ASSIGN_UNIQ, and that
+    no job is left unfinished) and it reports a per-job figure."""
+    from bench.engine_floor import measure
+
+    assert measure(jobs=200, payload_size=10) > 0
