@@ -192,10 +192,15 @@ class Committer:
                     self._check_store()
                     next_check = time.monotonic() + self._check_interval
                     continue
-            if not check_due and not held:
-                self._send(store, in_flight)
-            if in_flight:
-                self._await_outcomes(store, in_flight, held)
+            try:
+                if not check_due and not held:
+                    self._send(store, in_flight)
+                if in_flight:
+                    self._await_outcomes(store, in_flight, held)
+                    continue
+            except Exception as error:  # a bug of ours: refuse what is in flight, never hang
+                log.exception("internal error in the store's pipeline")
+                self._refuse(in_flight, StoreError(store.abandon_pipeline(error), busy=True))
                 continue
             with self._condition:
                 if self._stopping and not self._handed:
@@ -220,6 +225,12 @@ class Committer:
                 self._refuse(in_flight, failure)
                 self._post(_write_safely(store, batch), started)  # refused, or the store is back
                 self._written()
+                continue
+            except Exception as error:  # a bug of ours: refuse this batch and those in flight
+                log.exception("internal error sending a batch of %d records", len(batch.adds))
+                failure = StoreError(store.abandon_pipeline(error))
+                self._refuse(in_flight, failure)
+                self._refuse(collections.deque([(batch, started)]), failure)
                 continue
             if in_flight:  # it must go alone: after the others
                 with self._condition:

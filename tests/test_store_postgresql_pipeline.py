@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import select
 import threading
+import time
 
 import psycopg
 import pytest
@@ -146,3 +147,51 @@ def test_the_committer_writes_fenced_batches_again_in_order(store, pg_database):
     assert [n.below for n in store.lease.news if isinstance(n, Fenced)] == [4]
     mine = [row[1] for row in rows(pg_database) if row[0] == "node-a"]
     assert mine == list(range(4, 2 * COUNT + 4))
+
+
+class StoreWithABug(PostgresStore):
+    """A real PostgresStore whose pipeline breaks once, as a bug of ours would."""
+
+    broken = False
+
+    def send_batch(self, batch):
+        if not self.broken and batch.adds and batch.adds[0].record_id > COUNT:
+            self.broken = True
+            raise RuntimeError("a bug")
+        return super().send_batch(batch)
+
+
+def next_written(committer: Committer, woken: threading.Event):
+    """The next result, waiting at most ANSWER_TIMEOUT: a store thread that died or hangs
+    fails the test instead of hanging it."""
+    deadline = time.monotonic() + ANSWER_TIMEOUT
+    while (written := committer.take_written()) is None:
+        assert woken.wait(max(0.0, deadline - time.monotonic())), "the store's thread is stuck"
+        woken.clear()
+    return written
+
+
+def test_a_bug_in_the_pipeline_refuses_its_batches_and_the_next_are_written(pg_database):
+    """Never a hang: the batch the bug hit is refused (its submitters get QUEUE_ERROR), and
+    the store's thread goes on with the next."""
+    store = StoreWithABug.open(pg_database, "node-a", 5)
+    store.load()
+    woken = threading.Event()
+    committer = Committer(store, woken.set)
+    try:
+        first, second, third = (batch(jobs(1 + n * COUNT, COUNT)) for n in range(3))
+        committer.hand_over(first)
+        assert not next_written(committer, woken).failed
+        committer.hand_over(second)
+        refused = next_written(committer, woken)
+        assert refused.batch is second and refused.removes_failed
+        assert set(refused.failed) == {j.record_id for j in second.adds}
+        assert "internal error: RuntimeError('a bug')" in next(iter(refused.failed.values()))
+        committer.hand_over(third)
+        written_again = next_written(committer, woken)
+        assert written_again.batch is third and not written_again.failed
+    finally:
+        committer.stop()
+        store.close()
+    stored = [row[1] for row in rows(pg_database)]
+    assert stored == [j.record_id for j in [*first.adds, *third.adds]]

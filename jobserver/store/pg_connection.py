@@ -146,13 +146,16 @@ class PgConnection:
         log.warning("database %s reachable again", self.description)
         return connection
 
-    def lost(self, connection: psycopg.Connection, problem: BaseException) -> Unavailable:
-        """Close a connection that failed (or stopped answering), start the backoff, and
-        return the Unavailable that says so."""
+    def lost(
+        self, connection: psycopg.Connection, problem: BaseException, *, back_off: bool = True
+    ) -> Unavailable:
+        """Close a connection that failed (or stopped answering), start the backoff (unless
+        the database is not to blame), and return the Unavailable that says so."""
         self._drop(connection)
         cause = redact(str(problem).strip().splitlines()[0] if str(problem) else "", self.uri)
         cause = cause or type(problem).__name__
-        self._back_off(cause, first=True)
+        if back_off:
+            self._back_off(cause, first=True)
         return Unavailable(f"database {self.description} unreachable: {cause}")
 
     def close(self) -> None:

@@ -262,19 +262,23 @@ class PostgresStore:
         except psycopg.Error as problem:
             self._pipeline_lost(problem)
 
-    def abandon_pipeline(self) -> str:
-        """The batches in flight went unanswered past their deadline: drop the connection, as
+    def abandon_pipeline(self, error: BaseException | None = None) -> str:
+        """The batches in flight will not be answered: they went unanswered past their
+        deadline (no `error`), or a bug of ours broke the exchange. Drop the connection, as
         the watchdog cuts a hung call. Returns why, for the log and the refusals."""
-        problem = f"no answer within {CALL_DEADLINE:g} s"
-        log.error("database %s: %s; cutting the connection", self.path, problem)
-        return self._pipeline_lost(TimeoutError(problem))
+        if error is None:
+            error = TimeoutError(f"no answer within {CALL_DEADLINE:g} s")
+            log.error("database %s: %s; cutting the connection", self.path, error)
+            return self._pipeline_lost(error)
+        self._pipeline_lost(error, back_off=False)  # the database is not to blame
+        return f"internal error: {error!r} (the connection to {self.path} was closed)"
 
-    def _pipeline_lost(self, problem: BaseException) -> str:
+    def _pipeline_lost(self, problem: BaseException, *, back_off: bool = True) -> str:
         pipeline, self._pipeline = self._pipeline, None
         self._sent.clear()
         if pipeline is None:
             return self._describe_failure(Unavailable(str(problem)))
-        return str(self._db.lost(pipeline.connection, problem))
+        return str(self._db.lost(pipeline.connection, problem, back_off=back_off))
 
     # ------------------------------------------------------------------ writing one batch
 
