@@ -72,8 +72,12 @@ class Committer:
         # taken, and whether one of them must be alone (see may_hand_over).
         self._outstanding = 0
         self._alone = False
+        # The pipelined thread waits on the database's socket and on this one: a byte per
+        # batch handed over (or stop). Both ends non-blocking: a full pair means a wake-up is
+        # pending anyway, and the serving thread must never block on it.
         self._wakeup_reader, self._wakeup_writer = socket.socketpair()
         self._wakeup_reader.setblocking(False)
+        self._wakeup_writer.setblocking(False)
         run = self._run if self._depth == 1 else self._run_pipelined
         self._thread = threading.Thread(target=run, name="jobserver-store", daemon=True)
         self._thread.start()

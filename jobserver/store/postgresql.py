@@ -48,7 +48,7 @@ PIPELINES = psycopg.Pipeline.is_supported()
 
 PIPELINE_DEPTH = 2
 """Batches in flight at once: while the database runs one, the next is on its way, so it never
-waits for us. A third gained 4% alone and nothing under load (pg_pipeline.py)."""
+waits for us. A third gained 4% alone and nothing under load (bench/RESULTS.md)."""
 
 RENEWALS_PER_LEASE = 4
 RENEW_INTERVAL_MAX = 1.0
