@@ -42,10 +42,6 @@ STATEMENT = re.sub(r"%\((\w+)\)s", _number, sql.APPLY).encode()
 _TEXT, _BINARY = 0, 1
 _ARRAY_OIDS = {array_type: array_type.oid for array_type in ARRAY_TYPES}
 
-WRITTEN, FENCED, FAILED = "written", "fenced", "failed"
-"""A batch's outcome: committed; not written because the term has changed; not written because
-its statement failed (the error is in `ApplyPipeline.last_error`)."""
-
 
 class ApplyPipeline:
     """APPLY statements in flight on one connection, and their outcomes in the order sent."""
@@ -56,8 +52,7 @@ class ApplyPipeline:
         self._pgconn.nonblocking = 1
         self._pgconn.enter_pipeline_mode()
         self.in_flight = 0
-        self._outcome: str | None = None  # of the statement whose Sync has not come yet
-        self.last_error = ""
+        self._written = False  # by the statement whose Sync has not come yet
 
     def fileno(self) -> int:
         return self._pgconn.socket
@@ -95,27 +90,26 @@ class ApplyPipeline:
             if readable:
                 pgconn.consume_input()
 
-    def collect(self) -> list[str]:
-        """The outcomes of the batches completed since the last call, oldest first (after the
-        socket was readable; [] if nothing has completed). Raises psycopg.OperationalError
-        when the connection fails."""
+    def collect(self) -> list[bool]:
+        """Whether each batch completed since the last call was written, oldest first (after
+        the socket was readable; [] if nothing has completed). A batch was not written when
+        the term has changed (APPLY answers 0) or its statement failed: either way `apply`
+        writes it again and says why. Raises psycopg.OperationalError when the connection
+        fails."""
         pgconn = self._pgconn
         pgconn.consume_input()
-        outcomes: list[str] = []
+        outcomes: list[bool] = []
         while self.in_flight and not pgconn.is_busy():
             result = pgconn.get_result()
             if result is None:
                 continue  # the end of one statement's results
             status = result.status
             if status == pq.ExecStatus.PIPELINE_SYNC:
-                outcomes.append(self._outcome or FAILED)
-                self._outcome = None
+                outcomes.append(self._written)
+                self._written = False
                 self.in_flight -= 1
             elif status == pq.ExecStatus.TUPLES_OK:
-                self._outcome = WRITTEN if result.get_value(0, 0) == b"1" else FENCED
-            else:
-                self._outcome = FAILED
-                self.last_error = result.error_message.decode(errors="replace").strip()
+                self._written = result.get_value(0, 0) == b"1"
         return outcomes
 
     def close(self) -> None:

@@ -36,7 +36,7 @@ from .pg_connection import (
     Unavailable,
     redact,
 )
-from .pg_pipeline import WRITTEN, ApplyPipeline
+from .pg_pipeline import ApplyPipeline
 
 log = logging.getLogger(__name__)
 
@@ -238,18 +238,15 @@ class PostgresStore:
             outcomes = pipeline.collect()
         except psycopg.Error as problem:
             raise StoreError(self._pipeline_lost(problem), busy=True) from None
-        written = []
-        for outcome in outcomes:
+        for written in outcomes:
             start, sent_at = self._sent.popleft()
-            if outcome == WRITTEN:
+            if written:
                 self.lease.renewed(sent_at)
-                written.append(True)
             else:
                 # Nothing of it was written: a fencing found later names its records as never
                 # stored (for `apply` to write), not as a peer's.
                 self._record_ids_end = min(self._record_ids_end, start)
-                written.append(False)
-        return written
+        return outcomes
 
     def end_pipeline(self) -> None:
         """Leave pipeline mode once nothing is in flight, so the connection serves ordinary
