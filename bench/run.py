@@ -24,6 +24,12 @@ foreground jobs over TLS against plaintext:
 
     python -m bench.run --servers jobserver-memory,jobserver-tls --scenarios d
 
+`--floor` (or naming trio-floor in `--servers`) adds the column trio-floor (issue 16) for
+(a)-(d): bench/trio_floor.py, the scenarios' job routing on trio with nothing else, i.e. what
+Python and trio alone reach here in the I/O style jobserver uses:
+
+    python -m bench.run --floor --scenarios abcd --servers trio-floor,jobserver-memory,gearmand
+
 `--scaling` measures scaling by processes instead (issue 16, bench/scaling.py): jobserver as
 1, 2 and 4 processes and gearmand with --threads=1 and 2 (and as 2 and 4 processes), the load
 spread over them, foreground jobs/s and background submits/s in total. It runs none of the
@@ -103,6 +109,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "certificates made for the run with trustme) and compare it with plaintext",
     )
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run bench/trio_floor.py (column trio-floor) in (a)-(d): the scenarios' job "
+        "routing on trio and nothing else",
+    )
+    parser.add_argument(
         "--takeover-leases",
         default=None,
         help="with --postgresql: comma-separated --lease values to measure the takeover with, "
@@ -167,6 +179,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--takeover-jobs must be at least 1")
     if args.servers and TLS_COLUMN in args.servers.split(","):
         args.tls = True
+    if args.servers and servers.FLOOR in args.servers.split(","):
+        args.floor = True
     return args
 
 
@@ -198,6 +212,8 @@ def server_lineup(
     the run's PostgreSQL cluster, or why there is none (with --postgresql), or None;
     `certificates` likewise for the TLS column (with --tls)."""
     lineup = [servers.canned_spec(sizes.payload), *servers.jobserver_specs()]
+    if args.floor:
+        lineup.insert(1, servers.trio_floor_spec())
     skipped: dict[str, str] = {}
     if isinstance(postgres, BenchPostgres):
         lineup.append(postgres.jobserver_spec())
@@ -361,7 +377,7 @@ def run(
         order = lineup[shift:] + lineup[:shift]
         for scenario in scenarios:
             for spec in order:
-                if spec.name == report.CEILING and not scenario.on_ceiling:
+                if spec.name in report.RATES_ONLY and not scenario.on_ceiling:
                     continue
                 where = f"round {round_index + 1} ({scenario.key}) {spec.name}"
                 values = report.attempt(where, partial(run_one, spec, scenario, sizes), errors)

@@ -30,6 +30,8 @@ from .tls import ClientTls, RunCertificates
 HOST = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GEARMAND = "/usr/sbin/gearmand"
+FLOOR = "trio-floor"
+"""The column of bench/trio_floor.py (`--floor`)."""
 
 GEARMAND_THREADS = 1
 """gearmand's --threads on this 2-core machine. With N > 0 gearmand runs N I/O threads plus
@@ -83,7 +85,10 @@ class ServerSpec:
     """False for gear: it ignores ECHO_REQ, so probes use GET_STATUS instead."""
     is_job_server: bool = True
     """A real job server: routes jobs to workers and answers the admin `status` command (used
-    to check queue counts). False for the canned server."""
+    to check queue counts). False for the canned server and the trio floor."""
+    routes_jobs: bool = True
+    """Hands jobs to workers and their results back to clients; False for the canned server,
+    which completes foreground jobs itself."""
     env: dict[str, str] = field(default_factory=dict)
     note: str = ""
     database_counters: Callable[[int], dict[str, int]] | None = None
@@ -236,6 +241,16 @@ def gear_spec(pythonpath: str | None, *, nodelay: bool = False) -> ServerSpec:
     return ServerSpec(name, argv, answers_echo=False, env=env)
 
 
+def trio_floor_spec() -> ServerSpec:
+    """bench/trio_floor.py: the scenarios' job routing on trio and nothing else (issue 16)."""
+    return ServerSpec(
+        FLOOR,
+        lambda port, _dir: [sys.executable, "-m", "bench.trio_floor", "--port", str(port)],
+        is_job_server=False,
+        note="bench/trio_floor.py: the scenarios' job routing on trio, nothing else",
+    )
+
+
 def canned_spec(payload_size: int) -> ServerSpec:
     return ServerSpec(
         "ceiling",
@@ -249,6 +264,7 @@ def canned_spec(payload_size: int) -> ServerSpec:
             str(payload_size),
         ],
         is_job_server=False,
+        routes_jobs=False,
         note="bench/canned_server.py: canned replies, measures the load generator itself",
     )
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(servers.REPO_ROOT))
 
 from bench.report import CEILING
 from bench.scenarios import METRICS, SCENARIOS
-from bench.servers import jobserver_has_store
+from bench.servers import FLOOR, jobserver_has_store
 
 RUN_TIMEOUT = 600  # seconds; a safety bound on a hung run, not a performance expectation
 
@@ -179,6 +179,33 @@ def test_quick_scaling_bench_measures_each_process_count_and_no_scenario(quick_s
     assert "### Scaling by processes (issue 16)" in markdown
     assert "| jobserver-memory | 2 |" in markdown
     assert "### Results" not in markdown
+
+
+@pytest.fixture(scope="module")
+def quick_floor_run(tmp_path_factory) -> tuple[dict, str]:
+    """The trio floor (issue 16) beside jobserver: every scenario asked for, so the run must
+    keep the floor to the rate scenarios."""
+    return run_quick_bench(
+        tmp_path_factory.mktemp("bench-floor"),
+        "--floor",
+        "--servers",
+        "trio-floor,jobserver-memory",
+    )
+
+
+def test_quick_floor_bench_routes_jobs_in_the_rate_scenarios_only(quick_floor_run):
+    """trio-floor runs (a)-(d) and no other; its (c) drained every queued job (the scenario
+    checks the count) and its (d) jobs went through the workers (clients' results counted
+    against the workers' jobs)."""
+    results, markdown = quick_floor_run
+    assert results["errors"] == []
+    assert results["servers"] == [FLOOR, "jobserver-memory"]
+    figures = results["figures"][FLOOR]
+    for metric in METRICS:
+        expected = 1 if metric.scenario in "abcd" else 0
+        assert len(figures.get(metric.key, [])) == expected, metric.key
+    assert f"| {FLOOR} |" in markdown
+    assert "Python and trio alone" in markdown
 
 
 def test_the_engine_floor_runs_a_job_through_the_engine():
