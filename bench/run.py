@@ -26,7 +26,8 @@ foreground jobs over TLS against plaintext:
 
 `--floor` (or naming trio-floor in `--servers`) adds the column trio-floor (issue 16) for
 (a)-(d): bench/trio_floor.py, the scenarios' job routing on trio with nothing else, i.e. what
-Python and trio alone reach here in the I/O style jobserver uses:
+Python and trio alone reach here in the I/O style jobserver uses; and for (b) two columns of
+jobserver whose store only waits (bench/waiting_store.py), the floor of the durable path:
 
     python -m bench.run --floor --scenarios abcd --servers trio-floor,jobserver-memory,gearmand
 
@@ -112,7 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--floor",
         action="store_true",
         help="also run bench/trio_floor.py (column trio-floor) in (a)-(d): the scenarios' job "
-        "routing on trio and nothing else",
+        "routing on trio and nothing else; and in (b) jobserver with stores that only wait "
+        "(bench/waiting_store.py)",
     )
     parser.add_argument(
         "--takeover-leases",
@@ -179,7 +181,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--takeover-jobs must be at least 1")
     if args.servers and TLS_COLUMN in args.servers.split(","):
         args.tls = True
-    if args.servers and servers.FLOOR in args.servers.split(","):
+    if args.servers and {servers.FLOOR, *servers.STORE_WAITS} & set(args.servers.split(",")):
         args.floor = True
     return args
 
@@ -214,6 +216,7 @@ def server_lineup(
     lineup = [servers.canned_spec(sizes.payload), *servers.jobserver_specs()]
     if args.floor:
         lineup.insert(1, servers.trio_floor_spec())
+        lineup[3:3] = servers.waiting_store_specs()  # beside the memory and sqlite stores
     skipped: dict[str, str] = {}
     if isinstance(postgres, BenchPostgres):
         lineup.append(postgres.jobserver_spec())
@@ -377,7 +380,7 @@ def run(
         order = lineup[shift:] + lineup[:shift]
         for scenario in scenarios:
             for spec in order:
-                if spec.name in report.RATES_ONLY and not scenario.on_ceiling:
+                if scenario.key not in spec.scenarios:
                     continue
                 where = f"round {round_index + 1} ({scenario.key}) {spec.name}"
                 values = report.attempt(where, partial(run_one, spec, scenario, sizes), errors)

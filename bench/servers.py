@@ -32,6 +32,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 GEARMAND = "/usr/sbin/gearmand"
 FLOOR = "trio-floor"
 """The column of bench/trio_floor.py (`--floor`)."""
+STORE_WAITS = {"jobserver-wait-0ms": 0.0, "jobserver-wait-0.3ms": 0.0003}
+"""The columns of bench/waiting_store.py (`--floor`), in (b) only: jobserver's durable path
+with a store whose commit costs nothing, and one that only waits about this machine's
+fdatasync (0.2-0.3 ms alone; bench/RESULTS.md)."""
 
 GEARMAND_THREADS = 1
 """gearmand's --threads on this 2-core machine. With N > 0 gearmand runs N I/O threads plus
@@ -86,6 +90,8 @@ class ServerSpec:
     is_job_server: bool = True
     """A real job server: routes jobs to workers and answers the admin `status` command (used
     to check queue counts). False for the canned server and the trio floor."""
+    scenarios: str = "abcdef"
+    """The scenarios this column runs: the instruments (ceiling, floors) only the rates."""
     routes_jobs: bool = True
     """Hands jobs to workers and their results back to clients; False for the canned server,
     which completes foreground jobs itself."""
@@ -247,8 +253,24 @@ def trio_floor_spec() -> ServerSpec:
         FLOOR,
         lambda port, _dir: [sys.executable, "-m", "bench.trio_floor", "--port", str(port)],
         is_job_server=False,
+        scenarios="abcd",
         note="bench/trio_floor.py: the scenarios' job routing on trio, nothing else",
     )
+
+
+def waiting_store_specs() -> list[ServerSpec]:
+    """jobserver whose store only waits (bench/waiting_store.py), one column per wait."""
+
+    def spec(name: str, wait: float) -> ServerSpec:
+        module = [sys.executable, "-m", "bench.waiting_store", "--wait", str(wait), "--"]
+        return ServerSpec(
+            name,
+            lambda port, _dir: [*module, "-L", HOST, "-p", str(port)],
+            scenarios="b",
+            note=f"bench/waiting_store.py: jobserver, its store's commit a {wait * 1e3:g} ms wait",
+        )
+
+    return [spec(name, wait) for name, wait in STORE_WAITS.items()]
 
 
 def canned_spec(payload_size: int) -> ServerSpec:
@@ -264,6 +286,7 @@ def canned_spec(payload_size: int) -> ServerSpec:
             str(payload_size),
         ],
         is_job_server=False,
+        scenarios="abcd",
         routes_jobs=False,
         note="bench/canned_server.py: canned replies, measures the load generator itself",
     )

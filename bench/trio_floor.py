@@ -1,13 +1,14 @@
 """The trio floor: the least a Gearman job server on trio can do for scenarios (a)-(d).
 
-    python -m bench.trio_floor --port PORT
+    python -m bench.trio_floor --port PORT [--per-pass]
 
 Issue 16 asks, where a speed target is missed, for what remains and why it cannot be removed
 in Python with trio. This server answers that by measurement: it does the scenarios' real
 work (jobs are queued, handed to the workers that grab them, and their results routed back to
 the waiting client) with nothing else a job server needs, in the I/O style jobserver uses
 (one trio task per connection: wait until readable, one os.read, serve every packet of it,
-one write to each peer it produced output for):
+one write to each peer it produced output for; with --per-pass, jobserver's one write per peer
+per scheduler pass, from a flush task woken by the pass's first reader):
 
 - ECHO_REQ -> ECHO_RES, each packet on its own (no shortcut for repeated requests).
 - SUBMIT_JOB / SUBMIT_JOB_BG -> a job in a FIFO per function, JOB_CREATED, and NOOP to one
@@ -72,7 +73,10 @@ class Job:
 
 
 class FloorServer:
-    def __init__(self) -> None:
+    def __init__(self, per_pass: bool = False) -> None:
+        self.per_pass = per_pass
+        self.dirty: list[Peer] = []
+        self.flush_lot = trio.lowlevel.ParkingLot()
         self.queues: dict[bytes, collections.deque[Job]] = {}
         self.running: dict[bytes, Job] = {}
         self.sleepers: dict[bytes, list[Peer]] = {}
@@ -80,6 +84,8 @@ class FloorServer:
 
     async def serve(self, listener: trio.SocketListener) -> None:
         async with trio.open_nursery() as nursery:
+            if self.per_pass:
+                nursery.start_soon(self.flush_after_reads)
             while True:
                 stream = await listener.accept()
                 nursery.start_soon(self.serve_peer, Peer(stream.socket))  # type: ignore[attr-defined]
@@ -94,6 +100,11 @@ class FloorServer:
                     continue
                 if not data:
                     return
+                if self.per_pass:
+                    if not self.dirty:
+                        self.flush_lot.unpark_all()
+                    self.take(peer, peer.inbox + data if peer.inbox else data, self.dirty)
+                    continue
                 touched: list[Peer] = []
                 self.take(peer, peer.inbox + data if peer.inbox else data, touched)
                 for other in touched:
@@ -107,6 +118,14 @@ class FloorServer:
                 if peer in sleepers:
                     sleepers.remove(peer)
             peer.sock.close()
+
+    async def flush_after_reads(self) -> None:
+        while True:
+            await self.flush_lot.park()
+            dirty, self.dirty = self.dirty, []
+            for peer in dirty:
+                if not peer.closed:
+                    await self.flush(peer)
 
     async def flush(self, peer: Peer) -> None:
         data = b"".join(peer.outbox)
@@ -178,19 +197,22 @@ class FloorServer:
         # Anything else (SET_CLIENT_ID, OPTION_REQ, ...) gets no reply.
 
 
-async def main_async(host: str, port: int) -> None:
+async def main_async(host: str, port: int, per_pass: bool) -> None:
     listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
     for listener in listeners:
         listener.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    await FloorServer().serve(listeners[0])
+    await FloorServer(per_pass).serve(listeners[0])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--per-pass", action="store_true", help="one write per peer per pass, not per read"
+    )
     args = parser.parse_args()
-    trio.run(main_async, args.host, args.port)
+    trio.run(main_async, args.host, args.port, args.per_pass)
 
 
 if __name__ == "__main__":

@@ -189,23 +189,26 @@ def quick_floor_run(tmp_path_factory) -> tuple[dict, str]:
         tmp_path_factory.mktemp("bench-floor"),
         "--floor",
         "--servers",
-        "trio-floor,jobserver-memory",
+        "trio-floor,jobserver-memory,jobserver-wait-0ms",
     )
 
 
-def test_quick_floor_bench_routes_jobs_in_the_rate_scenarios_only(quick_floor_run):
+def test_quick_floor_bench_runs_each_floor_in_its_scenarios_only(quick_floor_run):
     """trio-floor runs (a)-(d) and no other; its (c) drained every queued job (the scenario
     checks the count) and its (d) jobs went through the workers (clients' results counted
-    against the workers' jobs)."""
+    against the workers' jobs). The waiting store runs (b) only, and its submits were all
+    acknowledged (the scenario counts JOB_CREATED)."""
     results, markdown = quick_floor_run
     assert results["errors"] == []
-    assert results["servers"] == [FLOOR, "jobserver-memory"]
-    figures = results["figures"][FLOOR]
-    for metric in METRICS:
-        expected = 1 if metric.scenario in "abcd" else 0
-        assert len(figures.get(metric.key, [])) == expected, metric.key
+    assert results["servers"] == [FLOOR, "jobserver-memory", "jobserver-wait-0ms"]
+    for server, scenarios in ((FLOOR, "abcd"), ("jobserver-wait-0ms", "b")):
+        figures = results["figures"][server]
+        for metric in METRICS:
+            expected = 1 if metric.scenario in scenarios else 0
+            assert len(figures.get(metric.key, [])) == expected, (server, metric.key)
     assert f"| {FLOOR} |" in markdown
     assert "Python and trio alone" in markdown
+    assert "floor: its store's commit only waits 0 ms" in markdown  # the durable table
 
 
 def test_the_engine_floor_runs_a_job_through_the_engine():
