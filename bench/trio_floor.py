@@ -47,7 +47,7 @@ NO_JOB = packet(T.NO_JOB)
 
 
 class Peer:
-    __slots__ = ("closed", "fd", "functions", "inbox", "outbox", "sleeping", "sock")
+    __slots__ = ("closed", "fd", "functions", "inbox", "outbox", "sleeping", "sock", "writing")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -57,6 +57,7 @@ class Peer:
         self.functions: list[bytes] = []
         self.sleeping = False
         self.closed = False
+        self.writing = False  # a flush is waiting for the socket: it sends what comes meanwhile
 
 
 class Job:
@@ -121,20 +122,30 @@ class FloorServer:
 
     async def flush_after_reads(self) -> None:
         while True:
-            await self.flush_lot.park()
+            if not self.dirty:  # readers that came while it was writing need no wake-up
+                await self.flush_lot.park()
             dirty, self.dirty = self.dirty, []
             for peer in dirty:
                 if not peer.closed:
                     await self.flush(peer)
 
     async def flush(self, peer: Peer) -> None:
-        data = b"".join(peer.outbox)
-        peer.outbox.clear()
-        while data:
-            try:
-                data = data[os.write(peer.fd, data) :]
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(peer.fd)
+        """Write the peer's output; while the socket is full, what other readers add for it
+        goes out behind it, in order, from here."""
+        if peer.writing:
+            return
+        peer.writing = True
+        try:
+            while peer.outbox:
+                data = b"".join(peer.outbox)
+                peer.outbox.clear()
+                while data:
+                    try:
+                        data = data[os.write(peer.fd, data) :]
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(peer.fd)
+        finally:
+            peer.writing = False
 
     def send(self, peer: Peer, data: bytes, touched: list[Peer]) -> None:
         if not peer.outbox:
