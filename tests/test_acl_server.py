@@ -572,6 +572,6 @@ def test_a_client_certificate_gives_no_identity_to_a_server_that_does_not_verify
 def test_only_loopback_addresses_get_the_loopback_identity(address, loopback):
     # The live tests can only connect from loopback; other peers are checked on the rule
     # itself (the server's private helper: there is no portable non-loopback address to use).
-    from jobserver.server import _is_loopback
+    from jobserver.server_connections import _is_loopback
 
     assert _is_loopback(address) is loopback

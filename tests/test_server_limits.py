@@ -22,7 +22,8 @@ import wire
 
 from jobserver.protocol import PacketType as T
 from jobserver.protocol import encode_request
-from jobserver.server import PACKETS_PER_TURN, Server, ServerConfig
+from jobserver.server import Server, ServerConfig
+from jobserver.server_connections import PACKETS_PER_TURN
 
 connect = wire.connect  # fixture: connect(server) -> Wire, closed at teardown
 

@@ -183,7 +183,7 @@ def stream_until_closed(
 def test_client_that_never_reads_is_closed_at_max_outbox_whatever_it_held_before(
     jobserver, connect
 ):
-    from jobserver.server import MAX_OUTBOX
+    from jobserver.server_connections import MAX_OUTBOX
 
     worker, client, handle = submit_and_assign(connect, jobserver)
     sent = stream_until_closed(jobserver, worker, client, handle, limit=MAX_OUTBOX + 128 * MiB)
