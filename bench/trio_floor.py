@@ -38,6 +38,8 @@ RECEIVE_SIZE = 64 * 1024
 
 
 def packet(packet_type: int, *args: bytes) -> bytes:
+    """A reply's bytes, framed with the protocol module's HEADER. Not `protocol.encode`: that
+    one also checks our own arguments (count, no NUL inside), which a floor leaves out."""
     payload = b"\0".join(args)
     return HEADER.pack(RES, packet_type, len(payload)) + payload
 
