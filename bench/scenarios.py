@@ -99,8 +99,6 @@ class Scenario:
     key: str
     title: str
     run: Callable[[RunningServer, Sizes, Path], dict[str, float]]
-    on_ceiling: bool
-    """Also run against the canned server, to measure the load generator's ceiling."""
 
 
 def describe(sizes: Sizes) -> dict[str, str]:
@@ -394,10 +392,10 @@ def idle_connections(server: RunningServer, sizes: Sizes, logs: Path) -> dict[st
 
 
 SCENARIOS = [
-    Scenario("a", "ECHO round trips, pipelined", echo_round_trips, on_ceiling=True),
-    Scenario("b", "background submit rate, pipelined", submit_rate, on_ceiling=True),
-    Scenario("c", "drain rate of queued background jobs", drain_rate, on_ceiling=True),
-    Scenario("d", "foreground round trips and latency", foreground, on_ceiling=True),
-    Scenario("e", "memory per queued background job", memory_per_job, on_ceiling=False),
-    Scenario("f", "idle connections: RSS and ECHO latency", idle_connections, on_ceiling=False),
+    Scenario("a", "ECHO round trips, pipelined", echo_round_trips),
+    Scenario("b", "background submit rate, pipelined", submit_rate),
+    Scenario("c", "drain rate of queued background jobs", drain_rate),
+    Scenario("d", "foreground round trips and latency", foreground),
+    Scenario("e", "memory per queued background job", memory_per_job),
+    Scenario("f", "idle connections: RSS and ECHO latency", idle_connections),
 ]

@@ -30,6 +30,8 @@ from .tls import ClientTls, RunCertificates
 HOST = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GEARMAND = "/usr/sbin/gearmand"
+RATE_SCENARIOS = "abcd"
+"""The rate scenarios, the only ones the instruments (the ceiling and the floors) run in."""
 FLOOR = "trio-floor"
 """The column of bench/trio_floor.py (`--floor`)."""
 STORE_WAITS = {"jobserver-wait-0ms": 0.0, "jobserver-wait-0.3ms": 0.0003}
@@ -253,7 +255,7 @@ def trio_floor_spec() -> ServerSpec:
         FLOOR,
         lambda port, _dir: [sys.executable, "-m", "bench.trio_floor", "--port", str(port)],
         is_job_server=False,
-        scenarios="abcd",
+        scenarios=RATE_SCENARIOS,
         note="bench/trio_floor.py: the scenarios' job routing on trio, nothing else",
     )
 
@@ -286,7 +288,7 @@ def canned_spec(payload_size: int) -> ServerSpec:
             str(payload_size),
         ],
         is_job_server=False,
-        scenarios="abcd",
+        scenarios=RATE_SCENARIOS,
         routes_jobs=False,
         note="bench/canned_server.py: canned replies, measures the load generator itself",
     )
