@@ -61,14 +61,14 @@ def screen(who: Permissions, packet: Packet, engine: Engine) -> Denial | None:
     if kind == T.GET_STATUS:
         handle = packet.args[0].split(b"\0", 1)[0]
         job = engine.jobs.get(handle)
-        if job is None or who.may_invoke(job.function.name):
+        if job is None or who.may_see_jobs_of(job.function.name):
             return None
         return Denial(encode_response(T.STATUS_RES, handle, b"0", b"0", b"0", b"0"), None)
     if kind == T.GET_STATUS_UNIQUE:
         if len(packet.args[0]) > MAX_LOOKUP_ARGUMENT_SIZE:
             return None  # the engine's error answers it
-        # Several functions' jobs may share a unique: answer about one this peer may invoke.
-        return Denial(engine.status_by_unique(packet.args[0], who.may_invoke), None)
+        # Several functions' jobs may share a unique: answer about one this peer may see.
+        return Denial(engine.status_by_unique(packet.args[0], who.may_see_jobs_of), None)
     return None
 
 

@@ -87,6 +87,11 @@ class Permissions:
     def may_register(self, function: bytes) -> bool:
         return self._allowed(function, self._register, self._register_cache)
 
+    def may_see_jobs_of(self, function: bytes) -> bool:
+        """Whether job listings and status queries show this function's jobs: an admin sees
+        every job, others those of functions they may invoke (the jobs they could submit)."""
+        return self.admin or self.may_invoke(function)
+
     def may_see(self, function: bytes) -> bool:
         """Whether `status`-style listings show this function: one it may invoke or serve."""
         return self.admin or self.may_invoke(function) or self.may_register(function)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import ipaddress
 import logging
 import os
 import signal
@@ -618,12 +619,30 @@ def _log_started(server: Server, listeners: list[trio.SocketListener]) -> None:
             if config.loopback_identity
             else "",
         )
+    if config.acl is not None and config.http is not None and not _is_loopback(config.http[0]):
+        # The HTTP side answers anyone who reaches it (issue 14); --acl covers the Gearman port.
+        log.warning(
+            "--http %s port %d: the status page, /api/status and /metrics need no identity "
+            "and show every function, whatever --acl allows; bind them to a loopback or "
+            "firewalled address",
+            *config.http,
+        )
     if server.store is None:
         log.log(NOTICE, "store: memory only (--store memory): background jobs are lost on exit")
     else:
         jobs = len(server.engine.jobs) if server.engine is not None else 0
         path = getattr(server.store, "path", config.data_dir)
         log.log(NOTICE, "store opened: %s (background jobs loaded: %d)", path, jobs)
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether a --http host is a loopback address or "localhost" (names are not resolved)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ certificate never gets past the handshake.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import ssl
@@ -35,6 +36,12 @@ and stalls, and of a plaintext peer that waits for the server to speak first."""
 HANDSHAKE_LOG_INTERVAL = 10.0
 """Seconds between log lines about failed handshakes: a port scanner or a fleet of
 misconfigured clients is one line per interval with a count and the latest cause."""
+
+MAX_HANDSHAKE_CAUSES = 8
+"""Distinct causes a log line about failed handshakes counts one by one (the rest as "other
+causes"): enough for every way a handshake fails (not TLS, no certificate, unknown CA,
+expired, wrong version, ...), while a cause text naming varying details cannot grow the line
+or the counter without bound."""
 
 HANDSHAKE_RECEIVE_SIZE = 16384
 """Bytes read per step of the handshake: a ClientHello or a client's certificate chain is a
@@ -77,18 +84,27 @@ def server_context(cert: Path, key: Path | None, ca: Path | None) -> ssl.SSLCont
     return context
 
 
+OTHER_CAUSES = "other causes"
+"""How a log line counts the failures past MAX_HANDSHAKE_CAUSES distinct causes."""
+
+
 class HandshakeFailures:
-    """Counts failed handshakes and logs them at most once per HANDSHAKE_LOG_INTERVAL."""
+    """Counts failed handshakes and logs them at most once per HANDSHAKE_LOG_INTERVAL, with
+    how many failed for each cause (each failure is logged at DEBUG as it happens)."""
 
     def __init__(self) -> None:
         self.total = 0
-        self._unlogged = 0
+        self._unlogged: collections.Counter[str] = collections.Counter()  # by cause
         self._next_log = -float("inf")
         self._latest = ("", "")
 
     def note(self, address: str, cause: str) -> None:
         self.total += 1
-        self._unlogged += 1
+        log.debug("TLS handshake from %s failed: %s", address, cause)
+        if cause in self._unlogged or len(self._unlogged) < MAX_HANDSHAKE_CAUSES:
+            self._unlogged[cause] += 1
+        else:
+            self._unlogged[OTHER_CAUSES] += 1
         self._latest = (address, cause)
         if time.monotonic() >= self._next_log:
             self.report()
@@ -99,14 +115,22 @@ class HandshakeFailures:
         if not self._unlogged:
             return
         address, cause = self._latest
+        total = self._unlogged.total()
+        by_cause = ""
+        if len(self._unlogged) > 1:
+            other = self._unlogged.pop(OTHER_CAUSES, 0)
+            counted = [f"{n} {c}" for c, n in self._unlogged.most_common()]
+            counts = "; ".join(counted + ([f"{other} {OTHER_CAUSES}"] if other else []))
+            by_cause = f" ({counts})"
         log.warning(
-            "TLS handshake failed %d time(s) in the last %g s; the latest from %s: %s",
-            self._unlogged,
+            "TLS handshake failed %d time(s) in the last %g s%s; the latest from %s: %s",
+            total,
             HANDSHAKE_LOG_INTERVAL,
+            by_cause,
             address,
             cause,
         )
-        self._unlogged = 0
+        self._unlogged.clear()
         self._next_log = time.monotonic() + HANDSHAKE_LOG_INTERVAL
 
     async def report_pending(self) -> None:

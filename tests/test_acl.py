@@ -12,6 +12,7 @@ import servers
 from servers import HOST
 from test_cli_support import one_line, run_jobserver
 
+from jobserver import cli
 from jobserver.acl import (
     MAX_CACHED_FUNCTIONS,
     NO_RIGHTS,
@@ -306,3 +307,23 @@ def test_a_loopback_identity_without_an_acl_is_a_usage_error(tmp_path):
 
     assert result.returncode == 2
     assert "Invalid value for --loopback-identity: needs --acl" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.53", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.0.2.10", False),
+        ("status.example", False),  # a name is not resolved: warned about, to be safe
+    ],
+)
+def test_http_beside_an_acl_is_warned_about_unless_it_is_bound_to_loopback(host, loopback):
+    # The warning itself is logged by cli._log_started when this says False; a live test would
+    # have to bind a non-loopback address, which the tests never do.
+    assert cli._is_loopback(host) is loopback

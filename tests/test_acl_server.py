@@ -10,13 +10,15 @@ and checks listings by what they must and must not hold, never by their whole co
 from __future__ import annotations
 
 import fnmatch
+import socket
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 import tls_certs
 import wire
-from servers import wait_until
+from servers import HOST, IO_TIMEOUT, free_port, wait_until
+from test_http_status import HttpServer
 from tls_certs import Pki, TlsServer, start_tls_jobserver
 from wire import Wire
 
@@ -42,6 +44,10 @@ admin = true
 
 [identity."globs"]
 invoke = ["job?", "[ab]_task"]
+
+[identity."auditor"]
+invoke = ["resize*"]
+admin = true
 
 [identity."local-tools"]
 invoke = ["local_*"]
@@ -473,6 +479,22 @@ def test_status_of_a_job_one_may_not_invoke_is_unknown(as_identity):
     ops.expect(T.STATUS_RES, theirs, b"1", b"0", b"0", b"0")
 
 
+def test_an_admin_sees_the_status_of_every_job_not_only_of_those_it_may_invoke(as_identity):
+    """An admin sees every job in the listings; GET_STATUS(_UNIQUE) agrees with them."""
+    anonymous, auditor = as_identity(None), as_identity("auditor")
+    theirs = anonymous.submit(b"public_audited", b"", b"public-audited-u", T.SUBMIT_JOB_BG)
+
+    assert theirs in auditor.admin("show jobs")
+    assert auditor.admin(b"show job " + theirs).startswith(b"OK queued ")
+    auditor.send(T.GET_STATUS, theirs)
+    auditor.expect(T.STATUS_RES, theirs, b"1", b"0", b"0", b"0")
+    auditor.send(T.GET_STATUS_UNIQUE, b"public-audited-u")
+    auditor.expect(T.STATUS_RES_UNIQUE, b"public-audited-u", b"1", b"0", b"0", b"0", b"0")
+    # Its admin rights do not widen what it may submit.
+    auditor.send(T.SUBMIT_JOB_BG, b"public_audited", b"", b"")
+    assert auditor.expect(T.ERROR)[0] == b"PERMISSION_DENIED"
+
+
 def test_status_by_unique_finds_ones_own_job_when_another_identity_uses_the_same_unique(
     as_identity,
 ):
@@ -509,8 +531,42 @@ def test_denials_are_logged_naming_the_peer_and_what_was_refused(acl_server, as_
         assert " WARNING denied 127.0.0.1 (fd " in line
 
 
+def test_metrics_count_denials_and_failed_handshakes(tls_pki: Pki, acl_file, tls_connect):
+    """/metrics' jobserver_acl_denials_total and jobserver_tls_handshake_failures_total count
+    what the log reports: a denied submit, registration and admin command; a plaintext peer on
+    the TLS port."""
+    http_port = free_port()
+    server = start_tls_jobserver(
+        tls_pki,
+        *("--tls-ca", str(tls_pki.ca_pem), "--acl", str(acl_file)),
+        *("--http", f"{HOST}:{http_port}"),
+    )
+    try:
+        http = HttpServer(server.server, http_port)
+        webapp = tls_connect(server.tls, tls_pki.client_context("webapp"))
+        webapp.send(T.SUBMIT_JOB_BG, b"secret_counted", b"", b"x")
+        webapp.expect_error(b"PERMISSION_DENIED")
+        webapp.send(T.CAN_DO, b"resize_counted")
+        webapp.expect_error(b"PERMISSION_DENIED")
+        assert webapp.admin("maxqueue resize_counted 1") == DENIED_ADMIN
+        with socket.create_connection(server.tls, timeout=IO_TIMEOUT) as plaintext:
+            plaintext.sendall(b"version\n")
+            assert plaintext.recv(1024) == b""  # closed at its first bytes
+        http.wait_for_metrics(
+            {
+                ("jobserver_acl_denials_total", ()): 3,
+                ("jobserver_tls_handshake_failures_total", ()): 1,
+            },
+            "denials and failed handshakes counted",
+        )
+        # Bound to loopback: no warning that the HTTP side ignores the ACL.
+        assert "need no identity" not in server.server.stderr_text()
+    finally:
+        server.stop()
+
+
 def test_the_start_log_names_the_acl_file_and_its_identities(acl_server, acl_file):
-    assert f"NOTICE ACL {acl_file}: 5 identities" in acl_server.server.stderr_text()
+    assert f"NOTICE ACL {acl_file}: 6 identities" in acl_server.server.stderr_text()
 
 
 # --- --loopback-identity -----------------------------------------------------------------------

@@ -18,7 +18,12 @@ from tls_certs import Pki, client_hello
 from jobserver import tls
 from jobserver.protocol import PacketType as T
 from jobserver.protocol import encode_request
-from jobserver.tls import HANDSHAKE_LOG_INTERVAL, HANDSHAKE_TIMEOUT, HandshakeFailures
+from jobserver.tls import (
+    HANDSHAKE_LOG_INTERVAL,
+    HANDSHAKE_TIMEOUT,
+    MAX_HANDSHAKE_CAUSES,
+    HandshakeFailures,
+)
 
 tls_pki = tls_certs.tls_pki  # fixture: the session's certificates (tests/tls_certs.py)
 
@@ -103,10 +108,35 @@ def test_failed_handshakes_are_logged_once_an_interval_with_the_count_and_latest
     assert [record.getMessage() for record in caplog.records] == [
         "TLS handshake failed 1 time(s) in the last 10 s; the latest from 192.0.2.1: "
         "not TLS (WRONG_VERSION_NUMBER)",
-        "TLS handshake failed 6 time(s) in the last 10 s; the latest from 192.0.2.3: "
+        "TLS handshake failed 6 time(s) in the last 10 s (5 no client certificate; 1 client "
+        "certificate rejected: certificate has expired); the latest from 192.0.2.3: "
         "client certificate rejected: certificate has expired",
     ]
     assert failures.total == 7
+
+
+def test_a_burst_of_many_causes_counts_the_first_ones_and_the_rest_together(monkeypatch, caplog):
+    now = [1000.0]
+    monkeypatch.setattr(tls, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    caplog.set_level(logging.DEBUG, logger="jobserver")
+    failures = HandshakeFailures()
+    failures.note("192.0.2.1", "no client certificate")  # logged at once
+    causes = [f"cause {n}" for n in range(MAX_HANDSHAKE_CAUSES + 3)]
+    for cause in causes:
+        failures.note("192.0.2.2", cause)
+    now[0] += HANDSHAKE_LOG_INTERVAL
+    failures.report()
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    counted = "; ".join(f"1 {cause}" for cause in causes[:MAX_HANDSHAKE_CAUSES])
+    assert warnings[1] == (
+        f"TLS handshake failed {len(causes)} time(s) in the last 10 s ({counted}; 3 other "
+        f"causes); the latest from 192.0.2.2: {causes[-1]}"
+    )
+    # Every failure is at DEBUG as it happens, with its own cause.
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert debug[-1] == f"TLS handshake from 192.0.2.2 failed: {causes[-1]}"
+    assert len(debug) == 1 + len(causes)
 
 
 async def test_the_tail_of_a_burst_is_logged_by_the_timer_without_a_later_failure(
