@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -216,6 +217,56 @@ def test_bad_option_values_fail_with_a_clear_message(args, mentions, tmp_path):
     assert "Error:" in result.stderr
     for word in mentions:
         assert word in result.stderr
+
+
+# --- the failed background jobs' options (issue 13) -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "default_and_bounds"),
+    [
+        ("--bg-retries", "0; 0<=x<=1000"),  # today's behaviour: no retry, but a dead set
+        ("--bg-retry-delay", "5.0; 0.001<=x<=86400.0"),
+        ("--dead-max", "100000; x>=1"),
+        ("--dead-ttl", "2592000.0; x>=1"),  # 30 days
+    ],
+)
+def test_failed_job_options_have_the_issue_s_defaults_and_bounds(
+    option, default_and_bounds, tmp_path
+):
+    result = run_jobserver("--help", cwd=tmp_path)
+
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # help wraps between any two words
+    # The first "[default: ...]" after the option's name is its own: each of these has one.
+    shown = re.search(rf"{option} <\w+ range> .*?\[default: ([^\]]*)\]", text)
+    assert shown is not None, option
+    assert shown.group(1) == default_and_bounds
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "bound"),
+    [
+        ("--bg-retries", "-1", "0"),
+        ("--bg-retries", "1001", "1000"),
+        ("--bg-retry-delay", "0", "0.001"),
+        ("--bg-retry-delay", "-5", "0.001"),
+        ("--bg-retry-delay", "86401", "86400"),
+        ("--dead-max", "0", "1"),
+        ("--dead-ttl", "0", "1"),
+        ("--dead-ttl", "-1", "1"),
+    ],
+)
+def test_failed_job_options_out_of_bounds_are_refused_naming_the_option_and_bound(
+    option, value, bound, tmp_path
+):
+    result = run_jobserver("-L", HOST, "--store", "memory", option, value, cwd=tmp_path)
+
+    assert result.returncode == 2, result.stderr  # a usage error, before anything starts
+    assert "Traceback" not in result.stderr + result.stdout
+    (message,) = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert option in message
+    assert re.search(rf"(?<![\w.]){re.escape(bound)}(?![\w.])", message), message
 
 
 # --- options at work -------------------------------------------------------------------------

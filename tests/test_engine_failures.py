@@ -932,6 +932,32 @@ def test_restore_dead_keeps_the_store_s_dead_set_and_new_ids_follow_it():
     assert engine.dead.find(handle).dead_id == 12
 
 
+def test_adopted_dead_jobs_take_their_place_by_age_and_the_oldest_is_dropped_past_dead_max():
+    # A takeover (ownership.py) hands over a dead peer's dead set, negative ids, after this
+    # server's own dead jobs: some of its jobs died before ours, some between them.
+    engine = failing_durable_engine(dead_max=3)
+    client, w = connect(engine), worker(engine, "fn")
+    own_old, _ = durable_job(engine, client, b"own-old")
+    own_new, _ = durable_job(engine, client, b"own-new")
+    advance(engine, 2000)
+    run_and_fail(engine, w, own_old)
+    advance(engine, 1000)
+    run_and_fail(engine, w, own_new)
+    commit(engine)
+    adopted = [
+        DeadJob(-id_, b"H:peer:%d" % id_, b"fn", b"", 1, b"", b"x", 1, at_ms, at_ms, b"e")
+        for id_, at_ms in ((1, START_MS + 1000_000), (2, START_MS + 2500_000))
+    ]
+
+    engine.restore_dead(adopted)
+
+    # `show dead jobs` lists them oldest first
+    shown = [dead.handle for dead in engine.dead.of_function(None)]
+    assert shown == [own_old, b"H:peer:2", own_new]
+    assert engine.dead.dropped == 1
+    assert commit(engine).extras.dead_removes == [-1]  # the oldest, not one of our own
+
+
 # --- retry policies ----------------------------------------------------------------------------
 
 

@@ -33,6 +33,14 @@ POLL = 0.02
 
 MEMORY = ("--store", "memory")
 
+LONGER_RETRY_DELAY = 1.5
+"""Seconds a function asks to wait with Retry(delay=...), fifteen times its policy's base delay:
+far enough apart to tell which one the server used, short enough for a quick test."""
+
+RETRY_LATENESS = 3.0
+"""Seconds a retry may come after the delay asked for, on a loaded machine: loose, yet it
+catches a retry that waits the default --bg-retry-delay (5 s) instead."""
+
 
 def dead_jobs(server: servers.Server) -> list[list[bytes]]:
     """`show dead jobs` as fields per line, read up to the final "." line."""
@@ -393,6 +401,36 @@ async def test_retry_raised_by_a_function_gets_the_job_another_attempt(start_job
             gone = await status_when(client, handle, "gone")
     assert runs == [str(handle), str(handle)]
     assert gone.attempts == 0
+    assert dead_jobs(server) == []
+
+
+async def test_retry_raised_with_a_delay_longer_than_the_policy_s_waits_that_long(
+    start_jobserver,
+):
+    """The policy's 0.1 s (at most 0.15 with its jitter) is not used for this attempt: the
+    retry comes after the delay asked for, and not much later."""
+    server = start_jobserver(*MEMORY)
+    runs: list[float] = []  # time.monotonic() at each run's start
+    worker = Worker([server.address])
+
+    @worker.function("fetch", retries=1, retry_delay=0.1)
+    async def fetch(job):
+        runs.append(time.monotonic())
+        if len(runs) == 1:
+            raise Retry("the API says in a while", delay=LONGER_RETRY_DELAY)
+        return "fetched"
+
+    with anyio.fail_after(TEST_TIMEOUT):
+        async with serving(worker), Client([server.address]) as client:
+            await wait_for_workers(server, "fetch")
+            handle = await client.submit_background("fetch", unique="page-1")
+            retrying = await status_when(client, handle, "retrying")
+            assert (retrying.attempts, retrying.retries) == (1, 1)
+            await status_when(client, handle, "gone")
+    first, second = runs
+    # The server starts the wait when WORK_EXCEPTION arrives, after `first`: only the two
+    # processes' clocks may make it look a little shorter.
+    assert LONGER_RETRY_DELAY - 0.1 <= second - first <= LONGER_RETRY_DELAY + RETRY_LATENESS
     assert dead_jobs(server) == []
 
 

@@ -6,7 +6,7 @@ bounded in count (`max_jobs`, the oldest dropped first) and in age (`ttl`, by la
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from .journal import DeadJob
 
@@ -22,7 +22,10 @@ class DeadSet:
     def __init__(self, max_jobs: int = DEFAULT_MAX_DEAD, ttl: float = DEFAULT_DEAD_TTL) -> None:
         self.max_jobs = max_jobs
         self.ttl = ttl
-        self._jobs: dict[int, DeadJob] = {}  # by dead id, oldest first (ids only increase)
+        # Oldest first (by last failure, then dead id), so that trimming drops the oldest and
+        # `show dead jobs` lists them in that order. A new dead job failed just now, so it goes
+        # last; restored and adopted ones are sorted in (restore).
+        self._jobs: dict[int, DeadJob] = {}
         self._by_handle: dict[bytes, int] = {}
         self.next_id = 1
         self.dropped = 0  # dropped for room or age since the server last logged it
@@ -40,21 +43,30 @@ class DeadSet:
         self.next_id = max(self.next_id, dead.dead_id + 1)
         return self._drop_excess()
 
-    def put_back(self, dead: DeadJob) -> list[int]:
-        """Keep again a dead job taken out (its re-run was refused), in its place by age;
-        returns the ids dropped to stay within max_jobs."""
-        self._jobs[dead.dead_id] = dead
-        self._by_handle[dead.handle] = dead.dead_id
+    def restore(self, dead_jobs: Iterable[DeadJob]) -> list[int]:
+        """Keep dead jobs from elsewhere, each in its place by age: the store's at start, a dead
+        peer's adopted at a takeover (older or newer than ours, ids negative), or one taken out
+        whose re-run was refused. Returns the ids dropped to stay within max_jobs, which are the
+        oldest of all, not the last restored."""
+        for dead in dead_jobs:
+            self._jobs[dead.dead_id] = dead
+            self._by_handle[dead.handle] = dead.dead_id
+            self.next_id = max(self.next_id, dead.dead_id + 1)
         ordered = sorted(self._jobs.values(), key=_age_order)
         self._jobs = {entry.dead_id: entry for entry in ordered}
         return self._drop_excess()
+
+    def put_back(self, dead: DeadJob) -> list[int]:
+        """Keep again a dead job taken out (its re-run was refused), in its place by age;
+        returns the ids dropped to stay within max_jobs."""
+        return self.restore([dead])
 
     def expire(self, now_ms: int) -> list[int]:
         """Drop the dead jobs whose last failure is older than the ttl; returns their ids."""
         limit = now_ms - int(self.ttl * 1000)
         dropped = []
-        # Oldest by id is not always oldest by failure (a job re-run and dead again has a new
-        # id), but ids follow failure times within one server's life; a full scan is rare.
+        # A full scan rather than a stop at the first young one: the set is in age order only
+        # as far as the wall clock never stepped back between two failures.
         for dead_id, dead in list(self._jobs.items()):
             if dead.last_failed_ms < limit:
                 self.remove(dead_id)

@@ -271,12 +271,12 @@ class FailedJobs:
                 self.journal.remove_dead(dead_id)
 
     def restore_dead(self, dead_jobs: Iterable[DeadJob]) -> None:
-        """The store's dead set at start, or a dead peer's (adopted): kept as it was."""
-        for dead in dead_jobs:
-            dropped = self.dead.add(dead)
-            if self.journal is not None:
-                for dead_id in dropped:
-                    self.journal.remove_dead(dead_id)
+        """The store's dead set at start, or a dead peer's (adopted): kept as it was, each in
+        its place by age among ours, the oldest dropped past --dead-max."""
+        dropped = self.dead.restore(dead_jobs)
+        if self.journal is not None:
+            for dead_id in dropped:
+                self.journal.remove_dead(dead_id)
 
     def restore_policies(self, policies: Iterable[tuple[bytes, RetryPolicy]]) -> None:
         self.policies.update(policies)

@@ -37,7 +37,7 @@ class DeadJob(NamedTuple):
     """A background job that failed every attempt its retry policy allowed (failures.py):
     kept, durably, until it is retried, purged, or dropped for age or room."""
 
-    dead_id: int  # the store's key; ids only increase
+    dead_id: int  # the store's key: ours count up from 1, a dead peer's adopted ones are negative
     handle: bytes  # the job's last handle: what `retry dead job` names
     function: bytes
     unique: bytes
