@@ -307,9 +307,21 @@ async def _refusal(connection: _Connection, request: h11.Request) -> Response | 
         return _error(431, f"More than {MAX_HEADERS} header fields", close=True)
     if request.method not in ALLOWED_METHODS:
         return _error(405, "Method not allowed", close=True, Allow="GET, HEAD")
-    if not await connection.body_is_empty():
+    # A body announced is refused at once, unread: a client that sent `Expect: 100-continue`
+    # waits for our answer before sending it, and would otherwise wait REQUEST_TIMEOUT for a
+    # 408 instead of this 413. What it sends anyway is dropped by the lingering close.
+    if _announces_body(request) or not await connection.body_is_empty():
         return _error(413, "A GET request has no body here", close=True)
     return None
+
+
+def _announces_body(request: h11.Request) -> bool:
+    """Whether the head says a body follows: Content-Length above 0 or any Transfer-Encoding
+    (h11 has already refused a malformed Content-Length and codings other than chunked)."""
+    for name, value in request.headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and int(value) > 0):
+            return True
+    return False
 
 
 class _Connection:

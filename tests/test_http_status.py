@@ -24,9 +24,11 @@ from servers import (
     JOB_ASSIGN,
     JOB_CREATED,
     SET_CLIENT_ID,
+    SUBMIT_JOB,
     SUBMIT_JOB_BG,
     SUBMIT_JOB_HIGH_BG,
     WORK_FAIL,
+    admin,
     echo,
     free_port,
     wait_until,
@@ -40,6 +42,7 @@ from jobserver.http_status import (
     MAX_HTTP_CONNECTIONS,
     MAX_REQUEST_HEAD,
     RECEIVE_SIZE,
+    REQUEST_TIMEOUT,
 )
 from jobserver.metrics import render as render_metrics
 from jobserver.metrics_snapshot import HistogramCopy, ServerFactsCopy, Snapshot
@@ -141,14 +144,16 @@ def test_metrics_count_a_known_load(http_server):
     with http_server.server.connect() as client, http_server.server.connect() as worker:
         for number in range(7):
             submit_background(client, fn.encode(), b"job-%d" % number)
+        # One foreground job too, queued last (so it is still queued below): kind="foreground".
+        client.request(SUBMIT_JOB, fn.encode(), b"fg", b"payload", expect=JOB_CREATED)
         http_server.wait_for_metrics(
             {
-                ("jobserver_queued_jobs", labels(function=fn, priority="normal")): 7,
+                ("jobserver_queued_jobs", labels(function=fn, priority="normal")): 8,
                 ("jobserver_queued_jobs", labels(function=fn, priority="high")): 0,
                 ("jobserver_jobs_submitted_total", labels(function=fn, kind="background")): 7,
-                ("jobserver_jobs_submitted_total", labels(function=fn, kind="foreground")): 0,
+                ("jobserver_jobs_submitted_total", labels(function=fn, kind="foreground")): 1,
             },
-            "7 queued jobs",
+            "8 queued jobs, one of them foreground",
         )
 
         worker.send(CAN_DO, fn.encode())
@@ -159,7 +164,7 @@ def test_metrics_count_a_known_load(http_server):
         grab(worker)  # left running
         samples = http_server.wait_for_metrics(
             {
-                ("jobserver_queued_jobs", labels(function=fn, priority="normal")): 2,
+                ("jobserver_queued_jobs", labels(function=fn, priority="normal")): 3,
                 ("jobserver_running_jobs", labels(function=fn)): 1,
                 ("jobserver_workers", labels(function=fn)): 1,
                 ("jobserver_jobs_completed_total", labels(function=fn)): 3,
@@ -177,6 +182,31 @@ def test_metrics_count_a_known_load(http_server):
         assert samples[("jobserver_connections", ())] >= 2
         assert samples[("jobserver_info", labels(version="0.1.0", store="memory", node_id=""))]
         assert ("process_resident_memory_bytes", ()) in samples
+
+
+def test_a_failed_job_waiting_for_its_retry_is_counted_as_retrying(http_server):
+    fn = "flaky"
+    server = http_server.server
+    # 3 retries, the first a minute after the failure: the job waits for it all test long.
+    assert admin(server.address, f"retries {fn} 3 60") == b"OK\r\n"
+    with server.connect() as client, server.connect() as worker:
+        submit_background(client, fn.encode(), b"once")
+        worker.send(CAN_DO, fn.encode())
+        worker.send(WORK_FAIL, grab(worker))
+        http_server.wait_for_metrics(
+            {
+                ("jobserver_retrying_jobs", labels(function=fn)): 1,
+                ("jobserver_dead_jobs", labels(function=fn)): 0,
+                ("jobserver_jobs_failed_total", labels(function=fn)): 1,
+                ("jobserver_running_jobs", labels(function=fn)): 0,
+            },
+            "the failed job waiting for its retry",
+        )
+        status = http_server.status()
+    assert status["totals"]["retrying"] == 1 and status["totals"]["dead"] == 0
+    [function] = status["functions"]
+    assert function["name"] == fn and function["retrying"] == 1 and function["dead"] == 0
+    assert function["waiting"] == 1  # not runnable until its retry is due
 
 
 def test_metrics_fold_functions_past_the_cap_into_other(http_server):
@@ -383,6 +413,26 @@ def test_bad_requests_get_a_4xx_and_the_gearman_port_keeps_answering(
     assert reply.startswith(b"HTTP/1.1 " + status), reply[:200]
     assert echo(HOST, http_server.server.port, b"still here") == b"still here"
     assert http_server.get("/metrics")[0] == 200
+
+
+@pytest.mark.parametrize(
+    "announcing",
+    [b"Content-Length: 2000000\r\nExpect: 100-continue", b"Transfer-Encoding: chunked"],
+    ids=["content-length", "chunked"],
+)
+def test_a_get_that_announces_a_body_is_refused_without_waiting_for_it(http_server, announcing):
+    # The head only: a client that sent Expect: 100-continue waits for our answer to send the
+    # body. Refused at once with 413; waiting for the body would end in a 408 after
+    # REQUEST_TIMEOUT, so the status alone tells; the time is a loose bound beside it.
+    started = time.monotonic()
+    reply = raw_http(
+        http_server.http_port,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + announcing + b"\r\n\r\n",
+        timeout=REQUEST_TIMEOUT * 2,
+    )
+    assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
+    assert b"\r\nconnection: close\r\n" in reply.lower()
+    assert time.monotonic() - started < REQUEST_TIMEOUT
 
 
 def test_connections_past_the_cap_are_closed_and_the_rest_still_served(http_server):

@@ -17,7 +17,8 @@ import signal
 import socket
 import sys
 
-from servers import HOST, JOB_CREATED, SUBMIT_JOB_BG, Server, wait_until
+import pytest
+from servers import HOST, JOB_CREATED, SUBMIT_JOB_BG, Server, free_port, wait_until
 from test_cli_logging import admitted_connection
 from test_cli_support import log_lines, run_jobserver, wait_for_log
 
@@ -179,6 +180,23 @@ def test_the_text_format_is_unchanged(start_jobserver):
     assert all(TEXT_LINE.match(line) for line in lines), lines
     assert any(line.endswith(f"listening on 127.0.0.1 port {server.port}") for line in lines)
     assert " NOTICE stopped" in lines[-1]
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_the_http_side_logs_where_it_listens_at_the_default_level(start_jobserver, log_format):
+    http_port = free_port()
+    server = start_jobserver("--log-format", log_format, "--http", f"{HOST}:{http_port}")
+    server.stop()
+
+    expected = f"HTTP: status page and /metrics on {HOST} port {http_port}"
+    if log_format == "json":
+        record = find(stderr_records(server), "HTTP: status page")
+        assert record["message"] == expected
+        assert (record["level"], record["logger"]) == ("NOTICE", "jobserver")
+    else:
+        lines = server.stderr_text().splitlines()
+        [line] = [line for line in lines if "HTTP: status page" in line]
+        assert TEXT_LINE.match(line) and line.endswith(f" NOTICE {expected}"), line
 
 
 # --- limits and the store's cluster, at the default level ---------------------------------------

@@ -210,6 +210,59 @@ def test_no_server_up_exits_1_naming_each_servers_reason():
         assert f"{second}: Connection refused" in stderr
 
 
+@pytest.mark.parametrize("down_first", [True, False], ids=["down-up", "up-down"])
+def test_a_foreground_job_with_one_server_down_goes_to_the_one_up(server, down_first):
+    # Whichever way the unique id routes it, the server down is passed over for the one up.
+    down = nowhere()
+    listed = addresses(down, server) if down_first else addresses(server, down)
+    submit = ("submit", "reverse", "abc", "-c", "raw", "--unique", "u-1", "--priority", "low")
+    with (
+        running(*submit, "--servers", listed) as (process, stdout, stderr),
+        Wire.to(server) as worker,
+    ):
+        handle, argument = take_job(worker, b"reverse")
+        assert argument == b"abc"
+        worker.send(T.WORK_COMPLETE, handle, b"cba")
+        assert process.wait(CLI_TIMEOUT) == 0
+        out, err = stdout.wait_closed(), stderr.wait_closed()
+    assert out == b"cba"
+    assert err.decode().splitlines()[0] == f"job {handle.decode()} accepted by {server.address}"
+
+
+def test_priority_low_queues_behind_a_normal_job_submitted_after_it(server):
+    low = jobserver(
+        "submit", "resize", "low", "-c", "raw", "--background", "--priority", "low",
+        "--servers", server.address,
+    )  # fmt: skip
+    assert low.returncode == 0, low
+    normal = jobserver(
+        "submit", "resize", "normal", "-c", "raw", "--background", "--servers", server.address
+    )
+    assert normal.returncode == 0, normal
+    with Wire.to(server) as worker:
+        assert take_job(worker, b"resize")[1] == b"normal"  # queued second, runs first
+        assert take_job(worker, b"resize")[1] == b"low"
+
+
+def test_a_foreground_unique_coalesces_two_submits_into_one_job(server):
+    submit = ("submit", "resize", "x", "-c", "raw", "--unique", "same", "-s", server.address)
+    with (
+        running(*submit) as (first, first_out, first_err),
+        Wire.to(server) as worker,
+    ):
+        handle, _ = take_job(worker, b"resize")
+        first_err.wait_for(lambda err: b"accepted by" in err, "the first accepted")
+        with running(*submit) as (second, second_out, second_err):
+            # The second joins the job already running: accepted under the same handle.
+            accepted = f"job {handle.decode()} accepted by {server.address}".encode()
+            second_err.wait_for(lambda err: accepted in err, "the second on the same job")
+            worker.send(T.WORK_COMPLETE, handle, b"once")
+            assert first.wait(CLI_TIMEOUT) == 0 and second.wait(CLI_TIMEOUT) == 0
+            assert first_out.wait_closed() == b"once" and second_out.wait_closed() == b"once"
+        worker.send(T.GRAB_JOB)
+        worker.expect(T.NO_JOB)  # one job for both
+
+
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [
