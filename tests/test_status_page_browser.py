@@ -75,13 +75,9 @@ def chromium() -> str:
     return CHROMIUM
 
 
-def run_chromium(profile: Path, *args: str, budget_ms: int = VIRTUAL_TIME_BUDGET_MS) -> str:
-    """Run headless chromium to completion (bounded) and return its stdout. It runs in a
-    session of its own, so that on a timeout its helper processes go with it, by its id.
-    `budget_ms` is the page time it lets pass (virtual: it stands still while a fetch is
-    pending, so a slow server costs real time, never a refresh)."""
-    argv = [
-        chromium(),
+def headless_flags(profile: Path) -> list[str]:
+    """Chromium's options for a test: headless, quiet, its own profile."""
+    return [
         "--headless",
         "--no-sandbox",  # we run as root in CI
         "--disable-gpu",
@@ -92,6 +88,17 @@ def run_chromium(profile: Path, *args: str, budget_ms: int = VIRTUAL_TIME_BUDGET
         "--no-first-run",
         "--hide-scrollbars",
         f"--user-data-dir={profile}",
+    ]
+
+
+def run_chromium(profile: Path, *args: str, budget_ms: int = VIRTUAL_TIME_BUDGET_MS) -> str:
+    """Run headless chromium to completion (bounded) and return its stdout. It runs in a
+    session of its own, so that on a timeout its helper processes go with it, by its id.
+    `budget_ms` is the page time it lets pass (virtual: it stands still while a fetch is
+    pending, so a slow server costs real time, never a refresh)."""
+    argv = [
+        chromium(),
+        *headless_flags(profile),
         f"--virtual-time-budget={budget_ms}",
         *args,
     ]
@@ -471,16 +478,7 @@ class DevTools:
         to_chromium, from_chromium = (_fd_above(fd, 4) for fd in (to_chromium, from_chromium))
         argv = [
             chromium(),
-            "--headless",
-            "--no-sandbox",  # we run as root in CI
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-extensions",
-            "--no-first-run",
-            "--hide-scrollbars",
-            f"--user-data-dir={profile}",
+            *headless_flags(profile),
             "--remote-debugging-pipe",
             "about:blank",
         ]
