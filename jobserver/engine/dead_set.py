@@ -37,10 +37,9 @@ class DeadSet:
         return iter(self._jobs.values())
 
     def add(self, dead: DeadJob) -> list[int]:
-        """Keep `dead`; returns the ids dropped to stay within max_jobs (oldest first)."""
-        self._jobs[dead.dead_id] = dead
-        self._by_handle[dead.handle] = dead.dead_id
-        self.next_id = max(self.next_id, dead.dead_id + 1)
+        """Keep `dead`, which failed just now (so it is the newest); returns the ids dropped to
+        stay within max_jobs (oldest first)."""
+        self._keep(dead)
         return self._drop_excess()
 
     def restore(self, dead_jobs: Iterable[DeadJob]) -> list[int]:
@@ -49,12 +48,15 @@ class DeadSet:
         whose re-run was refused. Returns the ids dropped to stay within max_jobs, which are the
         oldest of all, not the last restored."""
         for dead in dead_jobs:
-            self._jobs[dead.dead_id] = dead
-            self._by_handle[dead.handle] = dead.dead_id
-            self.next_id = max(self.next_id, dead.dead_id + 1)
+            self._keep(dead)
         ordered = sorted(self._jobs.values(), key=_age_order)
         self._jobs = {entry.dead_id: entry for entry in ordered}
         return self._drop_excess()
+
+    def _keep(self, dead: DeadJob) -> None:
+        self._jobs[dead.dead_id] = dead
+        self._by_handle[dead.handle] = dead.dead_id
+        self.next_id = max(self.next_id, dead.dead_id + 1)
 
     def put_back(self, dead: DeadJob) -> list[int]:
         """Keep again a dead job taken out (its re-run was refused), in its place by age;
