@@ -238,7 +238,9 @@ class Server(ConnectionDuties, StoreDuties):
             listeners = await self.bind()
         if self.store is not None:
             token = trio.lowlevel.current_trio_token()
-            self._committer = Committer(self.store, lambda: token.run_sync_soon(self._take_commits))
+            self._committer = Committer(
+                self.store, lambda: token.run_sync_soon(self._take_commits), lend=True
+            )
         log.info(
             "serving at most %d connections; memory budget %d MiB for peers' buffers",
             self.gate.max_connections,
@@ -251,6 +253,8 @@ class Server(ConnectionDuties, StoreDuties):
                 nursery.start_soon(self._run_timers)
                 if self._committer is not None:
                     nursery.start_soon(self._pace_commits)
+                    if self._committer.lends:
+                        nursery.start_soon(self._committer.serve_loan, self._take_commits)
                 if self._ownership is not None:
                     nursery.start_soon(self._watch_ownership)
                 nursery.start_soon(self._tend_dead_set)

@@ -51,15 +51,21 @@ class ApplyPipeline:
         self._pgconn = connection.pgconn
         self._pgconn.nonblocking = 1
         self._pgconn.enter_pipeline_mode()
+        # Kept: once libpq finds the connection lost it closes the socket and will not say
+        # which it was, and a trio task waiting on it must still be told (commits.py).
+        self._socket = self._pgconn.socket
         self.in_flight = 0
+        self.unsent = False  # libpq holds bytes the socket did not take (send without waiting)
         self._written = False  # by the statement whose Sync has not come yet
 
     def fileno(self) -> int:
-        return self._pgconn.socket
+        return self._socket
 
-    def send(self, parameters: Mapping[str, object], timeout: float) -> None:
+    def send(self, parameters: Mapping[str, object], timeout: float | None) -> None:
         """Queue one APPLY with its Sync and send it. Raises psycopg.OperationalError when the
-        connection fails, TimeoutError when the socket takes nothing for `timeout` seconds."""
+        connection fails, TimeoutError when the socket takes nothing for `timeout` seconds.
+        With no timeout it never waits: what the socket does not take is left in libpq
+        (`unsent`), for `flush` once the socket is writable."""
         values: list[bytes | None] = []
         types: list[int] = []
         formats: list[int] = []
@@ -77,7 +83,19 @@ class ApplyPipeline:
         self._pgconn.send_query_params(STATEMENT, values, types, formats, _TEXT)
         self._pgconn.pipeline_sync()
         self.in_flight += 1
-        self._flush(timeout)
+        if timeout is None:
+            self.flush()
+        else:
+            self._flush(timeout)
+
+    def flush(self) -> bool:
+        """Send what libpq holds, without waiting; True once it is all sent. Takes the
+        database's results in too, so that it is never stuck writing them to us."""
+        pgconn = self._pgconn
+        self.unsent = pgconn.flush() == 1
+        if self.unsent:
+            pgconn.consume_input()
+        return not self.unsent
 
     def _flush(self, timeout: float) -> None:
         """Send what libpq holds. While the socket is full, read too: the database may be

@@ -19,6 +19,7 @@ import collections
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import psycopg
 
@@ -73,6 +74,10 @@ class PostgresStore:
         self.pipeline_depth = PIPELINE_DEPTH if PIPELINES else 1  # see commits.py
         self._pipeline: ApplyPipeline | None = None
         self._sent: collections.deque[tuple[int, float]] = collections.deque()
+        # Called with the pipeline's socket just before it is closed: set while the store is
+        # lent to the serving thread, whose trio task may be waiting on that socket
+        # (commits.py; trio must hear of it first, or the wait would outlive the socket).
+        self.on_pipeline_closing: Callable[[int], None] | None = None
         # per batch in flight: its first record id, when it was sent
 
     @classmethod
@@ -185,17 +190,38 @@ class PostgresStore:
 
     # ------------------------------------------------------------------ pipelined batches
 
-    def send_batch(self, batch: Batch) -> bool:
+    def prepare_pipeline(self) -> bool:
+        """Connect if need be and enter pipeline mode, so that `send_batch(wait=False)` neither
+        connects nor blocks: for the store's thread, before it lends the store to the serving
+        thread (commits.py). False when the database cannot be reached or this node may
+        write no more."""
+        if self._superseded is not None or not PIPELINES:
+            return False
+        if self._pipeline is None:
+            try:
+                self._pipeline = ApplyPipeline(self._db.open_connection())
+            except Unavailable:
+                return False
+            except psycopg.Error as problem:
+                self._pipeline_lost(problem)
+                return False
+        return True
+
+    def send_batch(self, batch: Batch, *, wait: bool = True) -> bool:
         """Send a batch's APPLY behind those in flight (pg_pipeline.py), without waiting; its
         outcome comes from `receive_batches`, in order. False when the batch must be written
         with `apply` instead, once nothing is in flight: it changes the dead set or the
         policies (written in one transaction with it), or this node may write no more. Raises
         StoreError (busy) when the database cannot be reached: whatever was in flight is lost
-        with the connection, and `abandon_pipeline` must be called."""
+        with the connection, and `abandon_pipeline` must be called. With `wait` False (the
+        serving thread, after `prepare_pipeline`) it never blocks: no connecting, and what the
+        socket does not take waits in libpq for `flush_pipeline`."""
         if batch.extras is not None or self._superseded is not None or not PIPELINES:
             return False
-        adds, removes = self._net(batch.adds, batch.removes)
         pipeline = self._pipeline
+        if pipeline is None and not wait:
+            raise StoreError(f"database {self.path}: no pipeline open", busy=True)
+        adds, removes = self._net(batch.adds, batch.removes)
         try:
             if pipeline is None:
                 pipeline = self._pipeline = ApplyPipeline(self._db.open_connection())
@@ -208,12 +234,27 @@ class PostgresStore:
             }
             start = adds[0].record_id if adds else batch.end
             self._sent.append((start, time.monotonic()))
-            pipeline.send(parameters, CALL_DEADLINE)
+            pipeline.send(parameters, CALL_DEADLINE if wait else None)
         except Unavailable as problem:
             raise StoreError(str(problem), busy=True) from None
         except (psycopg.Error, OSError) as problem:  # TimeoutError is an OSError
             raise StoreError(self._pipeline_lost(problem), busy=True) from None
         return True
+
+    @property
+    def pipeline_unsent(self) -> bool:
+        """Whether part of what was sent without waiting still waits for the socket."""
+        return self._pipeline is not None and self._pipeline.unsent
+
+    def flush_pipeline(self) -> None:
+        """Send more of what waits for the socket, without waiting (the socket was writable).
+        Raises StoreError (busy) when the connection fails."""
+        if self._pipeline is None:
+            return
+        try:
+            self._pipeline.flush()
+        except psycopg.Error as problem:
+            raise StoreError(self._pipeline_lost(problem), busy=True) from None
 
     @property
     def pipeline_fileno(self) -> int | None:
@@ -275,6 +316,8 @@ class PostgresStore:
         self._sent.clear()
         if pipeline is None:
             return self._describe_failure(Unavailable(str(problem)))
+        if self.on_pipeline_closing is not None:
+            self.on_pipeline_closing(pipeline.fileno())
         return str(self._db.lost(pipeline.connection, problem, back_off=back_off))
 
     # ------------------------------------------------------------------ writing one batch
