@@ -11,7 +11,7 @@ import time
 
 import psycopg
 import trio
-from test_store_postgresql_pipeline import COUNT, batch
+from test_store_postgresql_pipeline import COUNT, LOCK_NODE_ROW, batch, kill_node_a_connection
 from test_store_postgresql_store import fence, jobs, node_a_store, rows  # noqa: F401 (fixture)
 
 import jobserver.store.postgresql as postgresql
@@ -21,9 +21,6 @@ from jobserver.store.lease import Fenced
 
 ANSWER_TIMEOUT = 10.0
 """Seconds to wait for a result or a state: generous for a loaded CI machine."""
-
-LOCK_NODE_ROW = "SELECT FROM jobserver_nodes WHERE node_id = 'node-a' FOR UPDATE"
-"""Held in a transaction, it keeps node-a's statements waiting: batches stay in flight."""
 
 POLL = 0.005  # seconds between looks at a state another thread changes
 
@@ -159,12 +156,7 @@ async def test_a_lent_connection_killed_refuses_its_batches_then_the_store_serve
             with psycopg.connect(pg_database, autocommit=True) as admin, admin.transaction():
                 admin.execute(LOCK_NODE_ROW)
                 loan.hand_over(first, second)
-                killed = admin.execute(
-                    "SELECT count(pg_terminate_backend(pid, %s)) FROM pg_stat_activity"
-                    " WHERE application_name = 'jobserver node-a'",
-                    (int(ANSWER_TIMEOUT * 1000),),
-                ).fetchone()
-                assert killed == (1,)
+                kill_node_a_connection(admin)
             refused = await loan.results(2)
             # The store's thread connects again (after its backoff) and lends it again.
             await loan.lent()

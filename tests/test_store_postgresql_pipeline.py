@@ -31,6 +31,21 @@ def batch(records: list[StoredJob], removes: list[int] | None = None, extras=Non
     return Batch([], records, removes or [], end, extras)
 
 
+LOCK_NODE_ROW = "SELECT FROM jobserver_nodes WHERE node_id = 'node-a' FOR UPDATE"
+"""Held in a transaction, it keeps node-a's statements waiting: batches stay in flight."""
+
+
+def kill_node_a_connection(admin: psycopg.Connection) -> None:
+    """Terminate node-a's connection to the database, as an administrator (or a failover)
+    would, and wait until it is gone."""
+    killed = admin.execute(
+        "SELECT count(pg_terminate_backend(pid, %s)) FROM pg_stat_activity"
+        " WHERE application_name = 'jobserver node-a'",
+        (int(ANSWER_TIMEOUT * 1000),),
+    ).fetchone()
+    assert killed == (1,)
+
+
 def outcomes_of(store: PostgresStore, expected: int) -> list[bool]:
     """Wait for `expected` batches in flight to come back."""
     outcomes: list[bool] = []
@@ -96,15 +111,10 @@ def test_a_batch_with_extras_is_not_pipelined(store, pg_database):
 def test_a_connection_lost_with_batches_in_flight_is_a_busy_store_error(store, pg_database):
     # Holding the node row in a transaction keeps both batches waiting for it: in flight.
     with psycopg.connect(pg_database, autocommit=True) as admin, admin.transaction():
-        admin.execute("SELECT FROM jobserver_nodes WHERE node_id = 'node-a' FOR UPDATE")
+        admin.execute(LOCK_NODE_ROW)
         assert store.send_batch(batch(jobs(1, COUNT)))
         assert store.send_batch(batch(jobs(COUNT + 1, COUNT)))
-        killed = admin.execute(
-            "SELECT count(pg_terminate_backend(pid, %s)) FROM pg_stat_activity"
-            " WHERE application_name = 'jobserver node-a'",
-            (int(ANSWER_TIMEOUT * 1000),),
-        ).fetchone()
-        assert killed == (1,)
+        kill_node_a_connection(admin)
     with pytest.raises(StoreError) as raised:
         outcomes_of(store, 2)
     assert raised.value.busy
