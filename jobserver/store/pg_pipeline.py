@@ -11,7 +11,8 @@ had been sent one at a time, and one that fails does not abort the ones behind i
 
 psycopg's own pipeline waits for results whenever it syncs, so this drives libpq directly
 (psycopg.pq) with the statement in its numbered form; it never blocks: the store's thread waits
-for the connection's socket itself (commits.py).
+for the connection's socket itself (commits.py), or, while the store is lent to the serving
+thread, trio does (commit_loan.py).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class ApplyPipeline:
         self._pgconn.nonblocking = 1
         self._pgconn.enter_pipeline_mode()
         # Kept: once libpq finds the connection lost it closes the socket and will not say
-        # which it was, and a trio task waiting on it must still be told (commits.py).
+        # which it was, and a trio task waiting on it must still be told (commit_loan.py).
         self._socket = self._pgconn.socket
         self.in_flight = 0
         self.unsent = False  # libpq holds bytes the socket did not take (send without waiting)
@@ -88,14 +89,13 @@ class ApplyPipeline:
         else:
             self._flush(timeout)
 
-    def flush(self) -> bool:
-        """Send what libpq holds, without waiting; True once it is all sent. Takes the
-        database's results in too, so that it is never stuck writing them to us."""
+    def flush(self) -> None:
+        """Send what libpq holds, without waiting; `unsent` says whether some is left. Takes
+        the database's results in too, so that it is never stuck writing them to us."""
         pgconn = self._pgconn
         self.unsent = pgconn.flush() == 1
         if self.unsent:
             pgconn.consume_input()
-        return not self.unsent
 
     def _flush(self, timeout: float) -> None:
         """Send what libpq holds. While the socket is full, read too: the database may be

@@ -74,11 +74,11 @@ class PostgresStore:
         self.pipeline_depth = PIPELINE_DEPTH if PIPELINES else 1  # see commits.py
         self._pipeline: ApplyPipeline | None = None
         self._sent: collections.deque[tuple[int, float]] = collections.deque()
+        # per batch in flight: its first record id, when it was sent
         # Called with the pipeline's socket just before it is closed: set while the store is
         # lent to the serving thread, whose trio task may be waiting on that socket
-        # (commits.py; trio must hear of it first, or the wait would outlive the socket).
+        # (commit_loan.py; trio must hear of it first, or the wait would outlive the socket).
         self.on_pipeline_closing: Callable[[int], None] | None = None
-        # per batch in flight: its first record id, when it was sent
 
     @classmethod
     def open(cls, uri: str, node_id: str, lease_seconds: float = DEFAULT_LEASE) -> PostgresStore:
@@ -193,7 +193,7 @@ class PostgresStore:
     def prepare_pipeline(self) -> bool:
         """Connect if need be and enter pipeline mode, so that `send_batch(wait=False)` neither
         connects nor blocks: for the store's thread, before it lends the store to the serving
-        thread (commits.py). False when the database cannot be reached or this node may
+        thread (commit_loan.py). False when the database cannot be reached or this node may
         write no more."""
         if self._superseded is not None or not PIPELINES:
             return False
