@@ -42,8 +42,11 @@ TASKS = textwrap.dedent(
 
     @worker.function("cli_hang")
     async def hang(job):
+        import sys
+
         import anyio
 
+        print("cli_hang started", file=sys.stderr, flush=True)  # the test waits for it
         await anyio.sleep_forever()
     """
 )
@@ -118,6 +121,12 @@ async def test_cli_second_signal_cancels_the_jobs_still_running(any_server, task
             await wait_for_workers(any_server, "cli_hang")
             await submit_background(any_server, "cli_hang")
             await wait_for_status(any_server, "cli_hang", (1, 1, 1))
+            # The server counts the job running once it is assigned; the worker may not have
+            # read the assignment yet, and a worker stopped before that has nothing to cancel
+            # (it exits at the first signal, and the second finds no handler: -15). Wait
+            # until the job runs in the worker.
+            while b"cli_hang started" not in await anyio.to_thread.run_sync(proc.stderr.readline):
+                pass
             proc.send_signal(signal.SIGTERM)
             # trio merges a signal repeated before it is read: wait until the first is taken.
             while b"SIGTERM: stopping" not in await anyio.to_thread.run_sync(proc.stderr.readline):
